@@ -1,0 +1,144 @@
+"""Loading train.json and the command line into a validated `TrainConfig` with provenance."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from config.cli import CLI, CommandLine
+from config.errors import ConfigError, UserError
+from config.fields import defaults_of, parse_fields, rule_of
+from config.jsonfile import read_json_object
+from config.train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT = "default"
+TRAIN_JSON = "train.json"
+CLI_SOURCE = "cli"
+
+
+@dataclass(frozen=True)
+class LoadedTrainConfig:
+    """The validated train settings, where each came from, and where train.json lives."""
+
+    config: TrainConfig
+    sources: dict[str, str]
+    path: Path | None
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder of train.json, used to find files named relative to it."""
+        return None if self.path is None else self.path.parent
+
+    def where(self, key: str) -> str:
+        """The file or command line a key came from, for messages."""
+        source = self.sources[key]
+        if source == CLI_SOURCE:
+            return f"{CLI}: --{key}"
+        if source == TRAIN_JSON:
+            return f"{self.path}: {key}"
+        return f"default {key}"
+
+
+def load_train_config(command_line: CommandLine) -> LoadedTrainConfig:
+    """Merge defaults < train.json < typed flags; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    file_values: dict[str, Any] = {}
+    if command_line.config is not None:
+        data = read_json_object(command_line.config, "train config")
+        file_values, file_problems = parse_fields(TrainConfig, data, str(command_line.config))
+        problems += file_problems
+    cli_values, cli_problems = parse_fields(TrainConfig, command_line.values, CLI, key_prefix="--")
+    problems += cli_problems
+
+    values = defaults_of(TrainConfig)
+    sources = dict.fromkeys(values, DEFAULT)
+    for layer, source in ((file_values, TRAIN_JSON), (cli_values, CLI_SOURCE)):
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
+    loaded = LoadedTrainConfig(TrainConfig(**values), sources, command_line.config)
+    loaded = _apply_legacy_conventions(loaded)
+    problems += _check_feature_status(loaded)
+    problems += _check_consistency(loaded)
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
+def _apply_legacy_conventions(loaded: LoadedTrainConfig) -> LoadedTrainConfig:
+    """EveryDream2 wrote ``"lr_decay_steps": 0`` for "automatic"; read it as not set."""
+    if loaded.config.lr_decay_steps == 0:
+        logger.info(
+            "%s is 0: EveryDream2's way of saying 'automatic'; treated as null",
+            loaded.where("lr_decay_steps"),
+        )
+        config = dataclasses.replace(loaded.config, lr_decay_steps=None)
+        sources = {**loaded.sources, "lr_decay_steps": DEFAULT}
+        return LoadedTrainConfig(config, sources, loaded.path)
+    return loaded
+
+
+def _check_feature_status(loaded: LoadedTrainConfig) -> list[str]:
+    """Warn about deprecated keys that are set; reject unsupported ones that are set."""
+    problems = []
+    for f in dataclasses.fields(TrainConfig):
+        rule = rule_of(f)
+        if rule.status == "supported" or getattr(loaded.config, f.name) == f.default:
+            continue
+        if rule.status == "deprecated":
+            logger.warning(
+                "%s is deprecated and has no effect: %s", loaded.where(f.name), rule.note
+            )
+        else:
+            problems.append(f"{loaded.where(f.name)}: {rule.note}")
+    return problems
+
+
+def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
+    """Rules that involve more than one key."""
+    c = loaded.config
+    problems = []
+    if c.resume_ckpt is None:
+        problems.append(
+            f"{loaded.path or CLI}: resume_ckpt: required (a built-in model such as "
+            "'tiny-sd15', a diffusers folder or a checkpoint of this trainer)"
+        )
+    if c.timestep_start >= c.timestep_end:
+        problems.append(
+            f"{loaded.where('timestep_start')}: must be below timestep_end "
+            f"({c.timestep_start} >= {c.timestep_end})"
+        )
+    if c.resolution % 64 != 0:
+        problems.append(
+            f"{loaded.where('resolution')}: must be a multiple of 64, got {c.resolution}"
+        )
+    if c.disable_unet_training and c.disable_textenc_training:
+        problems.append(
+            f"{loaded.where('disable_unet_training')}: "
+            "both models are disabled; nothing would train"
+        )
+    return problems
+
+
+def find_input_file(value: str, config_folder: Path | None, key: str) -> Path:
+    """Find a file named in train.json or on the command line.
+
+    A relative path is looked up against the working directory, then against the folder of
+    train.json; if neither exists the UserError names both paths.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        if not path.exists():
+            raise UserError(f"{key}: {path} does not exist")
+        return path
+    candidates = [Path.cwd() / path]
+    if config_folder is not None:
+        candidates.append(config_folder / path)
+        if candidates[1].exists():
+            return candidates[1]
+    tried = " nor ".join(str(p) for p in candidates)
+    raise UserError(f"{key}: {value} not found: neither {tried} exists")

@@ -1,0 +1,110 @@
+"""Turning an `OptimizerConfig` into frozen text-encoder parts, optimizers and schedulers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from config.errors import ConfigError
+from models import text_encoder_parts
+from optimizer.config import ModelOptimizer, OptimizerConfig
+from optimizer.freezing import FreezePlan, count_parameters, freeze, frozen_modules, plan_freezing
+from optimizer.registry import build_optimizer
+from optimizer.schedulers import ScheduleLength, build_scheduler, schedule_length
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelTraining:
+    """What trains one model: its optimizer, its scheduler and how they were built."""
+
+    model_name: str  # "unet" or "text_encoder"
+    settings: ModelOptimizer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    kwargs: dict[str, Any]
+    length: ScheduleLength
+    trainable_parameters: int
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+@dataclass(frozen=True)
+class FreezeReport:
+    """The text encoder's freezing as applied (the dry run's ``text_encoder_freezing``)."""
+
+    plan: FreezePlan
+    trainable_parameters: int
+    frozen_parameters: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "num_layers": self.plan.num_layers,
+            "frozen_layers": list(self.plan.frozen_layers),
+            "embeddings_frozen": self.plan.embeddings_frozen,
+            "final_layer_norm_frozen": self.plan.final_layer_norm_frozen,
+            "trainable_parameters": self.trainable_parameters,
+            "frozen_parameters": self.frozen_parameters,
+        }
+
+
+def freeze_plan(config: OptimizerConfig, num_layers: int) -> FreezePlan:
+    """The freezing plan for an encoder of ``num_layers`` layers, or a ConfigError."""
+    plan, problems = plan_freezing(config.text_encoder_freezing, num_layers)
+    if plan is None:
+        raise ConfigError([config.where(f"text_encoder_freezing.{p}") for p in problems])
+    return plan
+
+
+def apply_text_encoder_freezing(
+    config: OptimizerConfig, text_encoder: torch.nn.Module, train_text_encoder: bool
+) -> FreezeReport:
+    """Freeze what optimizer.json says (everything when the text encoder is not trained)."""
+    embeddings, layers, final_norm = text_encoder_parts(text_encoder)
+    plan = freeze_plan(config, len(layers))
+    if train_text_encoder:
+        freeze(frozen_modules(plan, embeddings, layers, final_norm))
+    else:
+        text_encoder.requires_grad_(False)
+    trainable, frozen = count_parameters(text_encoder)
+    return FreezeReport(plan, trainable, frozen)
+
+
+def build_model_training(
+    model_name: str,
+    model: torch.nn.Module,
+    settings: ModelOptimizer,
+    total_optimizer_steps: int,
+    on_cuda: bool,
+) -> ModelTraining | None:
+    """Optimizer and scheduler for a model's trainable parameters; None when nothing trains."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        logger.info("%s: no trainable parameters, no optimizer", model_name)
+        return None
+    optimizer, kwargs = build_optimizer(
+        settings.name, parameters, _values(settings), on_cuda=on_cuda
+    )
+    length = schedule_length(
+        settings.value("lr_warmup_steps"), settings.value("lr_decay_steps"), total_optimizer_steps
+    )
+    scheduler = build_scheduler(settings.value("lr_scheduler"), optimizer, length)
+    return ModelTraining(
+        model_name=model_name,
+        settings=settings,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        kwargs=kwargs,
+        length=length,
+        trainable_parameters=sum(p.numel() for p in parameters),
+    )
+
+
+def _values(settings: ModelOptimizer) -> dict[str, Any]:
+    return {key: settings.value(key) for key in settings.settings.__dataclass_fields__}

@@ -1,0 +1,97 @@
+"""Optimizer name → class, through one registry.
+
+Each entry names the class (imported lazily, so an optional package is needed only when its
+optimizer is chosen) and the optimizer.json keys it takes. `build_optimizer` passes exactly
+those keys, under the class's own keyword names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from config.errors import UserError
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build one kind of optimizer."""
+
+    module: str
+    class_name: str
+    package: str  # the pip package that provides the module
+    takes: tuple[str, ...]  # optimizer.json keys passed to the constructor
+    adaptive: bool = False  # D-Adaptation / Prodigy: expect an LR around 0.1-1.0
+
+
+_ADAM = ("lr", "betas", "epsilon", "weight_decay")
+_LION = ("lr", "betas", "weight_decay")
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("torch.optim", "AdamW", "torch", _ADAM),
+    "adamw8bit": OptimizerSpec("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", _ADAM),
+    "lion": OptimizerSpec("lion_pytorch", "Lion", "lion-pytorch", _LION),
+    "lion8bit": OptimizerSpec("bitsandbytes.optim", "Lion8bit", "bitsandbytes", _LION),
+    "dadapt_adam": OptimizerSpec(
+        "dadaptation", "DAdaptAdam", "dadaptation",
+        (*_ADAM, "d0", "decouple", "growth_rate"), adaptive=True,
+    ),
+    "dadapt_lion": OptimizerSpec(
+        "dadaptation", "DAdaptLion", "dadaptation", (*_LION, "d0"), adaptive=True
+    ),
+    "dadapt_sgd": OptimizerSpec(
+        "dadaptation", "DAdaptSGD", "dadaptation",
+        ("lr", "momentum", "weight_decay", "d0", "growth_rate"), adaptive=True,
+    ),
+    "prodigy": OptimizerSpec(
+        "prodigyopt", "Prodigy", "prodigyopt",
+        (*_ADAM, "d0", "decouple", "use_bias_correction", "safeguard_warmup", "growth_rate",
+         "slice_p"),
+        adaptive=True,
+    ),
+}  # fmt: skip
+
+# optimizer.json key → constructor keyword, where they differ.
+_KEYWORD = {"epsilon": "eps"}
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """Every valid `optimizer` value."""
+    return tuple(OPTIMIZERS)
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """Import and return the class for a registered name, with an install hint if missing."""
+    spec = OPTIMIZERS[name]
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as exc:
+        raise UserError(
+            f"optimizer '{name}' needs the package '{spec.package}', which cannot be imported "
+            f"({exc}); install it with: pip install {spec.package}"
+        ) from None
+    return getattr(module, spec.class_name)
+
+
+def constructor_kwargs(name: str, values: dict[str, Any], on_cuda: bool) -> dict[str, Any]:
+    """The keyword arguments the optimizer is built with, from resolved optimizer.json values."""
+    spec = OPTIMIZERS[name]
+    kwargs: dict[str, Any] = {}
+    for key in spec.takes:
+        value = values[key]
+        kwargs[_KEYWORD.get(key, key)] = tuple(value) if key == "betas" else value
+    if name == "adamw" and on_cuda:
+        kwargs["fused"] = True
+    return kwargs
+
+
+def build_optimizer(
+    name: str, parameters: Iterable[torch.nn.Parameter], values: dict[str, Any], on_cuda: bool
+) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """Build one optimizer; returns it and the keywords it was built with."""
+    kwargs = constructor_kwargs(name, values, on_cuda)
+    return optimizer_class(name)(list(parameters), **kwargs), kwargs
