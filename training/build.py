@@ -1,0 +1,155 @@
+"""Building everything a run needs from validated configuration: data, models, optimizers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from config.errors import UserError
+from config.load import LoadedTrainConfig, find_input_file
+from data import DataSettings, TrainDataset, load_dataset
+from models import ModelBundle, builtin_text_encoder_layers, classify_resume_ckpt, load_models
+from models.loading import SourceKind
+from optimizer.build import (
+    FreezeReport,
+    ModelTraining,
+    apply_text_encoder_freezing,
+    build_model_training,
+    freeze_plan,
+)
+from optimizer.config import OptimizerConfig
+from optimizer.schedulers import total_optimizer_steps
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A run, built and ready to train (or to describe in a dry run)."""
+
+    train: LoadedTrainConfig
+    optim: OptimizerConfig
+    seed: int
+    device: torch.device
+    dataset: TrainDataset
+    models: ModelBundle
+    freezing: FreezeReport
+    unet: ModelTraining | None
+    text_encoder: ModelTraining | None
+    total_optimizer_steps: int
+
+    @property
+    def trainings(self) -> list[ModelTraining]:
+        """The optimizers that exist (a model that is not trained has none)."""
+        return [t for t in (self.unet, self.text_encoder) if t is not None]
+
+
+def resolve_seed(seed: int) -> int:
+    """EveryDream2's ``-1`` means a random seed, chosen once and recorded."""
+    if seed == -1:
+        chosen = random.SystemRandom().randrange(2**31)
+        logger.info("seed -1: using random seed %d", chosen)
+        return chosen
+    return seed
+
+
+def pick_device(gpuid: int) -> torch.device:
+    """The CUDA device ``gpuid`` when CUDA is there, else the CPU; logged either way."""
+    if torch.cuda.is_available():
+        if gpuid >= torch.cuda.device_count():
+            raise UserError(
+                f"gpuid: {gpuid} does not exist; this machine has {torch.cuda.device_count()} "
+                f"CUDA device(s) (0-{torch.cuda.device_count() - 1})"
+            )
+        device = torch.device("cuda", gpuid)
+        logger.info("training on CUDA device %d: %s", gpuid, torch.cuda.get_device_name(gpuid))
+        return device
+    logger.info("no CUDA device found: training on the CPU")
+    return torch.device("cpu")
+
+
+def expected_text_encoder_layers(resume_ckpt: str) -> int | None:
+    """The text encoder's layer count read without building a model, when it can be."""
+    kind = classify_resume_ckpt(resume_ckpt)
+    if kind is SourceKind.BUILTIN:
+        return builtin_text_encoder_layers(resume_ckpt)
+    if kind is SourceKind.LOCAL:
+        config_file = Path(resume_ckpt).expanduser() / "text_encoder" / "config.json"
+        try:
+            return int(json.loads(config_file.read_text())["num_hidden_layers"])
+        except (OSError, ValueError, KeyError):
+            return None  # from_pretrained will say what is wrong with the folder
+    return None
+
+
+def check_before_models(train: LoadedTrainConfig, optim: OptimizerConfig) -> None:
+    """Checks that need the model's shape but not its weights: run before anything loads."""
+    assert train.config.resume_ckpt is not None
+    num_layers = expected_text_encoder_layers(train.config.resume_ckpt)
+    if num_layers is not None:
+        freeze_plan(optim, num_layers)
+
+
+def data_settings(
+    train: LoadedTrainConfig, seed: int, rank: int = 0, world_size: int = 1
+) -> DataSettings:
+    """The dataset's settings from train.json keys of the same names."""
+    c = train.config
+    return DataSettings(
+        data_root=find_input_file(c.data_root, train.folder, "data_root"),
+        resolution=c.resolution,
+        batch_size=c.batch_size,
+        seed=seed,
+        flip_p=c.flip_p,
+        cond_dropout=c.cond_dropout,
+        shuffle_tags=c.shuffle_tags,
+        keep_tags=c.keep_tags,
+        dataloader_num_workers=c.dataloader_num_workers,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def build_run(
+    train: LoadedTrainConfig,
+    optim: OptimizerConfig,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Run:
+    """Validate what needs the model's shape, scan the data, load models, build optimizers."""
+    c = train.config
+    assert c.resume_ckpt is not None
+    check_before_models(train, optim)
+    seed = resolve_seed(c.seed)
+    dataset = load_dataset(data_settings(train, seed, rank, world_size))
+    total_steps = total_optimizer_steps(dataset.steps_per_epoch(), c.max_epochs, c.grad_accum)
+
+    models = load_models(c.resume_ckpt)
+    models.vae.requires_grad_(False)
+    models.unet.requires_grad_(not c.disable_unet_training)
+    freezing = apply_text_encoder_freezing(
+        optim, models.text_encoder, train_text_encoder=not c.disable_textenc_training
+    )
+    for module in (models.unet, models.text_encoder, models.vae):
+        module.to(device)
+    on_cuda = device.type == "cuda"
+    return Run(
+        train=train,
+        optim=optim,
+        seed=seed,
+        device=device,
+        dataset=dataset,
+        models=models,
+        freezing=freezing,
+        unet=build_model_training("unet", models.unet, optim.unet, total_steps, on_cuda),
+        text_encoder=build_model_training(
+            "text_encoder", models.text_encoder, optim.text_encoder, total_steps, on_cuda
+        ),
+        total_optimizer_steps=total_steps,
+    )

@@ -1,0 +1,70 @@
+"""The dry run's JSON description of a built run (SPEC §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from optimizer.build import ModelTraining
+from optimizer.config import ModelOptimizer
+from training.build import Run
+
+REPORTED_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay", "lr_scheduler")
+
+
+def jsonable(value: Any) -> Any:
+    """Strict JSON for values such as infinity (written as the string "inf") and tuples."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    return value
+
+
+def model_report(training: ModelTraining) -> dict[str, Any]:
+    """One model's optimizer, as resolved and as built."""
+    settings: ModelOptimizer = training.settings
+    out: dict[str, Any] = {key: settings.value(key) for key in REPORTED_KEYS}
+    out |= {
+        "class": type(training.optimizer).__name__,
+        "lr_warmup_steps": training.length.warmup_steps,
+        "lr_decay_steps": training.length.decay_steps,
+        "params": training.kwargs,
+        "unused": {key: settings.value(key) for key in settings.unused_keys()},
+        "trainable_parameters": training.trainable_parameters,
+    }
+    return jsonable(out)
+
+
+def dry_run_report(run: Run) -> dict[str, Any]:
+    """Everything the run was built with, as one JSON-ready object."""
+    c = run.train.config
+    sources = {f"train.{k}": v for k, v in run.train.sources.items()}
+    sources |= run.optim.sources()
+    return {
+        "unet": None if run.unet is None else model_report(run.unet),
+        "text_encoder": None if run.text_encoder is None else model_report(run.text_encoder),
+        "text_encoder_freezing": run.freezing.as_dict(),
+        "sources": sources,
+        "data": run.dataset.summary(),
+        "model": {
+            "resume_ckpt": c.resume_ckpt,
+            "prediction_type": run.models.prediction_type,
+            "text_encoder_layers": run.freezing.plan.num_layers,
+        },
+        "run": {
+            "device": str(run.device),
+            "seed": run.seed,
+            "max_epochs": c.max_epochs,
+            "batch_size": c.batch_size,
+            "grad_accum": c.grad_accum,
+            "total_optimizer_steps": run.total_optimizer_steps,
+            "apply_grad_scaler_step_tweaks": run.optim.apply_grad_scaler_step_tweaks,
+            "log_grad_norm": run.optim.log_grad_norm,
+        },
+        "train": jsonable(dataclasses.asdict(c)),
+        "optimizer_config": None if run.optim.path is None else str(run.optim.path),
+    }
