@@ -1,0 +1,25 @@
+"""EveryDream2-compatible training data: folder scan, captions, aspect buckets, epoch plans and
+the loader. See SPEC §8 and the README's "Training data" section."""
+
+from data.buckets import bucket_name, bucket_step, make_buckets, nearest_bucket
+from data.dataset import TrainDataset, load_dataset
+from data.images import decode_image
+from data.loader import make_loader
+from data.plan import BatchPlan, PlanItem
+from data.scan import ImageRecord
+from data.settings import DataSettings
+
+__all__ = [
+    "BatchPlan",
+    "DataSettings",
+    "ImageRecord",
+    "PlanItem",
+    "TrainDataset",
+    "bucket_name",
+    "bucket_step",
+    "decode_image",
+    "load_dataset",
+    "make_buckets",
+    "make_loader",
+    "nearest_bucket",
+]

@@ -1,0 +1,116 @@
+"""Turning an epoch plan into tensors, in DataLoader worker processes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from data.buckets import Size
+from data.dataset import TrainDataset
+from data.images import decode_image
+from data.plan import BatchPlan, PlanItem
+
+logger = logging.getLogger(__name__)
+
+# Batches each worker decodes ahead of the training loop.
+PREFETCH_BATCHES_PER_WORKER = 2
+
+
+def _unchanged(batch: dict) -> dict:
+    """collate_fn: a batch is assembled by the worker already."""
+    return batch
+
+
+class BatchDecoder(TorchDataset):
+    """Item i = batch i of the plan, decoded: what each DataLoader worker runs.
+
+    Files were fully decoded once at scan time, so a failure here means the file changed or
+    vanished since. The worker then logs a warning and uses the next image of the same batch
+    that still decodes (then the other images of the bucket, with their plain caption, not
+    flipped); the batch reports the paths it really holds. Only a bucket whose every file has
+    become unreadable raises an error.
+    """
+
+    def __init__(self, plans: list[BatchPlan], bucket_members: dict[Size, list[PlanItem]]) -> None:
+        self.plans = plans
+        self.bucket_members = bucket_members
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def _decode_or_substitute(
+        self, plan: BatchPlan, position: int
+    ) -> tuple[PlanItem, torch.Tensor]:
+        items = plan.items
+        candidates = [items[(position + k) % len(items)] for k in range(len(items))]
+        candidates += self.bucket_members[plan.bucket]
+        for number, item in enumerate(candidates):
+            try:
+                pixels = decode_image(Path(item.path), plan.bucket, item.flipped)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                logger.warning(
+                    "cannot decode %s (%s); using another image instead", item.path, error
+                )
+                continue
+            if number > 0:
+                logger.warning(
+                    "batch %d: %s replaced by %s", plan.step, items[position].path, item.path
+                )
+            return item, pixels
+        raise RuntimeError(
+            f"no image of bucket {plan.bucket[0]}x{plan.bucket[1]} can be decoded any more; "
+            f"were files under data_root deleted or changed during training?"
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        plan = self.plans[index]
+        decoded = [self._decode_or_substitute(plan, k) for k in range(len(plan.items))]
+        items = [item for item, _ in decoded]
+        return {
+            "pixel_values": torch.stack([pixels for _, pixels in decoded]),
+            "captions": [item.caption for item in items],
+            "paths": [item.path for item in items],
+            "flipped": [item.flipped for item in items],
+            "image_indices": [item.image_index for item in items],
+            "bucket": plan.bucket,
+            "step": plan.step,
+        }
+
+
+def _bucket_members(dataset: TrainDataset) -> dict[Size, list[PlanItem]]:
+    return {
+        bucket: [
+            PlanItem(i, str(dataset.images[i].path), dataset.images[i].caption, False)
+            for i in indices
+        ]
+        for bucket, indices in dataset.buckets.items()
+    }
+
+
+def make_loader(
+    dataset: TrainDataset, epoch: int, start_batch: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """The batches of `epoch` for this process, from batch `start_batch` on (the earlier ones are
+    neither decoded nor read: exact resume mid-epoch).
+
+    Each batch is a dict: "pixel_values" float [B, 3, H, W] in [-1, 1], "captions", "paths",
+    "flipped", "image_indices" (lists of B), "bucket" (width, height) and "step" (the batch's
+    index in the epoch). Batches are decoded in `dataset.num_workers` worker processes (0: in
+    this process); `pin_memory=True` (on CUDA) pins them for fast, asynchronous copies.
+    """
+    plans = dataset.epoch_batches(epoch)[start_batch:]
+    workers = dataset.num_workers
+    return DataLoader(
+        BatchDecoder(plans, _bucket_members(dataset)),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_unchanged,
+        pin_memory=pin_memory,
+        prefetch_factor=PREFETCH_BATCHES_PER_WORKER if workers > 0 else None,
+    )
