@@ -119,8 +119,12 @@ def to_tensor(image: Image.Image, flipped: bool) -> torch.Tensor:
     """Float tensor [3, H, W] in [-1, 1], mirrored left-right when `flipped`."""
     if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    return pixels.float().div_(127.5).sub_(1.0)
+    # NumPy, not torch: this runs per image, and torch's intra-op threads cost more than they
+    # save on arrays this small (tens of ms per call measured on a 2-core VM, vs about 1 ms).
+    pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+    pixels /= 127.5
+    pixels -= 1.0
+    return torch.from_numpy(pixels)
 
 
 def decode_image(path: Path, bucket: Size, flipped: bool) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -72,7 +73,8 @@ class BatchDecoder(TorchDataset):
         decoded = [self._decode_or_substitute(plan, k) for k in range(len(plan.items))]
         items = [item for item, _ in decoded]
         return {
-            "pixel_values": torch.stack([pixels for _, pixels in decoded]),
+            # np.stack: one copy without torch's intra-op thread pool (see images.to_tensor)
+            "pixel_values": torch.from_numpy(np.stack([pixels.numpy() for _, pixels in decoded])),
             "captions": [item.caption for item in items],
             "paths": [item.path for item in items],
             "flipped": [item.flipped for item in items],

@@ -157,7 +157,8 @@ def _candidate(
 
 def _walk(root: Path) -> list[tuple[Path, set[str]]]:
     """Every folder under root (symlinks followed, each real folder once), sorted, with the
-    names of the files it holds."""
+    names of the files it holds. Hidden files and folders (name starting with ".", such as
+    macOS "._x.jpg" resource forks or ".ipynb_checkpoints") are left out."""
     folders: list[tuple[Path, set[str]]] = []
     seen: set[str] = set()
     for directory, dirnames, filenames in os.walk(root, followlinks=True):
@@ -166,8 +167,8 @@ def _walk(root: Path) -> list[tuple[Path, set[str]]]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames.sort()
-        folders.append((Path(directory), set(filenames)))
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        folders.append((Path(directory), {n for n in filenames if not n.startswith(".")}))
     return folders
 
 

@@ -19,11 +19,13 @@ def _jpeg_bytes(size=(64, 48)) -> bytes:
     return buffer.getvalue()
 
 
-def test_recursive_discovery_any_case_extension(tmp_path):
+def test_recursive_discovery_any_case_extension_hidden_left_out(tmp_path):
     for name in ["a.jpg", "b.JPEG", "c.Png", "sub/d.bmp", "sub/deeper/e.webp", "f.jfif", "g.JPG"]:
         write_image(tmp_path / name)
     (tmp_path / "notes.txt").write_text("not a caption of anything", "utf-8")
     (tmp_path / "animation.gif").write_bytes(b"GIF89a")  # not a training extension: ignored
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork: hidden
+    write_image(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.jpg")  # hidden folder
     dataset = load(tmp_path)
     found = sorted(str(image.path.relative_to(tmp_path)) for image in dataset.images)
     assert found == [
@@ -128,3 +130,11 @@ def test_summary_counts_images_per_bucket(tmp_path):
     assert summary["steps_per_epoch"] == 3  # 3 squares → 2 batches, 1 wide → 1 batch
     assert summary["images_per_epoch"] == 4
     assert summary["dataloader_num_workers"] == 0
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    write_image(tmp_path / "real" / "x.png")
+    (tmp_path / "real" / "loop").symlink_to(tmp_path)  # a cycle back to the root
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    dataset = load(tmp_path)
+    assert len(dataset.images) == 1
