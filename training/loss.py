@@ -1,0 +1,163 @@
+"""The loss half of a training step: SNR, Min-SNR-gamma weights, the loss types, text perturbation.
+
+Losses are computed in float32 whatever the dtype of the prediction (bf16/fp16 under autocast).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from config.train_config import LOSS_TYPES
+
+__all__ = [
+    "LOSS_TYPES",
+    "compute_loss",
+    "min_snr_weights",
+    "per_sample_loss",
+    "perturb_embeddings",
+    "snr",
+]
+
+
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ``alphas_cumprod[t] / (1 - alphas_cumprod[t])`` at each timestep.
+
+    float32, on ``timesteps``' device (diffusers' ``compute_snr``). It is 0 at the last timestep
+    of a zero-terminal-SNR schedule.
+    """
+    return compute_snr(scheduler, timesteps)
+
+
+def min_snr_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Per-sample Min-SNR-gamma loss weights (Hang et al. 2023), float32, one per timestep.
+
+    The paper weights the x0-space loss by ``min(snr, gamma)``. Expressed for the UNet's own
+    target that is ``min(snr, gamma) / snr`` for epsilon prediction (the epsilon loss is ``snr``
+    times the x0 loss) and ``min(snr, gamma) / (snr + 1)`` for v-prediction (the v loss is
+    ``snr + 1`` times the x0 loss). At ``snr = 0`` (the last timestep of a zero-terminal-SNR
+    schedule) the weights take their limits, 1 for epsilon and 0 for v-prediction: finite, never
+    NaN or inf.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min_snr_gamma must be > 0, got {gamma}")
+    s = snr(scheduler, timesteps)
+    clipped = s.clamp(max=gamma)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return torch.where(s > 0, clipped / s.clamp(min=torch.finfo(s.dtype).tiny), 1.0)
+    if prediction_type == "v_prediction":
+        return clipped / (s + 1.0)
+    raise ValueError(
+        f"Min-SNR weighting: unknown prediction_type {prediction_type!r}; "
+        "supported: epsilon, v_prediction"
+    )
+
+
+def _elementwise_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    loss_type: str,
+    huber_delta: float,
+) -> torch.Tensor:
+    pred = prediction.float()
+    tgt = target.float()
+    if loss_type == "mse":
+        return F.mse_loss(pred, tgt, reduction="none")
+    if loss_type == "huber":
+        return F.huber_loss(pred, tgt, reduction="none", delta=huber_delta)
+    if loss_type == "mse_huber":
+        mse = F.mse_loss(pred, tgt, reduction="none")
+        huber = F.huber_loss(pred, tgt, reduction="none", delta=huber_delta)
+        fraction = timesteps.to(device=pred.device, dtype=torch.float32)
+        fraction = fraction / scheduler.config.num_train_timesteps
+        fraction = fraction.view(-1, *([1] * (pred.dim() - 1)))
+        return fraction * mse + (1.0 - fraction) * huber
+    raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+
+
+def per_sample_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    loss_type: str,
+    min_snr_gamma: float | None,
+    huber_delta: float = 1.0,
+) -> torch.Tensor:
+    """One float32 loss per sample: see `compute_loss`, without the final mean over the batch."""
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ"
+        )
+    elementwise = _elementwise_loss(
+        prediction, target, timesteps, scheduler, loss_type, huber_delta
+    )
+    loss = elementwise.mean(dim=tuple(range(1, elementwise.dim())))
+    if min_snr_gamma is not None:
+        loss = loss * min_snr_weights(scheduler, timesteps, min_snr_gamma).to(loss.device)
+    return loss
+
+
+def compute_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    loss_type: str,
+    min_snr_gamma: float | None,
+    huber_delta: float = 1.0,
+) -> torch.Tensor:
+    """The training loss, a float32 scalar.
+
+    Per element, with ``r = prediction - target`` (both cast to float32):
+
+    - ``"mse"``: ``r**2``;
+    - ``"huber"``: ``F.huber_loss`` with ``delta = huber_delta`` (1.0, as EveryDream2):
+      ``0.5 * r**2`` where ``|r| <= delta``, else ``delta * (|r| - 0.5 * delta)``. (At delta 1
+      this is also smooth-L1 with beta 1.) For small residuals it is half the MSE;
+    - ``"mse_huber"``: EveryDream2's blend ``f * mse + (1 - f) * huber`` with
+      ``f = t / num_train_timesteps``: mostly MSE at high (noisy) timesteps, mostly Huber at
+      low (nearly clean) ones.
+
+    Then the mean over every dimension but the batch gives one loss per sample; with
+    ``min_snr_gamma`` set, each is multiplied by its `min_snr_weights`; the mean over the batch
+    is returned.
+    """
+    return per_sample_loss(
+        prediction, target, timesteps, scheduler, loss_type, min_snr_gamma, huber_delta
+    ).mean()
+
+
+def perturb_embeddings(
+    embeddings: torch.Tensor, strength: float, generator: torch.Generator
+) -> torch.Tensor:
+    """EveryDream2's ``embedding_perturbation``: Gaussian noise added to the text embeddings.
+
+    ``embeddings + randn_like(embeddings) * strength / sqrt(hidden_dim)``, ``hidden_dim`` being
+    the last dimension (768 for SD1.x, 1024 for SD2.x), so a perturbation vector has an expected
+    norm of about ``strength`` whatever the width (following arXiv:2405.20494, as EveryDream2
+    does). The noise is drawn in float32 from ``generator`` and added in the embeddings' dtype;
+    gradients flow through to the text encoder unchanged. ``strength`` 0 returns ``embeddings``
+    itself and draws nothing.
+    """
+    if strength < 0:
+        raise ValueError(f"embedding_perturbation must be >= 0, got {strength}")
+    if strength == 0:
+        return embeddings
+    deviation = strength / math.sqrt(embeddings.shape[-1])
+    noise = torch.randn(
+        tuple(embeddings.shape),
+        generator=generator,
+        device=generator.device,
+        dtype=torch.float32,
+    )
+    return embeddings + (noise * deviation).to(device=embeddings.device, dtype=embeddings.dtype)
