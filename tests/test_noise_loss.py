@@ -176,9 +176,10 @@ def test_pyramid_noise_formula_by_hand() -> None:
     discount = 0.5
     g = _gen(11)
     expected = torch.randn(b, c, h, w, generator=g)
+    rs = 2.0 + 2.0 * torch.rand(PYRAMID_MAX_LEVELS - 1, generator=g)
     expected += torch.randn(b, c, h, w, generator=g)  # level 0: a second full-resolution draw
     for level in range(1, PYRAMID_MAX_LEVELS):
-        r = 2.0 + 2.0 * float(torch.rand((), generator=g))
+        r = float(rs[level - 1])
         hi, wi = max(1, int(h / r**level)), max(1, int(w / r**level))
         coarse = torch.randn(b, c, hi, wi, generator=g)
         expected += F.interpolate(coarse, size=(h, w), mode="bilinear") * discount**level

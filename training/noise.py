@@ -103,21 +103,22 @@ def pyramid_noise(
 ) -> torch.Tensor:
     """Multi-resolution ("pyramid") Gaussian noise of ``shape`` (B, C, H, W), unit std per sample.
 
-    ``n = randn(B, C, H, W) + sum_i discount**i * up(randn(B, C, h_i, w_i))`` for
-    ``i = 0, 1, ...`` (at most `PYRAMID_MAX_LEVELS` levels), where ``h_i = max(1, int(H / r_i**i))``
-    and ``w_i = max(1, int(W / r_i**i))`` with ``r_i`` uniform in [2, 4) drawn per level, and
-    ``up`` is bilinear upsampling to (H, W) (``align_corners=False``). Level 0 is a second
-    full-resolution draw, as in EveryDream2 and kohya; the levels stop after the first one that is
-    1 pixel high or wide. Each sample is then divided by its own standard deviation over
-    (C, H, W), so its noise does not depend on the other images in the batch.
+    ``n = randn(B, C, H, W) + sum_i discount**i * up(randn(B, C, h_i, w_i))`` over levels
+    ``i = 0, 1, ...`` (at most `PYRAMID_MAX_LEVELS`), with ``h_i = max(1, int(H / r_i**i))`` and
+    ``w_i = max(1, int(W / r_i**i))``. ``r_0 = 1`` (level 0 is a second full-resolution draw, as
+    in EveryDream2 and kohya); ``r_1 .. r_9 = 2 + 2 * rand(9)`` (uniform in [2, 4)) are drawn
+    first. ``up`` is bilinear upsampling to (H, W) (``align_corners=False``). The levels stop
+    after the first one that is 1 pixel high or wide. Each sample is then divided by its own
+    standard deviation over (C, H, W), so its noise does not depend on the other images in the
+    batch.
     """
     batch, channels, height, width = shape
     noise = _randn(shape, generator)
+    # r_1 .. r_(L-1), drawn at once (one device sync); level 0 needs none
+    draws = torch.rand(PYRAMID_MAX_LEVELS - 1, generator=generator, device=generator.device)
+    rs = [1.0, *(2.0 + 2.0 * draws).tolist()]
     for level in range(PYRAMID_MAX_LEVELS):
-        ratio = 1.0
-        if level > 0:
-            r = 2.0 + 2.0 * float(torch.rand((), generator=generator, device=generator.device))
-            ratio = r**level
+        ratio = rs[level] ** level
         h, w = max(1, int(height / ratio)), max(1, int(width / ratio))
         coarse = _randn((batch, channels, h, w), generator)
         if (h, w) != (height, width):
