@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +64,23 @@ def freeze_plan(config: OptimizerConfig, num_layers: int) -> FreezePlan:
 
 
 def apply_text_encoder_freezing(
-    config: OptimizerConfig, text_encoder: torch.nn.Module, train_text_encoder: bool
+    config: OptimizerConfig,
+    text_encoder: torch.nn.Module,
+    train_text_encoder: bool,
+    unused_final_layers: int = 0,
 ) -> FreezeReport:
-    """Freeze what optimizer.json says (everything when the text encoder is not trained)."""
+    """Freeze what optimizer.json says (everything when the text encoder is not trained).
+
+    ``unused_final_layers``: layers at the end whose output is never used (``clip_skip`` n
+    skips n-1 of them); they get no gradient, so they are frozen too.
+    """
     embeddings, layers, final_norm = text_encoder_parts(text_encoder)
     plan = freeze_plan(config, len(layers))
+    if unused_final_layers > 0:
+        unused = range(len(layers) - unused_final_layers, len(layers))
+        plan = dataclasses.replace(
+            plan, frozen_layers=tuple(sorted(set(plan.frozen_layers) | set(unused)))
+        )
     if train_text_encoder:
         freeze(frozen_modules(plan, embeddings, layers, final_norm))
     else:

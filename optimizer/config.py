@@ -125,6 +125,7 @@ class ModelOptimizer:
 
     settings: OptimizerSection
     sources: dict[str, str]
+    user_set: frozenset[str]  # keys set in a file or on the CLI (directly or via base)
 
     @property
     def name(self) -> str:
@@ -144,7 +145,7 @@ class ModelOptimizer:
             if key not in takes
             and key not in MAIN_KEYS
             and key != "optimizer"
-            and (key in common or self.sources[key] != DEFAULT)
+            and (key in common or key in self.user_set)
         ]
 
 
@@ -271,7 +272,8 @@ def _resolve_base(base: OptimizerSection, train: LoadedTrainConfig, where: str) 
             values[key], sources[key] = file_value, OPTIMIZER_JSON
         else:
             values[key], sources[key] = getattr(BUILTIN, key), DEFAULT
-    return ModelOptimizer(OptimizerSection(**values), sources)
+    user_set = frozenset(k for k, source in sources.items() if source != DEFAULT)
+    return ModelOptimizer(OptimizerSection(**values), sources, user_set)
 
 
 def _resolve_text_encoder(
@@ -288,7 +290,10 @@ def _resolve_text_encoder(
             sources[key] = SCALED if scale_given else INHERITED
         else:
             values[key], sources[key] = base.value(key), INHERITED
-    return ModelOptimizer(OptimizerSection(**values), sources)
+    user_set = frozenset(
+        k for k, source in sources.items() if source == OPTIMIZER_JSON or k in base.user_set
+    )
+    return ModelOptimizer(OptimizerSection(**values), sources, user_set)
 
 
 def _warn_adaptive(config: OptimizerConfig) -> None:

@@ -254,3 +254,10 @@ def test_cli_optimizer_config_beats_train_json(tmp_path):
         "--optimizer_config", str(tmp_path / "other.json"),
     )  # fmt: skip
     assert config.unet.name == "lion"
+
+
+def test_inherited_defaults_are_not_reported_unused(tmp_path):
+    config = resolve(tmp_path, {"base": {"optimizer": "lion", "d0": 1e-5}})
+    assert config.text_encoder.unused_keys() == ["epsilon", "d0"]
+    config = resolve(tmp_path, {"base": {"optimizer": "adamw"}})
+    assert config.text_encoder.unused_keys() == []

@@ -1,0 +1,57 @@
+"""Agreement between processes when several train together (accelerate / torch.distributed)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+from config.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true in any process (the flag itself with a single process).
+
+    Decisions that change the control flow (skip a backward, stop the run) must be the same in
+    every process, or the gradient all-reduce waits forever.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
+
+
+def make_accelerator() -> Accelerator:
+    """The accelerate state: one process, or several under ``accelerate launch``.
+
+    Mixed precision, device placement and DDP wrapping are done by the trainer itself (it
+    needs the grad scaler and the device choice in its own hands); accelerate provides the
+    process group and the DDP wrapper.
+    """
+    return Accelerator(device_placement=False, mixed_precision="no")
+
+
+def training_device(accelerator: Accelerator, gpuid: int) -> torch.device:
+    """``gpuid`` with one process; each process's own GPU under ``accelerate launch``."""
+    if accelerator.num_processes > 1:
+        logger.info(
+            "process %d of %d on %s", accelerator.process_index, accelerator.num_processes,
+            accelerator.device,
+        )  # fmt: skip
+        return accelerator.device
+    if torch.cuda.is_available():
+        if gpuid >= torch.cuda.device_count():
+            raise UserError(
+                f"gpuid: {gpuid} does not exist; this machine has {torch.cuda.device_count()} "
+                f"CUDA device(s) (0-{torch.cuda.device_count() - 1})"
+            )
+        torch.cuda.set_device(gpuid)
+        logger.info("training on CUDA device %d: %s", gpuid, torch.cuda.get_device_name(gpuid))
+        return torch.device("cuda", gpuid)
+    logger.info("no CUDA device found: training on the CPU")
+    return torch.device("cpu")

@@ -1,0 +1,141 @@
+"""The loss of one micro-batch: VAE → noisy latents → text encoder → UNet → loss.
+
+Every random draw (VAE sample, noise, timesteps) is made for the whole global batch of all
+processes from one generator and then sliced to this process's share. So N processes with
+batch B see exactly the draws one process with batch N×B sees, and a resumed run continues
+the generator where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+
+from models import encode_prompts, tokenize
+from models.bundle import ModelBundle
+from training.loss import compute_loss, perturb_embeddings
+from training.noise import sample_noise, sample_timesteps, training_target
+from training.precision import Precision
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """The train.json keys that shape the loss (same names; clip_skip is the PromptEncoder's)."""
+
+    zero_frequency_noise_ratio: float
+    pyramid_noise_discount: float | None
+    timestep_start: int
+    timestep_end: int
+    loss_type: str
+    min_snr_gamma: float | None
+    embedding_perturbation: float
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's slice of every global batch."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def take(self, global_tensor: torch.Tensor) -> torch.Tensor:
+        size = global_tensor.shape[0] // self.world_size
+        return global_tensor[self.rank * size : (self.rank + 1) * size]
+
+
+class PromptEncoder(torch.nn.Module):
+    """Token ids → the embeddings the UNet sees, with ``clip_skip``, as one module.
+
+    Keeping the whole encoding inside one ``forward`` lets DDP wrap it (the final layer norm
+    that ``clip_skip`` applies to an inner layer's output is part of it).
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, clip_skip: int) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.clip_skip = clip_skip
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return encode_prompts(self.text_encoder, input_ids, self.clip_skip)
+
+
+@dataclass
+class StepModels:
+    """The callables of a step (possibly wrapped for DDP or compiled) and what trains."""
+
+    bundle: ModelBundle
+    unet: torch.nn.Module
+    prompt_encoder: torch.nn.Module  # a PromptEncoder, possibly wrapped
+    noise_scheduler: DDPMScheduler
+    train_text_encoder: bool
+
+
+@dataclass(frozen=True)
+class LatentDistribution:
+    """The VAE's Gaussian over latents (already scaled): what a latent cache stores."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def encode_latent_distribution(
+    bundle: ModelBundle, pixels: torch.Tensor, precision: Precision
+) -> LatentDistribution:
+    """The frozen VAE's posterior for a batch of images in [-1, 1], scaled for the UNet."""
+    scale = bundle.vae.config.scaling_factor
+    with torch.no_grad(), precision.autocast():
+        dist = bundle.vae.encode(pixels).latent_dist
+    return LatentDistribution(dist.mean.float() * scale, dist.std.float() * scale)
+
+
+def _global_like(local: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """An empty tensor shaped like the global batch that ``local`` is a slice of."""
+    return local.new_empty((local.shape[0] * shard.world_size, *local.shape[1:]))
+
+
+def batch_loss(
+    models: StepModels,
+    latents_dist: LatentDistribution,
+    captions: list[str],
+    settings: StepSettings,
+    generator: torch.Generator,
+    precision: Precision,
+    shard: Shard,
+) -> torch.Tensor:
+    """The scalar loss of one micro-batch (not yet divided for accumulation)."""
+    device = latents_dist.mean.device
+    global_shape = _global_like(latents_dist.mean, shard)
+    eps = torch.randn(
+        global_shape.shape, generator=generator, device=device, dtype=global_shape.dtype
+    )
+    latents = latents_dist.mean + latents_dist.std * shard.take(eps)
+    scheduler = models.noise_scheduler
+    noise = shard.take(
+        sample_noise(
+            global_shape, generator, settings.zero_frequency_noise_ratio,
+            settings.pyramid_noise_discount,
+        )
+    )  # fmt: skip
+    timesteps = shard.take(
+        sample_timesteps(
+            global_shape.shape[0], settings.timestep_start, settings.timestep_end,
+            generator, device, num_train_timesteps=scheduler.config.num_train_timesteps,
+        )
+    )  # fmt: skip
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
+
+    ids = tokenize(models.bundle.tokenizer, captions).to(device)
+    grad = contextlib.nullcontext() if models.train_text_encoder else torch.no_grad()
+    with precision.autocast():
+        with grad:
+            embeddings = models.prompt_encoder(ids)
+        embeddings = perturb_embeddings(embeddings, settings.embedding_perturbation, generator)
+        prediction = models.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
+    return compute_loss(
+        prediction.float(), target.float(), timesteps, scheduler,
+        settings.loss_type, settings.min_snr_gamma,
+    )  # fmt: skip
