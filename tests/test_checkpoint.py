@@ -1,0 +1,465 @@
+"""Checkpoints (SPEC §9): pipeline folder, training state, exact weights, atomic writes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import resource
+import signal
+from pathlib import Path
+
+import bitsandbytes as bnb
+import numpy as np
+import prodigyopt
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from safetensors import safe_open
+
+import training.checkpoint as checkpoint
+from config.errors import UserError
+from models import ModelBundle, load_models
+from training.checkpoint import (
+    STATE_DIR,
+    TrainingState,
+    check_fingerprint,
+    has_training_state,
+    load_training_state,
+    restore_full_precision_weights,
+    save_checkpoint,
+)
+
+COMPONENTS = ("unet", "text_encoder", "vae")
+
+
+@pytest.fixture(scope="module")
+def sd15() -> ModelBundle:
+    return load_models("tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def sd21() -> ModelBundle:
+    return load_models("tiny-sd21")
+
+
+def weights(bundle: ModelBundle) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        name: {k: v.detach().clone() for k, v in getattr(bundle, name).state_dict().items()}
+        for name in COMPONENTS
+    }
+
+
+def assert_same(a, b, where: str = "") -> None:
+    """Recursive exact equality; tensors must match in dtype and every bit."""
+    assert type(a) is type(b), f"{where}: {type(a)} vs {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def fake_grads(parameters: list[torch.nn.Parameter], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in parameters:
+        p.grad = torch.randn(p.shape, generator=generator)
+
+
+def make_training(model: torch.nn.Module, kind: str, max_values: int | None = 100_000):
+    """A real optimizer of ``kind`` over copies of ``model``'s parameters, stepped twice.
+
+    By default the first parameters up to ~100k values (tensors of ≥4096 values get 8-bit
+    state): the whole tiny UNet would make bitsandbytes' slow CPU step dominate the test time.
+    """
+    parameters, size = [], 0
+    for p in model.parameters():
+        if max_values is not None and size > max_values:
+            break
+        parameters.append(torch.nn.Parameter(p.detach().clone()))
+        size += p.numel()
+    builders = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        "adamw8bit": lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3),
+        "prodigy": lambda ps: prodigyopt.Prodigy(ps, lr=1.0),
+    }
+    optimizer = builders[kind](parameters)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
+    for step in range(2):
+        fake_grads(parameters, step)
+        optimizer.step()
+        scheduler.step()
+    return parameters, optimizer, scheduler, lambda ps: builders[kind](ps)
+
+
+def make_state(
+    bundle: ModelBundle,
+    kinds: dict[str, str],
+    global_step: int = 7,
+    max_values: int | None = 100_000,
+) -> tuple:
+    trainings = {
+        name: make_training(getattr(bundle, name), kind, max_values) for name, kind in kinds.items()
+    }
+    state = TrainingState(
+        epoch=2,
+        batch_in_epoch=3,
+        global_step=global_step,
+        seed=1234,
+        optimizers={name: t[1].state_dict() for name, t in trainings.items()},
+        schedulers={name: t[2].state_dict() for name, t in trainings.items()},
+        grad_scaler=torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict(),
+        rng={
+            "generator": torch.Generator().manual_seed(5).get_state(),
+            "torch_cpu": torch.get_rng_state(),
+            "cuda": None,
+            "python": random.Random(9).getstate(),
+        },
+        fingerprint={
+            name: {"optimizer": kinds[name], "trainable_parameters": 10 + i}
+            if name in kinds
+            else None
+            for i, name in enumerate(("unet", "text_encoder"))
+        },
+        counters={"nonfinite_losses": 1, "images_seen": 48, "elapsed_seconds": 2.5},
+    )
+    return state, trainings
+
+
+def on_disk_dtypes(file: Path) -> set[torch.dtype]:
+    with safe_open(str(file), framework="pt") as f:
+        return {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+
+
+# --- the pipeline folder --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["sd15", "sd21"])
+@pytest.mark.parametrize("full_precision", [False, True])
+def test_pipeline_folder_loads_and_makes_an_image(request, tmp_path, model, full_precision):
+    bundle = request.getfixturevalue(model)
+    before = weights(bundle)
+    path = save_checkpoint(tmp_path / "ckpt", bundle, None, full_precision)
+    assert path == tmp_path / "ckpt"
+    assert not has_training_state(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
+
+    dtype = torch.float32 if full_precision else torch.float16
+    assert on_disk_dtypes(path / "unet" / "diffusion_pytorch_model.safetensors") == {dtype}
+    assert on_disk_dtypes(path / "vae" / "diffusion_pytorch_model.safetensors") == {dtype}
+    assert on_disk_dtypes(path / "text_encoder" / "model.safetensors") == {dtype}
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(path))
+    assert pipeline.safety_checker is None
+    assert {getattr(pipeline, n).dtype for n in COMPONENTS} == {torch.float32}
+    assert pipeline.scheduler.config.prediction_type == bundle.prediction_type
+    if not full_precision:  # fp16 files: the components must still load in one dtype
+        image = pipeline(
+            "a photo", num_inference_steps=1, height=64, width=64, output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+        assert image.shape == (1, 64, 64, 3)
+        assert np.isfinite(image).all()
+
+    loaded = load_models(str(path))
+    assert loaded.prediction_type == bundle.prediction_type
+    assert loaded.tokenizer("a photo").input_ids == bundle.tokenizer("a photo").input_ids
+    for name in COMPONENTS:
+        for key, original in before[name].items():
+            value = getattr(loaded, name).state_dict()[key]
+            assert value.dtype == torch.float32
+            assert torch.equal(value, original.to(dtype).float()), f"{name}.{key}"
+
+
+def test_saving_leaves_the_models_as_they_were(sd15, tmp_path):
+    before = weights(sd15)
+    parameters = {name: list(getattr(sd15, name).parameters()) for name in COMPONENTS}
+    state, _ = make_state(sd15, {"unet": "adamw"})
+    save_checkpoint(tmp_path / "a", sd15, state, full_precision=False)
+    save_checkpoint(tmp_path / "b", sd15, state, full_precision=True)
+    for name in COMPONENTS:
+        model = getattr(sd15, name)
+        assert list(model.parameters()) == parameters[name]  # the same Parameter objects
+        for key, value in model.state_dict().items():
+            assert value.dtype == before[name][key].dtype
+            assert torch.equal(value, before[name][key]), f"{name}.{key}"
+    assert {p.dtype for p in sd15.unet.parameters()} == {torch.float32}
+
+
+# --- the training state ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        {"unet": "adamw8bit", "text_encoder": "prodigy"},
+        {"unet": "adamw", "text_encoder": "adamw8bit"},
+        {"unet": "prodigy"},
+    ],
+)
+def test_training_state_round_trips_exactly(sd15, tmp_path, kinds):
+    state, trainings = make_state(sd15, kinds)
+    path = save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=False)
+    assert has_training_state(path)
+    # The file reads back with the safe loader, with no allowlist.
+    torch.load(path / STATE_DIR / "state.pt", weights_only=True)
+
+    loaded = load_training_state(path)
+    for field in state.__dataclass_fields__:
+        assert_same(getattr(state, field), getattr(loaded, field), field)
+    assert isinstance(loaded.rng["python"], tuple)
+    random.Random().setstate(loaded.rng["python"])
+    torch.Generator().set_state(loaded.rng["generator"])
+
+    # A fresh optimizer and scheduler given the loaded state take the same next step.
+    for name, (parameters, optimizer, scheduler, build) in trainings.items():
+        fresh_parameters = [torch.nn.Parameter(p.detach().clone()) for p in parameters]
+        fresh = build(fresh_parameters)
+        fresh_scheduler = get_scheduler("cosine", fresh, num_warmup_steps=1, num_training_steps=10)
+        fresh.load_state_dict(loaded.optimizers[name])
+        fresh_scheduler.load_state_dict(loaded.schedulers[name])
+        for params, opt, sched in (
+            (parameters, optimizer, scheduler),
+            (fresh_parameters, fresh, fresh_scheduler),
+        ):
+            fake_grads(params, 99)
+            opt.step()
+            sched.step()
+        assert fresh_scheduler.get_last_lr() == scheduler.get_last_lr()
+        for a, b in zip(parameters, fresh_parameters, strict=True):
+            assert torch.equal(a, b), name
+
+
+def test_8bit_state_is_really_8bit(sd15):
+    """Guards the round-trip test above: the tiny UNet is big enough for 8-bit state."""
+    state, _ = make_state(sd15, {"unet": "adamw8bit"})
+
+    def dtypes(value) -> set[torch.dtype]:
+        if isinstance(value, torch.Tensor):
+            return {value.dtype}
+        if isinstance(value, dict):
+            return set().union(*(dtypes(v) for v in value.values()))
+        return set()
+
+    assert torch.uint8 in dtypes(state.optimizers["unet"]["state"])
+
+
+def test_fp32_copies_restore_exact_weights(sd21, tmp_path):
+    bundle = copy.deepcopy(sd21)
+    with torch.no_grad():  # the VAE is frozen and already fp16-exact: it needs no copy
+        for p in bundle.vae.parameters():
+            p.copy_(p.half().float())
+    before = weights(bundle)
+    state, _ = make_state(bundle, {"unet": "adamw"})
+    path = save_checkpoint(tmp_path / "ckpt", bundle, state, False, trained=("unet",))
+    document = json.loads((path / STATE_DIR / "state.json").read_text())
+    # text_encoder is not trained, but fp16 would round it: it gets a copy too.
+    assert document["full_precision_weights"] == ["unet", "text_encoder"]
+    assert not (path / STATE_DIR / "vae.safetensors").exists()
+
+    loaded = load_models(str(path))
+    assert not torch.equal(loaded.unet.conv_in.weight, before["unet"]["conv_in.weight"])
+    restore_full_precision_weights(path, loaded)
+    for name in COMPONENTS:
+        for key, value in getattr(loaded, name).state_dict().items():
+            assert value.dtype == torch.float32
+            assert torch.equal(value, before[name][key]), f"{name}.{key}"
+
+
+def test_full_precision_checkpoint_needs_no_copies(sd15, tmp_path):
+    state, _ = make_state(sd15, {"unet": "adamw", "text_encoder": "adamw"})
+    path = save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=True)
+    assert sorted(p.name for p in (path / STATE_DIR).iterdir()) == ["state.json", "state.pt"]
+    loaded = load_models(str(path))
+    restore_full_precision_weights(path, loaded)  # nothing to restore, and no error
+    for name in COMPONENTS:
+        for key, value in getattr(loaded, name).state_dict().items():
+            assert torch.equal(value, getattr(sd15, name).state_dict()[key]), f"{name}.{key}"
+
+
+def test_state_that_the_safe_loader_would_refuse_is_rejected_at_save(sd15, tmp_path):
+    state, _ = make_state(sd15, {"unet": "adamw"})
+    state.rng["numpy"] = np.random.default_rng(0).random(3)
+    with pytest.raises(TypeError, match=r"weights_only=True"):
+        save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_format_version_and_corrupt_state_are_user_errors(sd15, tmp_path):
+    state, _ = make_state(sd15, {"unet": "adamw"})
+    path = save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=True)
+    state_json = path / STATE_DIR / "state.json"
+    document = json.loads(state_json.read_text())
+
+    state_json.write_text(json.dumps({**document, "format_version": 99}))
+    with pytest.raises(UserError, match=r"format_version 99.*reads version 1"):
+        load_training_state(path)
+
+    state_json.write_text(json.dumps({**document, "global_step": "7"}))
+    with pytest.raises(UserError, match=r"global_step"):
+        load_training_state(path)
+
+    state_json.write_text(json.dumps(document))
+    (path / STATE_DIR / "state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match=rf"{STATE_DIR}/ subfolder"):
+        load_training_state(path)
+
+
+# --- atomic writes and errors ---------------------------------------------------------------
+
+
+def crash(*args, **kwargs):
+    raise RuntimeError("simulated crash")
+
+
+@pytest.mark.parametrize("where", ["_write_training_state", "_sync_tree", "_fsync_dir"])
+def test_crash_mid_save_leaves_previous_checkpoint(sd15, tmp_path, monkeypatch, where):
+    path = tmp_path / "ckpt"
+    with monkeypatch.context() as patch:  # the very first save crashes: nothing at path
+        patch.setattr(checkpoint, where, crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    assert list(tmp_path.iterdir()) == []
+
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, where, crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 2)[0], False)
+    assert load_training_state(path).global_step == 1
+    StableDiffusionPipeline.from_pretrained(str(path))
+    # _fsync_dir runs after the rename: the new checkpoint is then in place and whole.
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["ckpt"] or (where == "_fsync_dir" and ".ckpt.old-" in "".join(names))
+
+
+def test_checkpoint_left_aside_by_a_killed_save_is_put_back(sd15, tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    # As if this process died between moving the old checkpoint aside and renaming the new one.
+    aside = tmp_path / f".ckpt.old-{os.getpid()}-dead"
+    path.rename(aside)
+    (tmp_path / ".ckpt.partial-999999999-x").mkdir()
+    monkeypatch.setattr(checkpoint, "_write_training_state", crash)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 2)[0], False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert load_training_state(path).global_step == 1
+
+
+def test_replacing_a_checkpoint(sd15, tmp_path):
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    save_checkpoint(path, sd15, None, True)
+    assert not has_training_state(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_never_replaced(sd15, tmp_path):
+    path = tmp_path / "photos"
+    path.mkdir()
+    (path / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"photos.*not a checkpoint"):
+        save_checkpoint(path, sd15, None, False)
+    assert (path / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_target_under_a_file_is_a_user_error(sd15, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    target = tmp_path / "afile" / "ckpt"
+    with pytest.raises(UserError, match=r"afile/ckpt: .*afile is a file, not a folder"):
+        save_checkpoint(target, sd15, None, False)
+
+
+def test_read_only_folder_is_a_user_error(sd15, tmp_path):
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user (root) can write to a read-only folder")
+        with pytest.raises(UserError, match=r"readonly/ckpt: Permission denied"):
+            save_checkpoint(folder / "ckpt", sd15, None, False)
+    finally:
+        folder.chmod(0o700)
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes beyond the limit fail with EFBIG, the way a full disk fails with ENOSPC."""
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def set_limit(size: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, previous_limit[1]))
+
+    yield set_limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+    signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+@pytest.mark.parametrize("full_precision", [False, True])
+def test_failed_write_is_a_user_error_and_keeps_the_previous(
+    sd15, tmp_path, file_size_limit, full_precision
+):
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    # AdamW over the whole UNet: state.pt holds 2 × 3.2 MB of moments.
+    state = make_state(sd15, {"unet": "adamw"}, 2, max_values=None)[0]
+    # fp16: the pipeline's UNet file (1.6 MB) fails; fp32: the pipeline (3.2 MB files at most)
+    # fits and state.pt fails, inside torch.save.
+    file_size_limit(4_000_000 if full_precision else 1_000_000)
+    with pytest.raises(UserError, match=r"cannot write the checkpoint .*ckpt: .*File too large"):
+        save_checkpoint(path, sd15, state, full_precision)
+    file_size_limit(resource.RLIM_INFINITY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert load_training_state(path).global_step == 1
+    loaded = load_models(str(path))
+    restore_full_precision_weights(path, loaded)
+    assert torch.equal(loaded.unet.conv_in.weight, sd15.unet.conv_in.weight)
+
+
+# --- fingerprint ----------------------------------------------------------------------------
+
+
+def fingerprint_state(fingerprint: dict) -> TrainingState:
+    return TrainingState(0, 0, 0, 0, {}, {}, None, {}, fingerprint, {})
+
+
+def test_matching_fingerprint_passes():
+    fingerprint = {"unet": {"optimizer": "adamw", "trainable_parameters": 5}, "text_encoder": None}
+    check_fingerprint(fingerprint_state(fingerprint), copy.deepcopy(fingerprint), Path("x"))
+
+
+def test_fingerprint_mismatch_names_both_sides(tmp_path):
+    saved = {
+        "unet": {"optimizer": "adamw", "trainable_parameters": 5},
+        "text_encoder": {"optimizer": "adamw8bit", "trainable_parameters": 7},
+    }
+    now = {"unet": {"optimizer": "lion", "trainable_parameters": 5}, "text_encoder": None}
+    with pytest.raises(UserError) as caught:
+        check_fingerprint(fingerprint_state(saved), now, tmp_path / "ckpt")
+    message = str(caught.value)
+    assert str(tmp_path / "ckpt") in message
+    assert "optimizer 'adamw' for unet; the current settings say 'lion'" in message
+    assert "text_encoder was trained with optimizer 'adamw8bit' in the checkpoint" in message
+    assert "now not trained" in message
+    assert f"without its {STATE_DIR}/ subfolder" in message
+
+
+def test_fingerprint_parameter_count_mismatch():
+    saved = {"unet": None, "text_encoder": {"optimizer": "adamw", "trainable_parameters": 7}}
+    now = {"unet": None, "text_encoder": {"optimizer": "adamw", "trainable_parameters": 9}}
+    with pytest.raises(UserError, match=r"text_encoder had 7 trainable parameters, now 9"):
+        check_fingerprint(fingerprint_state(saved), now, Path("ckpt"))
