@@ -3,7 +3,7 @@
     python train.py --config train.json [--any_train_json_key value ...] [--dry_run]
 
 Parse, load, validate, build, run. A mistake in the user's input ends the program with one
-message on stderr and exit status 2.
+message on stderr and exit status 2; Ctrl-C saves a resumable checkpoint and exits 0.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from config.cli import parse_command_line
 from config.errors import UserError
 from config.load import load_train_config
 from optimizer.config import load_optimizer_config
-from training.build import build_run, pick_device
+from training.build import build_run
+from training.distributed import make_accelerator, training_device
+from training.loop import TrainingDivergedError
 from training.report import dry_run_report
+from training.session import run_training
 
 logger = logging.getLogger("train")
 
@@ -29,14 +32,22 @@ def main(argv: list[str] | None = None) -> int:
         command_line = parse_command_line(sys.argv[1:] if argv is None else argv)
         train = load_train_config(command_line)
         optim = load_optimizer_config(train)
-        run = build_run(train, optim, pick_device(train.config.gpuid))
+        accelerator = make_accelerator()
+        device = training_device(accelerator, train.config.gpuid)
+        run = build_run(train, optim, device, accelerator.process_index, accelerator.num_processes)
         if command_line.dry_run:
             print(json.dumps(dry_run_report(run), indent=2))
             return 0
-        raise UserError("training is not available yet: use --dry_run")
+        run_training(run, accelerator)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return 0
     except UserError as error:
         logger.error("%s", error)
         return 2
+    except TrainingDivergedError as error:
+        logger.error("%s", error)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from config.errors import UserError
 from config.load import LoadedTrainConfig, find_input_file
 from data import DataSettings, TrainDataset, load_dataset
 from models import ModelBundle, builtin_text_encoder_layers, classify_resume_ckpt, load_models
@@ -24,6 +24,14 @@ from optimizer.build import (
 )
 from optimizer.config import OptimizerConfig
 from optimizer.schedulers import total_optimizer_steps
+from training.checkpoint import (
+    TrainingState,
+    check_fingerprint,
+    has_training_state,
+    load_training_state,
+    restore_full_precision_weights,
+)
+from training.samples import SampleSettings, load_sample_settings
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,20 @@ class Run:
     unet: ModelTraining | None
     text_encoder: ModelTraining | None
     total_optimizer_steps: int
+    samples: SampleSettings | None
+    resume_state: TrainingState | None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint's training state must match to be resumed by this run."""
+        return {
+            name: None
+            if training is None
+            else {
+                "optimizer": training.settings.name,
+                "trainable_parameters": training.trainable_parameters,
+            }
+            for name, training in (("unet", self.unet), ("text_encoder", self.text_encoder))
+        }
 
     @property
     def trainings(self) -> list[ModelTraining]:
@@ -56,21 +78,6 @@ def resolve_seed(seed: int) -> int:
         logger.info("seed -1: using random seed %d", chosen)
         return chosen
     return seed
-
-
-def pick_device(gpuid: int) -> torch.device:
-    """The CUDA device ``gpuid`` when CUDA is there, else the CPU; logged either way."""
-    if torch.cuda.is_available():
-        if gpuid >= torch.cuda.device_count():
-            raise UserError(
-                f"gpuid: {gpuid} does not exist; this machine has {torch.cuda.device_count()} "
-                f"CUDA device(s) (0-{torch.cuda.device_count() - 1})"
-            )
-        device = torch.device("cuda", gpuid)
-        logger.info("training on CUDA device %d: %s", gpuid, torch.cuda.get_device_name(gpuid))
-        return device
-    logger.info("no CUDA device found: training on the CPU")
-    return torch.device("cpu")
 
 
 def expected_text_encoder_layers(resume_ckpt: str) -> int | None:
@@ -115,6 +122,26 @@ def data_settings(
     )
 
 
+def resume_state_of(resume_ckpt: str) -> TrainingState | None:
+    """The training state of a checkpoint of this trainer; None for plain model weights."""
+    if classify_resume_ckpt(resume_ckpt) is not SourceKind.LOCAL:
+        return None
+    path = Path(resume_ckpt).expanduser()
+    if not has_training_state(path):
+        logger.info("%s has no training state: a new run starts from its weights", path)
+        return None
+    return load_training_state(path)
+
+
+def sample_settings(train: LoadedTrainConfig, seed: int) -> SampleSettings | None:
+    """The sample prompts file, read and checked before any model loads."""
+    c = train.config
+    if c.sample_prompts is None:
+        return None
+    path = find_input_file(c.sample_prompts, train.folder, "sample_prompts")
+    return load_sample_settings(path, c.resolution, seed)
+
+
 def build_run(
     train: LoadedTrainConfig,
     optim: OptimizerConfig,
@@ -126,20 +153,29 @@ def build_run(
     c = train.config
     assert c.resume_ckpt is not None
     check_before_models(train, optim)
-    seed = resolve_seed(c.seed)
+    resume_state = resume_state_of(c.resume_ckpt)
+    seed = resolve_seed(c.seed) if resume_state is None else resume_state.seed
+    if resume_state is not None and c.seed not in (-1, seed):
+        logger.warning("seed %d replaced by the resumed run's seed %d", c.seed, seed)
+    samples = sample_settings(train, seed)
     dataset = load_dataset(data_settings(train, seed, rank, world_size))
     total_steps = total_optimizer_steps(dataset.steps_per_epoch(), c.max_epochs, c.grad_accum)
 
     models = load_models(c.resume_ckpt)
+    if resume_state is not None:
+        restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
     models.vae.requires_grad_(False)
     models.unet.requires_grad_(not c.disable_unet_training)
     freezing = apply_text_encoder_freezing(
-        optim, models.text_encoder, train_text_encoder=not c.disable_textenc_training
+        optim,
+        models.text_encoder,
+        train_text_encoder=not c.disable_textenc_training,
+        unused_final_layers=max(0, c.clip_skip - 1),
     )
     for module in (models.unet, models.text_encoder, models.vae):
         module.to(device)
     on_cuda = device.type == "cuda"
-    return Run(
+    run = Run(
         train=train,
         optim=optim,
         seed=seed,
@@ -152,4 +188,9 @@ def build_run(
             "text_encoder", models.text_encoder, optim.text_encoder, total_steps, on_cuda
         ),
         total_optimizer_steps=total_steps,
+        samples=samples,
+        resume_state=resume_state,
     )
+    if resume_state is not None:
+        check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
+    return run
