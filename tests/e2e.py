@@ -1,0 +1,94 @@
+"""Helpers for end-to-end tests: run train.py for real on the built-in tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+import train
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_DATA = REPO / "examples" / "data"
+
+# A small, fast run on the bundled images: 12 images → 7 batches of 2 per epoch.
+FAST = {
+    "resume_ckpt": "tiny-sd15",
+    "data_root": str(EXAMPLE_DATA),
+    "resolution": 64,
+    "batch_size": 2,
+    "max_epochs": 2,
+    "lr": 1e-4,
+    "seed": 555,
+    "log_step": 1,
+    "cond_dropout": 0.1,
+    "flip_p": 0.5,
+    "dataloader_num_workers": 0,
+}
+ADAMW = {"base": {"optimizer": "adamw", "lr": 1e-4}}
+
+
+def write_config(folder: Path, optimizer: dict[str, Any] | None = None, **train_keys: Any) -> Path:
+    """A train.json (and optimizer.json) in ``folder`` with logs kept inside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {**FAST, "logdir": str(folder / "logs"), **train_keys}
+    if optimizer is not None:
+        (folder / "optimizer.json").write_text(json.dumps(optimizer))
+        data["optimizer_config"] = str(folder / "optimizer.json")
+    path = folder / "train.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def run(config: Path, *flags: str) -> int:
+    """train.py in this process."""
+    return train.main(["--config", str(config), *flags])
+
+
+def run_subprocess(config: Path, *flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """train.py in a fresh Python, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(config), *flags],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=os.environ.copy(),
+    )  # fmt: skip
+
+
+def run_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in (folder / "logs").iterdir() if p.is_dir())
+
+
+def checkpoints(folder: Path, prefix: str = "") -> list[Path]:
+    """Checkpoint folders of every run under ``folder``, oldest run first."""
+    found = []
+    for run_folder in run_folders(folder):
+        found += sorted(
+            p for p in run_folder.iterdir()
+            if p.is_dir() and p.name.startswith(prefix) and (p / "model_index.json").exists()
+        )  # fmt: skip
+    return found
+
+
+def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of UNet and text encoder as saved (fp32 copies when files are fp16)."""
+    weights = {}
+    for name, file in (("unet", "diffusion_pytorch_model.safetensors"),
+                       ("text_encoder", "model.safetensors")):  # fmt: skip
+        exact = checkpoint / "training_state" / f"{name}.safetensors"
+        source = exact if exact.exists() else checkpoint / name / file
+        weights |= {f"{name}.{k}": v for k, v in load_file(source).items()}
+    return weights
+
+
+def scalars(run_folder: Path, tag: str) -> list[float]:
+    """A TensorBoard scalar series of a run, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_folder))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]

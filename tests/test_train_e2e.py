@@ -1,0 +1,252 @@
+"""train.py for real on tiny models: training, checkpoints, exact resume, interrupts (SPEC §9)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from tests.e2e import (
+    ADAMW,
+    REPO,
+    checkpoints,
+    run,
+    run_folders,
+    run_subprocess,
+    scalars,
+    trained_weights,
+    write_config,
+)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sd21"])
+def test_loss_is_finite_and_decreases(tmp_path, model):
+    optimizer = {"base": {"optimizer": "adamw", "lr": 1e-3}}
+    config = write_config(tmp_path, optimizer, resume_ckpt=model, max_epochs=6, log_step=7,
+                          cond_dropout=0.0, flip_p=0.0)  # fmt: skip
+    assert run(config) == 0
+    (folder,) = run_folders(tmp_path)
+    losses = scalars(folder, "loss/train")  # one average per epoch
+    assert len(losses) == 6
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+
+
+def test_run_folder_has_config_events_and_a_loadable_checkpoint(tmp_path):
+    config = write_config(tmp_path, ADAMW, max_epochs=1)
+    assert run(config) == 0
+    (folder,) = run_folders(tmp_path)
+    resolved = json.loads((folder / "config.json").read_text())
+    assert resolved["sources"]["unet.lr"] == "train.json"
+    assert resolved["unet"]["optimizer"] == "adamw"
+    assert list(folder.glob("events.out.tfevents.*"))
+    assert scalars(folder, "lr/unet")[0] == pytest.approx(1e-4)
+    assert scalars(folder, "lr/text_encoder")[0] == pytest.approx(1e-4)
+    (last,) = checkpoints(tmp_path, "last-")
+    pipe = StableDiffusionPipeline.from_pretrained(last)
+    image = pipe(
+        "a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]  # fmt: skip
+    assert image.shape == (64, 64, 3)
+
+
+def test_training_changes_weights_but_not_frozen_layers(tmp_path):
+    freezing = {"freeze_embeddings": True, "freeze_front_n_layers": -6}
+    config = write_config(
+        tmp_path, {**ADAMW, "text_encoder_freezing": freezing}, resume_ckpt="tiny-sd21",
+        max_epochs=1, save_full_precision=True,
+    )  # fmt: skip
+    assert run(config) == 0
+    (last,) = checkpoints(tmp_path, "last-")
+    from models import load_models
+
+    before = load_models("tiny-sd21")
+    after = load_file(last / "text_encoder" / "model.safetensors")
+    original = before.text_encoder.state_dict()
+    for key, value in after.items():
+        layer = key.split("layers.")[1].split(".")[0] if "layers." in key else None
+        frozen = "embeddings" in key or (layer is not None and int(layer) < 17)
+        assert torch.equal(value, original[key]) == frozen, key
+    unet_after = load_file(last / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(v, before.unet.state_dict()[k]) for k, v in unet_after.items())
+
+
+def test_disable_textenc_training_leaves_text_encoder_unchanged(tmp_path):
+    config = write_config(
+        tmp_path, ADAMW, max_epochs=1, disable_textenc_training=True, save_full_precision=True
+    )
+    assert run(config) == 0
+    (last,) = checkpoints(tmp_path, "last-")
+    from models import load_models
+
+    before = load_models("tiny-sd15").text_encoder.state_dict()
+    after = load_file(last / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(after[k], before[k]) for k in after)
+    state = json.loads((last / "training_state" / "state.json").read_text())
+    assert state["fingerprint"]["text_encoder"] is None
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    ["adamw", "adamw8bit", "lion", "lion8bit", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
+     "prodigy"],
+)  # fmt: skip
+def test_every_optimizer_trains_end_to_end(tmp_path, optimizer):
+    adaptive = optimizer.startswith("dadapt") or optimizer == "prodigy"
+    lr = 1.0 if adaptive else 1e-4
+    config = write_config(
+        tmp_path, {"base": {"optimizer": optimizer, "lr": lr, "weight_decay": 0.01}},
+        max_epochs=1, lr=None,
+    )  # fmt: skip
+    assert run(config) == 0
+    (folder,) = run_folders(tmp_path)
+    assert all(torch.isfinite(torch.tensor(scalars(folder, "loss/train"))))
+    (last,) = checkpoints(tmp_path, "last-")
+    state = json.loads((last / "training_state" / "state.json").read_text())
+    assert state["fingerprint"]["unet"]["optimizer"] == optimizer
+
+
+def test_two_n_steps_equal_n_plus_resume_plus_n(tmp_path):
+    """Exact resume at an epoch boundary, with accumulation and a warm-up/cosine schedule."""
+    optimizer = {"base": {"optimizer": "adamw8bit", "lr": 1e-4, "lr_scheduler": "cosine"}}
+    keys = {"max_epochs": 4, "grad_accum": 2, "save_every_n_epochs": 2, "save_optimizer": True,
+            "shuffle_tags": True, "zero_frequency_noise_ratio": 0.1}  # fmt: skip
+    straight = write_config(tmp_path / "straight", optimizer, **keys)
+    assert run(straight) == 0
+    (middle,) = checkpoints(tmp_path / "straight", "myproj-")
+    assert "ep02" in middle.name
+    resumed = write_config(tmp_path / "resumed", optimizer, **keys, resume_ckpt=str(middle))
+    assert run(resumed) == 0
+    (full,) = checkpoints(tmp_path / "straight", "last-")
+    (continued,) = checkpoints(tmp_path / "resumed", "last-")
+    assert full.name == continued.name
+    a, b = trained_weights(full), trained_weights(continued)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the straight run"
+
+
+def test_resume_from_plain_weights_starts_a_new_run(tmp_path):
+    first = write_config(tmp_path / "first", ADAMW, max_epochs=1)
+    assert run(first) == 0
+    (last,) = checkpoints(tmp_path / "first", "last-")
+    plain = tmp_path / "plain"
+    import shutil
+
+    shutil.copytree(last, plain, ignore=shutil.ignore_patterns("training_state"))
+    second = write_config(tmp_path / "second", ADAMW, max_epochs=1, resume_ckpt=str(plain))
+    assert run(second) == 0
+    (folder,) = run_folders(tmp_path / "second")
+    assert len(scalars(folder, "loss/train")) == 7  # a whole new epoch from step 0
+
+
+def test_resume_with_another_optimizer_is_an_error(tmp_path):
+    first = write_config(tmp_path / "first", ADAMW, max_epochs=1)
+    assert run(first) == 0
+    (last,) = checkpoints(tmp_path / "first", "last-")
+    lion = {"base": {"optimizer": "lion", "lr": 1e-5}}
+    second = write_config(tmp_path / "second", lion, resume_ckpt=str(last))
+    assert run(second) == 2
+
+
+def test_sigint_saves_a_resumable_checkpoint_that_resumes_exactly(tmp_path):
+    keys = {"max_epochs": 12, "grad_accum": 3, "log_step": 1}
+    straight = write_config(tmp_path / "straight", ADAMW, **keys)
+    interrupted = write_config(tmp_path / "interrupted", ADAMW, **keys)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "--config", str(interrupted)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    logs = tmp_path / "interrupted" / "logs"
+    while time.monotonic() < deadline and not list(logs.glob("*/events.out.tfevents.*")):
+        time.sleep(0.2)
+    time.sleep(1.5)  # a few steps in
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    (saved,) = checkpoints(tmp_path / "interrupted", "interrupted-")
+    assert (saved / "training_state" / "state.json").exists()
+    assert StableDiffusionPipeline.from_pretrained(saved) is not None
+
+    resumed = write_config(tmp_path / "resumed", ADAMW, **keys, resume_ckpt=str(saved))
+    assert run(resumed) == 0
+    assert run(straight) == 0
+    (full,) = checkpoints(tmp_path / "straight", "last-")
+    (continued,) = checkpoints(tmp_path / "resumed", "last-")
+    a, b = trained_weights(full), trained_weights(continued)
+    assert all(torch.equal(a[k], b[k]) for k in a), "interrupted + resumed differs"
+
+
+def test_periodic_checkpoints_follow_the_keys(tmp_path):
+    config = write_config(
+        tmp_path, ADAMW, max_epochs=4, save_every_n_epochs=1, save_ckpts_from_n_epochs=2,
+        project_name="proj", no_prepend_last=True,
+    )  # fmt: skip
+    assert run(config) == 0
+    names = [p.name for p in checkpoints(tmp_path)]
+    assert names == ["proj-ep02-gs00014", "proj-ep03-gs00021", "proj-ep04-gs00028"]
+    periodic = checkpoints(tmp_path)[0]
+    assert not (periodic / "training_state").exists()  # save_optimizer false
+    assert (checkpoints(tmp_path)[-1] / "training_state").exists()  # the final one always
+
+
+def test_save_ckpt_dir_and_unwritable_target(tmp_path):
+    config = write_config(tmp_path, ADAMW, max_epochs=1, save_ckpt_dir=str(tmp_path / "ckpts"))
+    assert run(config) == 0
+    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["last-myproj-ep01-gs00007"]
+    (tmp_path / "afile").write_text("x")
+    config = write_config(tmp_path / "b", ADAMW, max_epochs=1,
+                          save_ckpt_dir=str(tmp_path / "afile" / "ckpts"))  # fmt: skip
+    result = run_subprocess(config)
+    assert result.returncode == 2
+    assert "afile" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import training.loop as loop
+
+    real = loop.batch_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 or calls["n"] > 4 else loss
+
+    monkeypatch.setattr(loop, "batch_loss", sometimes_nan)
+    config = write_config(tmp_path, ADAMW, max_epochs=3)
+    assert run(config) == 1
+    (saved,) = checkpoints(tmp_path, "diverged-")
+    state = json.loads((saved / "training_state" / "state.json").read_text())
+    assert state["counters"]["nonfinite_losses"] == 1 + loop.MAX_CONSECUTIVE_NONFINITE
+    weights = trained_weights(saved)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_sample_images_are_made_during_training(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    config = write_config(tmp_path, ADAMW, max_epochs=1, sample_prompts=str(prompts),
+                          sample_steps=7)  # fmt: skip
+    assert run(config) == 0
+    (folder,) = run_folders(tmp_path)
+    images = sorted(p.name for p in (folder / "samples").glob("*.png"))
+    assert images == ["step-000007-00.png", "step-000007-01.png"]
+
+
+def test_write_schedule(tmp_path):
+    config = write_config(tmp_path, ADAMW, max_epochs=2, write_schedule=True)
+    assert run(config) == 0
+    (folder,) = run_folders(tmp_path)
+    assert sorted(p.name for p in folder.glob("schedule-*")) == [
+        "schedule-ep001.txt", "schedule-ep002.txt",
+    ]  # fmt: skip
