@@ -8,9 +8,11 @@ message on stderr and exit status 2; Ctrl-C saves a resumable checkpoint and exi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from typing import TextIO
 
 from config.cli import parse_command_line
 from config.errors import UserError
@@ -26,17 +28,28 @@ logger = logging.getLogger("train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the trainer; returns the process exit status."""
+    """Run the trainer; returns the process exit status.
+
+    Standard output carries only the dry run's JSON: anything else printed (some optimizer
+    packages print) goes to standard error with the logs.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return _main(sys.argv[1:] if argv is None else argv, stdout)
+
+
+def _main(argv: list[str], stdout: TextIO) -> int:
     try:
-        command_line = parse_command_line(sys.argv[1:] if argv is None else argv)
+        with contextlib.redirect_stdout(stdout):  # --help goes to standard output
+            command_line = parse_command_line(argv)
         train = load_train_config(command_line)
         optim = load_optimizer_config(train)
         accelerator = make_accelerator()
         device = training_device(accelerator, train.config.gpuid)
         run = build_run(train, optim, device, accelerator.process_index, accelerator.num_processes)
         if command_line.dry_run:
-            print(json.dumps(dry_run_report(run), indent=2))
+            print(json.dumps(dry_run_report(run), indent=2), file=stdout)
             return 0
         run_training(run, accelerator)
         accelerator.wait_for_everyone()
