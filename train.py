@@ -27,6 +27,17 @@ from training.session import run_training
 logger = logging.getLogger("train")
 
 
+def quiet_libraries() -> None:
+    """Only warnings from diffusers/transformers, and no progress bars of theirs under ours."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_warning()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the trainer; returns the process exit status.
 
@@ -34,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     packages print) goes to standard error with the logs.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         return _main(sys.argv[1:] if argv is None else argv, stdout)

@@ -105,9 +105,7 @@ def test_explicit_text_encoder_lr_survives_cli_lr_and_ignores_scale(tmp_path):
 
 
 def test_scale_applies_to_copied_lr_after_main_override(tmp_path):
-    config = resolve(
-        tmp_path, {"base": {"lr": 1e-6}, "text_encoder_lr_scale": 0.25}, {"lr": 4e-6}
-    )
+    config = resolve(tmp_path, {"base": {"lr": 1e-6}, "text_encoder_lr_scale": 0.25}, {"lr": 4e-6})
     assert config.unet.settings.lr == 4e-6
     assert config.unet.sources["lr"] == "train.json"
     assert config.text_encoder.settings.lr == pytest.approx(1e-6)
@@ -189,7 +187,7 @@ def test_unused_keys_are_reported_not_rejected(tmp_path):
 @pytest.mark.parametrize(
     ("optimizer", "fragment"),
     [
-        ({"base": {"optimizer": "adamw9bit"}}, "base.optimizer: \"adamw9bit\" is not one of"),
+        ({"base": {"optimizer": "adamw9bit"}}, 'base.optimizer: "adamw9bit" is not one of'),
         ({"base": {"optimizer": "adamw9bit"}}, "did you mean 'adamw8bit'"),
         ({"base": {"lr": "fast"}}, "base.lr: expected a number"),
         ({"base": {"lr": -1e-6}}, "base.lr: must be >= 0"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from data import make_loader
 from optimizer.build import ModelTraining
 from training.checkpoint import TrainingState, save_checkpoint
 from training.distributed import any_process
+from training.latent_cache import LatentCache, cached_batches
 from training.outputs import Progress
 from training.precision import Precision, make_grad_scaler, tweak_grad_scaler
 from training.samples import SampleSettings, generate_samples
@@ -95,7 +97,7 @@ class Trainer:
         sample_dir: Path | None,
         is_main_process: bool,
         fingerprint: dict[str, Any],
-        latent_source: Any = None,
+        latent_source: LatentCache | None = None,
         barrier: Any = None,
         schedule_dir: Path | None = None,
     ) -> None:
@@ -203,15 +205,17 @@ class Trainer:
     def _run_epoch(self, stop: Any) -> bool:
         """One epoch from the current batch on; True when a stop was requested."""
         batches = self.dataset.steps_per_epoch()
-        if self.schedule_dir is not None and self.counters.batch_in_epoch == 0:
-            epoch = self.counters.epoch
+        epoch, start = self.counters.epoch, self.counters.batch_in_epoch
+        if self.schedule_dir is not None and start == 0:
             self.dataset.write_schedule(
                 epoch, self.schedule_dir / f"schedule-ep{epoch + 1:03d}.txt"
             )
-        loader = make_loader(
-            self.dataset, self.counters.epoch, start_batch=self.counters.batch_in_epoch,
-            pin_memory=self.device.type == "cuda",
-        )  # fmt: skip
+        if self.latent_source is not None:
+            loader: Iterable[dict[str, Any]] = cached_batches(self.dataset, epoch, start)
+        else:
+            loader = make_loader(
+                self.dataset, epoch, start_batch=start, pin_memory=self.device.type == "cuda"
+            )
         accum = self.settings.grad_accum
         for batch in loader:
             index = self.counters.batch_in_epoch

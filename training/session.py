@@ -10,6 +10,7 @@ from accelerate import Accelerator
 
 from training.build import Run
 from training.interrupt import stop_on_signals
+from training.latent_cache import build_latent_cache
 from training.loop import LoopSettings, Trainer
 from training.noise import make_noise_scheduler
 from training.outputs import Progress, create_run_folder, write_json
@@ -136,6 +137,11 @@ def run_training(run: Run, accelerator: Accelerator) -> bool:
         write_json(folder / "config.json", dry_run_report(run))
         logger.info("run folder: %s", folder)
         log_summary(run, precision.describe(), accelerator.num_processes)
+    latent_cache = (
+        build_latent_cache(run.dataset, run.models, precision, run.device)
+        if c.cache_latents
+        else None
+    )
     checkpoint_dir = Path(c.save_ckpt_dir) if c.save_ckpt_dir is not None else folder
     initial_step = 0 if run.resume_state is None else run.resume_state.global_step
     trainer = Trainer(
@@ -156,6 +162,7 @@ def run_training(run: Run, accelerator: Accelerator) -> bool:
         fingerprint=run.fingerprint(),
         barrier=accelerator.wait_for_everyone,
         schedule_dir=folder if c.write_schedule else None,
+        latent_source=latent_cache,
     )
     if run.resume_state is not None:
         trainer.restore(run.resume_state)
