@@ -11,8 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from typing import TextIO
+
+# Before the libraries load: transformers' import-time notices (torchvision is deliberately
+# not installed) and bitsandbytes' note about 4-bit CPU kernels this trainer never uses.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from config.cli import parse_command_line
 from config.errors import UserError
