@@ -142,3 +142,17 @@ def test_user_error_shows_no_traceback(tmp_path):
 
 def test_missing_config_file(tmp_path):
     assert run(tmp_path / "nope.json", "--dry_run") == 2
+
+
+def test_dry_run_reports_memory_per_model(capsys, tmp_path):
+    optimizer = {"base": {"optimizer": "adamw"}, "text_encoder_overrides": {"optimizer": "lion"}}
+    report = dry_run(capsys, write_config(tmp_path, optimizer))
+    memory = report["memory"]
+    unet_params = report["unet"]["trainable_parameters"]
+    te_params = report["text_encoder"]["trainable_parameters"]
+    assert memory["unet"]["optimizer_state_bytes"] == 8 * unet_params
+    assert memory["unet"]["gradients_bytes"] == 4 * unet_params
+    assert memory["text_encoder"]["optimizer_state_bytes"] == 4 * te_params
+    assert memory["vae"]["optimizer_state_bytes"] == 0
+    assert memory["total_bytes"] == sum(memory[m]["total_bytes"] for m in
+                                        ("unet", "text_encoder", "vae"))  # fmt: skip

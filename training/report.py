@@ -8,6 +8,7 @@ from typing import Any
 
 from optimizer.build import ModelTraining
 from optimizer.config import ModelOptimizer
+from optimizer.memory import model_memory
 from training.build import Run
 
 REPORTED_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay", "lr_scheduler")
@@ -39,6 +40,24 @@ def model_report(training: ModelTraining) -> dict[str, Any]:
     return jsonable(out)
 
 
+def memory_report(run: Run) -> dict[str, Any]:
+    """Expected bytes of weights, gradients and optimizer state of each model."""
+    out: dict[str, Any] = {}
+    for name, training in (("unet", run.unet), ("text_encoder", run.text_encoder)):
+        model = getattr(run.models, name)
+        if training is None:
+            out[name] = model_memory(model, None)
+        else:
+            slice_p = training.settings.value("slice_p")
+            out[name] = model_memory(model, training.settings.name, slice_p)
+    out["vae"] = model_memory(run.models.vae, None)
+    total = sum(part["total_bytes"] for part in out.values())
+    out["total_bytes"] = total
+    out["total_gib"] = round(total / 2**30, 3)
+    out["not_counted"] = "activations (depend on resolution, batch size and checkpointing)"
+    return out
+
+
 def dry_run_report(run: Run) -> dict[str, Any]:
     """Everything the run was built with, as one JSON-ready object."""
     c = run.train.config
@@ -50,6 +69,7 @@ def dry_run_report(run: Run) -> dict[str, Any]:
         "text_encoder_freezing": run.freezing.as_dict(),
         "sources": sources,
         "data": run.dataset.summary(),
+        "memory": memory_report(run),
         "model": {
             "resume_ckpt": c.resume_ckpt,
             "prediction_type": run.models.prediction_type,

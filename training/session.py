@@ -15,7 +15,7 @@ from training.loop import LoopSettings, Trainer
 from training.noise import make_noise_scheduler
 from training.outputs import Progress, create_run_folder, write_json
 from training.precision import choose_precision
-from training.report import dry_run_report
+from training.report import dry_run_report, memory_report
 from training.step import PromptEncoder, Shard, StepModels, StepSettings
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,13 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
         "steps: %d epochs x %d optimizer steps = %d; precision %s on %s",
         c.max_epochs, run.total_optimizer_steps // c.max_epochs, run.total_optimizer_steps,
         precision_name, run.device,
+    )  # fmt: skip
+    memory = memory_report(run)
+    logger.info(
+        "memory for weights, gradients and optimizer state: %.2f GiB (unet %.2f, text encoder "
+        "%.2f, vae %.2f), activations not counted",
+        memory["total_gib"], memory["unet"]["total_gib"], memory["text_encoder"]["total_gib"],
+        memory["vae"]["total_gib"],
     )  # fmt: skip
     for name, training in (("unet", run.unet), ("text_encoder", run.text_encoder)):
         if training is None:

@@ -1,0 +1,68 @@
+"""Memory a run needs for weights, gradients and optimizer state, known before it starts.
+
+Activations are not counted: they depend on resolution, batch size, attention kernels and
+gradient checkpointing, and are measured by bench/bench_cuda.py instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+FLOAT32 = 4
+# Full-size state tensors per parameter element (float32).
+FULL_STATES = {"adamw": 2, "lion": 1, "dadapt_adam": 3, "dadapt_lion": 2, "dadapt_sgd": 3}
+# Prodigy: exp_avg and exp_avg_sq, plus s and p0 over every slice_p-th element (a parameter
+# that is all zeros when training starts keeps no p0, so for fresh biases this is an upper bound).
+PRODIGY_FULL, PRODIGY_SLICED = 2, 2
+# bitsandbytes 8-bit optimizers: uint8 states with a float32 absmax per block of 256 elements
+# and a 256-entry float32 quantisation map per state; tensors below 4096 elements stay 32-bit.
+EIGHT_BIT_STATES = {"adamw8bit": 2, "lion8bit": 1}
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
+BNB_QMAP_BYTES = 256 * FLOAT32
+
+
+def _eight_bit_tensor_bytes(numel: int, states: int) -> int:
+    if numel < BNB_MIN_8BIT_SIZE:
+        return states * numel * FLOAT32
+    return states * (numel + math.ceil(numel / BNB_BLOCK) * FLOAT32 + BNB_QMAP_BYTES)
+
+
+def optimizer_state_bytes(name: str, sizes: Iterable[int], slice_p: int = 1) -> int:
+    """Bytes of optimizer state for parameters of these element counts."""
+    sizes = list(sizes)
+    if name in EIGHT_BIT_STATES:
+        return sum(_eight_bit_tensor_bytes(n, EIGHT_BIT_STATES[name]) for n in sizes)
+    if name == "prodigy":
+        sliced = sum(math.ceil(n / slice_p) for n in sizes)
+        return (PRODIGY_FULL * sum(sizes) + PRODIGY_SLICED * sliced) * FLOAT32
+    return FULL_STATES[name] * sum(sizes) * FLOAT32
+
+
+def _bytes(parameters: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() * p.element_size() for p in parameters)
+
+
+def model_memory(model: torch.nn.Module, optimizer: str | None, slice_p: int = 1) -> dict[str, Any]:
+    """Weights, gradients and optimizer state of one model, in bytes."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = _bytes(model.parameters())
+    gradients = _bytes(trainable) if optimizer is not None else 0
+    state = (
+        0
+        if optimizer is None
+        else optimizer_state_bytes(optimizer, (p.numel() for p in trainable), slice_p)
+    )
+    total = weights + gradients + state
+    return {
+        "optimizer": optimizer,
+        "weights_bytes": weights,
+        "gradients_bytes": gradients,
+        "optimizer_state_bytes": state,
+        "total_bytes": total,
+        "total_gib": round(total / 2**30, 3),
+    }
