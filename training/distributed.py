@@ -33,7 +33,10 @@ def make_accelerator() -> Accelerator:
     needs the grad scaler and the device choice in its own hands); accelerate provides the
     process group and the DDP wrapper.
     """
-    return Accelerator(device_placement=False, mixed_precision="no")
+    # Without CUDA, accelerate forms a process group (gloo) only when told it runs on the CPU.
+    return Accelerator(
+        device_placement=False, mixed_precision="no", cpu=not torch.cuda.is_available()
+    )
 
 
 def training_device(accelerator: Accelerator, gpuid: int) -> torch.device:
