@@ -1,0 +1,133 @@
+"""The README's key tables, generated from the configuration classes.
+
+    python -m config.docs            # print the tables
+    python -m config.docs --write    # replace them in README.md between their markers
+
+A test checks that README.md holds exactly what this module generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+from config.fields import rule_of, strip_optional
+from config.train_config import TrainConfig
+from optimizer.config import BUILTIN, TOP_DEFAULTS, OptimizerFile, OptimizerSection
+from optimizer.freezing import FreezingConfig
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float) and math.isinf(value):
+        return "infinity"
+    if isinstance(value, tuple):
+        value = list(value)
+    return f"`{json.dumps(value)}`"
+
+
+def _type_name(tp: Any) -> str:
+    tp = strip_optional(tp)
+    name = getattr(tp, "__name__", None)
+    if name in ("bool", "int", "float", "str"):
+        return {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}[name]
+    text = str(tp).replace("typing.", "")
+    return {"tuple[float, float]": "[number, number]", "list[str]": "list of strings"}.get(
+        text, "any"
+    )
+
+
+def _allowed(rule: Any) -> str:
+    parts = []
+    choices = rule.allowed_choices()
+    if choices is not None:
+        parts.append(", ".join(f"`{c}`" for c in choices))
+    if rule.minimum is not None:
+        parts.append(f"{'>' if rule.exclusive_minimum else '>='} {rule.minimum:g}")
+    if rule.maximum is not None:
+        parts.append(f"<= {rule.maximum:g}")
+    return "; ".join(parts)
+
+
+def _rows(cls: type, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        rule = rule_of(f)
+        help_text = rule.help
+        if rule.status != "supported":
+            help_text = f"**{rule.status}**: {rule.note}. {help_text}"
+        rows.append(
+            f"| `{f.name}` | {_type_name(hints[f.name])} | {_value(defaults[f.name])} | "
+            f"{_allowed(rule)} | {help_text} |"
+        )
+    return rows
+
+
+HEADER = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+
+
+def train_table() -> str:
+    """Every train.json key (and command-line flag)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return "\n".join(HEADER + _rows(TrainConfig, defaults))
+
+
+def optimizer_table() -> str:
+    """The keys of optimizer.json's base / text_encoder_overrides sections."""
+    defaults = {f.name: getattr(BUILTIN, f.name) for f in dataclasses.fields(OptimizerSection)}
+    return "\n".join(HEADER + _rows(OptimizerSection, defaults))
+
+
+def top_level_table() -> str:
+    """optimizer.json's top-level keys and text_encoder_freezing's keys."""
+    top_defaults = {f.name: None for f in dataclasses.fields(OptimizerFile)} | TOP_DEFAULTS
+    freezing_defaults = {
+        "freeze_embeddings": False,
+        "freeze_front_n_layers": None,
+        "freeze_final_layer_norm": False,
+        "unfreeze_final_n_layers": None,
+    }
+    rows = _rows(OptimizerFile, top_defaults)
+    rows += [r.replace("| `", "| `text_encoder_freezing.", 1)
+             for r in _rows(FreezingConfig, freezing_defaults)]  # fmt: skip
+    return "\n".join(HEADER + rows)
+
+
+TABLES = {"train": train_table, "optimizer": optimizer_table, "optimizer-top": top_level_table}
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- table:{name} -->\n)(.*?)(\n<!-- /table:{name} -->)", re.DOTALL)
+
+
+def readme_table(text: str, name: str) -> str | None:
+    """The table between a README's markers, or None without markers."""
+    match = _pattern(name).search(text)
+    return None if match is None else match.group(2)
+
+
+def write_tables(path: Path = README) -> None:
+    text = path.read_text(encoding="utf-8")
+    for name, make in TABLES.items():
+        text = _pattern(name).sub(lambda m, make=make: m.group(1) + make() + m.group(3), text)
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    if parser.parse_args().write:
+        write_tables()
+    else:
+        for name, make in TABLES.items():
+            print(f"<!-- table:{name} -->\n{make()}\n<!-- /table:{name} -->\n")
