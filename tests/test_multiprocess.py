@@ -36,12 +36,12 @@ def relative_difference(a: dict, b: dict) -> float:
 
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
     keys = {"max_epochs": 2, "save_full_precision": True, "save_every_n_epochs": 1,
-            "save_optimizer": True}  # fmt: skip
+            "save_optimizer": True, "grad_accum": 2}  # fmt: skip
     two = write_config(tmp_path / "two", ADAMW, batch_size=2, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=4, **keys)
     result = launch(two, 2)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "2 per process x 2 process(es) x 1 accumulation = 4 images" in result.stderr
+    assert "2 per process x 2 process(es) x 2 accumulation = 8 images" in result.stderr
     assert len(list((tmp_path / "two" / "logs").iterdir())) == 1  # the main process writes
     assert run(one) == 0
     (a,) = checkpoints(tmp_path / "two", "last-")

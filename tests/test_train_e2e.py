@@ -39,8 +39,9 @@ def test_loss_is_finite_and_decreases(tmp_path, model):
     assert losses[-1] < losses[0]
 
 
-def test_run_folder_has_config_events_and_a_loadable_checkpoint(tmp_path):
-    config = write_config(tmp_path, ADAMW, max_epochs=1)
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sd21"])
+def test_run_folder_has_config_events_and_a_loadable_checkpoint(tmp_path, model):
+    config = write_config(tmp_path, ADAMW, max_epochs=1, resume_ckpt=model)
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     resolved = json.loads((folder / "config.json").read_text())
@@ -278,3 +279,33 @@ def test_cache_latents_skips_the_vae_and_trains_alike(tmp_path, monkeypatch):
     difference = sum((wa[k] - wb[k]).norm() ** 2 for k in wa) ** 0.5
     change = sum((wa[k] - w0[k]).norm() ** 2 for k in wa) ** 0.5
     assert difference < 0.02 * change  # float rounding only (measured: 0.4%)
+
+
+def test_every_step_option_together_on_v_prediction(tmp_path):
+    config = write_config(
+        tmp_path, ADAMW, resume_ckpt="tiny-sd21", max_epochs=2, clip_skip=2, min_snr_gamma=5.0,
+        enable_zero_terminal_snr=True, pyramid_noise_discount=0.4, loss_type="mse_huber",
+        embedding_perturbation=0.1, gradient_checkpointing=True, attn_type="slice",
+        timestep_start=100, timestep_end=900, grad_accum=3, clip_grad_norm=0.5,
+        shuffle_tags=True, keep_tags=1,
+    )  # fmt: skip
+    assert run(config) == 0
+    (folder,) = run_folders(tmp_path)
+    losses = scalars(folder, "loss/train")
+    assert len(losses) == 2 * 3  # 7 batches per epoch in windows of 3, 3, 1
+    assert all(torch.isfinite(torch.tensor(losses)))
+    resolved = json.loads((folder / "config.json").read_text())
+    assert resolved["text_encoder_freezing"]["frozen_layers"] == [22]  # unused with clip_skip 2
+    assert scalars(folder, "grad_norm/unet")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("disable_amp", [False, True])
+def test_trains_on_cuda(tmp_path, disable_amp):
+    config = write_config(tmp_path, {"base": {"optimizer": "adamw8bit", "lr": 1e-4}},
+                          max_epochs=1, disable_amp=disable_amp)  # fmt: skip
+    result = run_subprocess(config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on CUDA device 0" in result.stderr
+    (folder,) = run_folders(tmp_path)
+    assert all(torch.isfinite(torch.tensor(scalars(folder, "loss/train"))))

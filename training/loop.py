@@ -8,6 +8,7 @@ taken only between windows, so a resumed run continues exactly where the saved o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -221,13 +222,24 @@ class Trainer:
             index = self.counters.batch_in_epoch
             window_start = index - index % accum
             window_length = min(accum, batches - window_start)
-            self._micro_step(batch, window_length)
+            last_in_window = index == window_start + window_length - 1
+            with self._gradient_sync(last_in_window):
+                self._micro_step(batch, window_length)
             self.counters.batch_in_epoch += 1
-            if index == window_start + window_length - 1:
+            if last_in_window:
                 self._optimizer_step()
                 if any_process(stop.requested, self.device):
                     return True
         return False
+
+    def _gradient_sync(self, last_in_window: bool) -> contextlib.AbstractContextManager:
+        """Several processes all-reduce gradients only on a window's last micro-batch."""
+        stack = contextlib.ExitStack()
+        if not last_in_window:
+            for module in (self.models.unet, self.models.prompt_encoder):
+                if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        return stack
 
     def _latents(self, batch: dict[str, Any]) -> LatentDistribution:
         if self.latent_source is not None:
