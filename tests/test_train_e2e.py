@@ -309,3 +309,26 @@ def test_trains_on_cuda(tmp_path, disable_amp):
     assert "training on CUDA device 0" in result.stderr
     (folder,) = run_folders(tmp_path)
     assert all(torch.isfinite(torch.tensor(scalars(folder, "loss/train"))))
+
+
+def test_checkpoint_every_n_minutes(tmp_path):
+    config = write_config(tmp_path, ADAMW, max_epochs=1, ckpt_every_n_minutes=1e-9)
+    assert run(config) == 0
+    names = [p.name for p in checkpoints(tmp_path)]
+    periodic = [f"myproj-ep00-gs{step:05d}" for step in range(1, 8)]
+    assert names == ["last-myproj-ep01-gs00007", *periodic]
+
+
+def test_resume_warns_when_the_data_changed(tmp_path, caplog):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "examples" / "data", data)
+    first = write_config(tmp_path / "first", ADAMW, max_epochs=1, data_root=str(data))
+    assert run(first) == 0
+    (last,) = checkpoints(tmp_path / "first", "last-")
+    (data / "img_003.txt").write_text("a new caption")
+    second = write_config(tmp_path / "second", ADAMW, max_epochs=2, data_root=str(data),
+                          resume_ckpt=str(last))  # fmt: skip
+    assert run(second) == 0
+    assert "training data or its settings changed" in caplog.text

@@ -150,6 +150,7 @@ class Trainer:
             counters={
                 "nonfinite_losses": self.counters.nonfinite_losses,
                 "images_seen": self.counters.images_seen,
+                "data_fingerprint": self.dataset.fingerprint(),
             },
         )
 
@@ -171,6 +172,11 @@ class Trainer:
             nonfinite_losses=int(state.counters.get("nonfinite_losses", 0)),
             images_seen=int(state.counters.get("images_seen", 0)),
         )
+        if state.counters.get("data_fingerprint") != self.dataset.fingerprint():
+            logger.warning(
+                "the training data or its settings changed since the checkpoint was saved: "
+                "the run continues, but not with the batches it would have had"
+            )
         logger.info(
             "resuming at epoch %d, batch %d, optimizer step %d",
             state.epoch + 1, state.batch_in_epoch, state.global_step,
