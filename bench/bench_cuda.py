@@ -80,8 +80,10 @@ DRY_CASES = (("tiny-sd15", 64),)
 DRY_BATCHES = (1, 2)
 CUDA_DEFAULTS = {"warmup": 6, "steps": 20, "images": 256}
 DRY_DEFAULTS = {"warmup": 2, "steps": 3, "images": 0}
-# Peak dense bf16 tensor FLOP/s by device name; the first match wins.
-PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+# Peak dense bf16 tensor FLOP/s by the words of a device name; the first match wins; None:
+# unknown (NVL parts run at lower clocks), so MFU needs --peak-tflops.
+PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+    (("NVL",), None),
     (("H200",), 989.0),
     (("H100", "PCIE"), 756.0),
     (("H100", "HBM3"), 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
@@ -332,7 +334,9 @@ def measure_all(args: argparse.Namespace, configs: list[Config]) -> list[dict[st
     old = {
         (r["device"], *Config(**r["config"]).key()): r
         for r in load_results(args.results)
-        if r["status"] == "ok" and r["warmup"] == args.warmup and r["steps"] == args.steps
+        if r["status"] == "ok"
+        and (r.get("warmup"), r.get("steps"), r.get("trainer_flags"))
+        == (args.warmup, args.steps, args.trainer_flag)
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_cuda_data_") as tmp:
@@ -358,7 +362,8 @@ def measure_all(args: argparse.Namespace, configs: list[Config]) -> list[dict[st
             }
             row = launch(spec, args.dry_run_cpu, args.config_timeout, args.verbose)
             row |= {"config": dataclasses.asdict(config), "device": device,
-                    "warmup": args.warmup, "steps": args.steps}  # fmt: skip
+                    "warmup": args.warmup, "steps": args.steps,
+                    "trainer_flags": args.trainer_flag}  # fmt: skip
             rows.append(row)
             if args.results is not None:
                 with args.results.open("a", encoding="utf-8") as out:
