@@ -28,7 +28,10 @@ def _unchanged(batch: dict) -> dict:
 
 
 class BatchDecoder(TorchDataset):
-    """Item i = batch i of the plan, decoded: what each DataLoader worker runs.
+    """Item i = the i-th batch from (start_epoch, start_batch) on, decoded: what each
+    DataLoader worker runs. One loader spans every remaining epoch, so worker processes start
+    once per run, not once per epoch; each worker computes an epoch's plan when it first needs
+    it (plans are pure functions of the epoch).
 
     Files were fully decoded once at scan time, so a failure here means the file changed or
     vanished since. The worker then logs a warning and uses the next image of the same batch
@@ -37,12 +40,25 @@ class BatchDecoder(TorchDataset):
     become unreadable raises an error.
     """
 
-    def __init__(self, plans: list[BatchPlan], bucket_members: dict[Size, list[PlanItem]]) -> None:
-        self.plans = plans
-        self.bucket_members = bucket_members
+    def __init__(
+        self, dataset: TrainDataset, start_epoch: int, start_batch: int, end_epoch: int
+    ) -> None:
+        self.dataset = dataset
+        self.per_epoch = dataset.steps_per_epoch()
+        self.first = start_epoch * self.per_epoch + start_batch
+        self.length = max(0, end_epoch * self.per_epoch - self.first)
+        self.bucket_members = _bucket_members(dataset)
+        self._plans: tuple[int, list[BatchPlan]] | None = None
 
     def __len__(self) -> int:
-        return len(self.plans)
+        return self.length
+
+    def plan(self, index: int) -> tuple[int, BatchPlan]:
+        """(epoch, plan) of item ``index``."""
+        epoch, batch = divmod(self.first + index, self.per_epoch)
+        if self._plans is None or self._plans[0] != epoch:
+            self._plans = (epoch, self.dataset.epoch_batches(epoch))
+        return epoch, self._plans[1][batch]
 
     def _decode_or_substitute(
         self, plan: BatchPlan, position: int
@@ -69,7 +85,7 @@ class BatchDecoder(TorchDataset):
         )
 
     def __getitem__(self, index: int) -> dict:
-        plan = self.plans[index]
+        epoch, plan = self.plan(index)
         decoded = [self._decode_or_substitute(plan, k) for k in range(len(plan.items))]
         items = [item for item, _ in decoded]
         return {
@@ -81,6 +97,7 @@ class BatchDecoder(TorchDataset):
             "image_indices": [item.image_index for item in items],
             "bucket": plan.bucket,
             "step": plan.step,
+            "epoch": epoch,
         }
 
 
@@ -95,20 +112,26 @@ def _bucket_members(dataset: TrainDataset) -> dict[Size, list[PlanItem]]:
 
 
 def make_loader(
-    dataset: TrainDataset, epoch: int, start_batch: int = 0, pin_memory: bool = False
+    dataset: TrainDataset,
+    epoch: int,
+    start_batch: int = 0,
+    pin_memory: bool = False,
+    end_epoch: int | None = None,
 ) -> DataLoader:
-    """The batches of `epoch` for this process, from batch `start_batch` on (the earlier ones are
-    neither decoded nor read: exact resume mid-epoch).
+    """The batches from batch `start_batch` of `epoch` to the end of epoch `end_epoch` - 1
+    (default: the end of `epoch`), for this process. The skipped batches are neither decoded
+    nor read: exact resume mid-epoch.
 
     Each batch is a dict: "pixel_values" float [B, 3, H, W] in [-1, 1], "captions", "paths",
-    "flipped", "image_indices" (lists of B), "bucket" (width, height) and "step" (the batch's
-    index in the epoch). Batches are decoded in `dataset.num_workers` worker processes (0: in
-    this process); `pin_memory=True` (on CUDA) pins them for fast, asynchronous copies.
+    "flipped", "image_indices" (lists of B), "bucket" (width, height), "step" (the batch's
+    index in its epoch) and "epoch". Batches are decoded in `dataset.num_workers` worker
+    processes (0: in this process), started once for the whole span; `pin_memory=True` (on
+    CUDA) pins them for fast, asynchronous copies.
     """
-    plans = dataset.epoch_batches(epoch)[start_batch:]
+    end = epoch + 1 if end_epoch is None else end_epoch
     workers = dataset.num_workers
     return DataLoader(
-        BatchDecoder(plans, _bucket_members(dataset)),
+        BatchDecoder(dataset, epoch, start_batch, end),
         batch_size=None,
         shuffle=False,
         num_workers=workers,

@@ -400,3 +400,16 @@ def test_cuda_generator_draws_on_the_gpu(vpred: DDPMScheduler) -> None:
     assert noise.device.type == t.device.type == emb.device.type == "cuda"
     loss = compute_loss(noise, latents, t, vpred, "mse_huber", 5.0)
     assert loss.dtype == torch.float32 and bool(torch.isfinite(loss))
+
+
+def test_caption_tokenizer_cache_matches_the_tokenizer_and_stays_bounded():
+    from models import load_models, tokenize
+    from training.step import CaptionTokenizer
+
+    tokenizer = load_models("tiny-sd15").tokenizer
+    tokens = CaptionTokenizer(tokenizer, capacity=3)
+    captions = ["a red circle", "", "a blue square, stripes", "a red circle"]
+    assert torch.equal(tokens(captions), tokenize(tokenizer, captions))
+    assert torch.equal(tokens(["x", "y", "z", "a red circle"]),
+                       tokenize(tokenizer, ["x", "y", "z", "a red circle"]))  # fmt: skip
+    assert len(tokens._ids) == 3

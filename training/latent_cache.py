@@ -85,14 +85,20 @@ def build_latent_cache(
     return LatentCache(means, stds, device)
 
 
-def cached_batches(dataset: TrainDataset, epoch: int, start_batch: int) -> Iterator[dict]:
-    """The epoch's batches without pixels (the latent cache supplies them)."""
-    for plan in dataset.epoch_batches(epoch)[start_batch:]:
-        yield {
-            "captions": [item.caption for item in plan.items],
-            "paths": [item.path for item in plan.items],
-            "flipped": [item.flipped for item in plan.items],
-            "image_indices": [item.image_index for item in plan.items],
-            "bucket": plan.bucket,
-            "step": plan.step,
-        }
+def cached_batches(
+    dataset: TrainDataset, epoch: int, start_batch: int, end_epoch: int
+) -> Iterator[dict]:
+    """The batches from (epoch, start_batch) to the end of epoch end_epoch - 1, without pixels
+    (the latent cache supplies them)."""
+    for number in range(epoch, end_epoch):
+        plans = dataset.epoch_batches(number)
+        for plan in plans[start_batch if number == epoch else 0 :]:
+            yield {
+                "captions": [item.caption for item in plan.items],
+                "paths": [item.path for item in plan.items],
+                "flipped": [item.flipped for item in plan.items],
+                "image_indices": [item.image_index for item in plan.items],
+                "bucket": plan.bucket,
+                "step": plan.step,
+                "epoch": number,
+            }

@@ -186,7 +186,6 @@ class Trainer:
 
     def train(self, stop: Any) -> bool:
         """Train to the end, or until ``stop.requested``; returns True when interrupted."""
-        settings = self.settings
         try:
             if (
                 self.samples is not None
@@ -194,13 +193,9 @@ class Trainer:
                 and self.counters.global_step == 0
             ):
                 self.make_samples()
-            while self.counters.epoch < settings.max_epochs:
-                if self._run_epoch(stop):
-                    self.save("interrupted", with_state=True)
-                    return True
-                self.counters.epoch += 1
-                self.counters.batch_in_epoch = 0
-                self._after_epoch()
+            if self._run(stop):
+                self.save("interrupted", with_state=True)
+                return True
             self.save("last", with_state=True)
             return False
         except TrainingDivergedError:
@@ -209,34 +204,48 @@ class Trainer:
         finally:
             self.progress.close()
 
-    def _run_epoch(self, stop: Any) -> bool:
-        """One epoch from the current batch on; True when a stop was requested."""
-        batches = self.dataset.steps_per_epoch()
+    def _batches(self) -> Iterable[dict[str, Any]]:
+        """Every remaining batch of the run, from one loader (its workers start once)."""
         epoch, start = self.counters.epoch, self.counters.batch_in_epoch
-        if self.schedule_dir is not None and start == 0:
-            self.dataset.write_schedule(
-                epoch, self.schedule_dir / f"schedule-ep{epoch + 1:03d}.txt"
-            )
+        end = self.settings.max_epochs
         if self.latent_source is not None:
-            loader: Iterable[dict[str, Any]] = cached_batches(self.dataset, epoch, start)
-        else:
-            loader = make_loader(
-                self.dataset, epoch, start_batch=start, pin_memory=self.device.type == "cuda"
-            )
+            return cached_batches(self.dataset, epoch, start, end)
+        pin = self.device.type == "cuda"
+        return make_loader(self.dataset, epoch, start, pin_memory=pin, end_epoch=end)
+
+    def _run(self, stop: Any) -> bool:
+        """Every remaining batch; True when a stop was requested."""
+        batches = self.dataset.steps_per_epoch()
         accum = self.settings.grad_accum
-        for batch in loader:
+        for batch in self._batches():
+            assert batch["epoch"] == self.counters.epoch, "loader and counters disagree"
             index = self.counters.batch_in_epoch
+            if index == 0:
+                self._before_epoch()
             window_start = index - index % accum
             window_length = min(accum, batches - window_start)
             last_in_window = index == window_start + window_length - 1
             with self._gradient_sync(last_in_window):
                 self._micro_step(batch, window_length)
             self.counters.batch_in_epoch += 1
+            stopping = False
             if last_in_window:
                 self._optimizer_step()
-                if any_process(stop.requested, self.device):
-                    return True
+                stopping = any_process(stop.requested, self.device)
+            if self.counters.batch_in_epoch == batches:
+                self.counters.epoch += 1
+                self.counters.batch_in_epoch = 0
+                self._after_epoch()
+            if stopping:
+                return True
         return False
+
+    def _before_epoch(self) -> None:
+        if self.schedule_dir is not None:
+            epoch = self.counters.epoch
+            self.dataset.write_schedule(
+                epoch, self.schedule_dir / f"schedule-ep{epoch + 1:03d}.txt"
+            )
 
     def _gradient_sync(self, last_in_window: bool) -> contextlib.AbstractContextManager:
         """Several processes all-reduce gradients only on a window's last micro-batch."""

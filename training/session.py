@@ -16,7 +16,7 @@ from training.noise import make_noise_scheduler
 from training.outputs import Progress, create_run_folder, write_json
 from training.precision import choose_precision
 from training.report import dry_run_report, memory_report
-from training.step import PromptEncoder, Shard, StepModels, StepSettings
+from training.step import CaptionTokenizer, PromptEncoder, Shard, StepModels, StepSettings
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
         prompt_encoder=prompt_encoder,
         noise_scheduler=make_noise_scheduler(bundle.noise_scheduler, c.enable_zero_terminal_snr),
         train_text_encoder=train_text_encoder,
+        tokens=CaptionTokenizer(bundle.tokenizer),
     )
 
 

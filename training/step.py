@@ -9,7 +9,9 @@ the generator where it stopped.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -62,6 +64,25 @@ class PromptEncoder(torch.nn.Module):
         return encode_prompts(self.text_encoder, input_ids, self.clip_skip)
 
 
+class CaptionTokenizer:
+    """Token ids of captions, remembered: most captions come back every epoch."""
+
+    def __init__(self, tokenizer: Any, capacity: int = 65536) -> None:
+        self.tokenizer = tokenizer
+        self.capacity = capacity
+        self._ids: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self._ids]
+        if missing:
+            for caption, ids in zip(missing, tokenize(self.tokenizer, missing), strict=True):
+                self._ids[caption] = ids
+        batch = torch.stack([self._ids[c] for c in captions])
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return batch
+
+
 @dataclass
 class StepModels:
     """The callables of a step (possibly wrapped for DDP or compiled) and what trains."""
@@ -71,6 +92,7 @@ class StepModels:
     prompt_encoder: torch.nn.Module  # a PromptEncoder, possibly wrapped
     noise_scheduler: DDPMScheduler
     train_text_encoder: bool
+    tokens: CaptionTokenizer
 
 
 @dataclass(frozen=True)
@@ -128,7 +150,7 @@ def batch_loss(
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
 
-    ids = tokenize(models.bundle.tokenizer, captions).to(device)
+    ids = models.tokens(captions).to(device)
     grad = contextlib.nullcontext() if models.train_text_encoder else torch.no_grad()
     with precision.autocast():
         with grad:
