@@ -22,10 +22,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from config.cli import parse_command_line
 from config.errors import UserError
-from config.load import load_train_config
-from optimizer.config import load_optimizer_config
-from training.build import build_run
-from training.distributed import make_accelerator, training_device
+from training.build import build_from_command_line
 from training.loop import TrainingDivergedError
 from training.report import dry_run_report
 from training.session import run_training
@@ -61,11 +58,7 @@ def _main(argv: list[str], stdout: TextIO) -> int:
     try:
         with contextlib.redirect_stdout(stdout):  # --help goes to standard output
             command_line = parse_command_line(argv)
-        train = load_train_config(command_line)
-        optim = load_optimizer_config(train)
-        accelerator = make_accelerator()
-        device = training_device(accelerator, train.config.gpuid)
-        run = build_run(train, optim, device, accelerator.process_index, accelerator.num_processes)
+        run, accelerator = build_from_command_line(command_line)
         if command_line.dry_run:
             print(json.dumps(dry_run_report(run), indent=2), file=stdout)
             return 0

@@ -218,8 +218,15 @@ def predecoded_loader(epochs: list[list[dict[str, Any]]]) -> Iterator[None]:
         raise SystemExit("training.loop no longer calls make_loader: update bench_overhead.py")
     original = training.loop.make_loader
 
-    def from_memory(dataset: Any, epoch: int, start_batch: int = 0, **_: Any) -> list[dict]:
-        return epochs[epoch][start_batch:]
+    def from_memory(
+        dataset: Any, epoch: int, start_batch: int = 0, *, end_epoch: int | None = None, **_: Any
+    ) -> list[dict]:
+        end = epoch + 1 if end_epoch is None else end_epoch
+        batches = []
+        for number in range(epoch, end):  # decoded epochs are reused beyond the first ones
+            first = start_batch if number == epoch else 0
+            batches += [{**b, "epoch": number} for b in epochs[number % len(epochs)][first:]]
+        return batches
 
     training.loop.make_loader = from_memory  # type: ignore[assignment]
     try:

@@ -1,30 +1,24 @@
 """Driving the real trainer from a benchmark script: train.py's building code and a step hook.
 
-The benchmarks time the trainer as a user runs it, so they build the run the way ``train.py``
-does (command-line flags → `load_train_config` → `load_optimizer_config` → `build_run`) and
-train it with `training.session.run_training` itself. The only thing they change is the
-`Trainer` class that `run_training` instantiates: a subclass that calls a hook after each
-optimizer step (after everything the trainer does in that step: scheduler, logging, progress
-bar). A hook ends the run at once by raising `BenchmarkFinished` (no checkpoint is written).
+The benchmarks time the trainer as a user runs it, so they build the run with train.py's own
+`build_from_command_line` and train it with `training.session.run_training` itself, whose
+``on_optimizer_step`` callback runs the benchmark's hook after each optimizer step (after
+everything the trainer does in that step: scheduler, logging, progress bar). A hook ends the
+run at once by raising `BenchmarkFinished` (no checkpoint is written).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from accelerate import Accelerator
 
 import training.session
 from config.cli import parse_command_line
-from config.load import load_train_config
-from optimizer.config import load_optimizer_config
-from training.build import Run, build_run
-from training.distributed import make_accelerator, training_device
+from training.build import Run, build_from_command_line
 from training.loop import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,13 +33,7 @@ class BenchmarkFinished(Exception):  # noqa: N818 (a signal, not an error)
 
 def build_run_from_flags(argv: list[str]) -> tuple[Run, Accelerator]:
     """The built run for ``train.py`` flags, exactly as ``train.py`` builds it."""
-    command_line = parse_command_line(argv)
-    train = load_train_config(command_line)
-    optim = load_optimizer_config(train)
-    accelerator = make_accelerator()
-    device = training_device(accelerator, train.config.gpuid)
-    run = build_run(train, optim, device, accelerator.process_index, accelerator.num_processes)
-    return run, accelerator
+    return build_from_command_line(parse_command_line(argv))
 
 
 def write_optimizer_json(folder: Path, optimizer: str) -> Path:
@@ -59,16 +47,6 @@ def write_optimizer_json(folder: Path, optimizer: str) -> Path:
     return path
 
 
-@contextmanager
-def _trainer_class(cls: type[Trainer]) -> Iterator[None]:
-    original = training.session.Trainer
-    training.session.Trainer = cls  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        training.session.Trainer = original  # type: ignore[misc]
-
-
 def train_with_hook(run: Run, accelerator: Accelerator, hook: StepHook) -> Trainer:
     """`run_training` with ``hook(trainer)`` after every optimizer step; returns the trainer.
 
@@ -77,18 +55,13 @@ def train_with_hook(run: Run, accelerator: Accelerator, hook: StepHook) -> Train
     """
     made: list[Trainer] = []
 
-    class HookedTrainer(Trainer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            made.append(self)
+    def on_step(trainer: Trainer) -> None:
+        if not made:
+            made.append(trainer)
+        hook(trainer)
 
-        def _optimizer_step(self) -> None:
-            super()._optimizer_step()
-            hook(self)
-
-    with _trainer_class(HookedTrainer):
-        try:
-            training.session.run_training(run, accelerator)
-        except BenchmarkFinished:
-            return made[0]
+    try:
+        training.session.run_training(run, accelerator, on_optimizer_step=on_step)
+    except BenchmarkFinished:
+        return made[0]
     raise RuntimeError("the run ended before the benchmark had its steps: raise max_epochs")

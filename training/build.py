@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
-from config.load import LoadedTrainConfig, find_input_file
+from config.cli import CommandLine
+from config.load import LoadedTrainConfig, find_input_file, load_train_config
 from data import DataSettings, TrainDataset, load_dataset
 from models import ModelBundle, builtin_text_encoder_layers, classify_resume_ckpt, load_models
 from models.loading import SourceKind
@@ -22,7 +24,7 @@ from optimizer.build import (
     build_model_training,
     freeze_plan,
 )
-from optimizer.config import OptimizerConfig
+from optimizer.config import OptimizerConfig, load_optimizer_config
 from optimizer.schedulers import total_optimizer_steps
 from training.checkpoint import (
     TrainingState,
@@ -31,6 +33,7 @@ from training.checkpoint import (
     load_training_state,
     restore_full_precision_weights,
 )
+from training.distributed import make_accelerator, training_device
 from training.samples import SampleSettings, load_sample_settings
 
 logger = logging.getLogger(__name__)
@@ -194,3 +197,13 @@ def build_run(
     if resume_state is not None:
         check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
     return run
+
+
+def build_from_command_line(command_line: CommandLine) -> tuple[Run, Accelerator]:
+    """Load and check the configuration, then build the run, as ``train.py`` does."""
+    train = load_train_config(command_line)
+    optim = load_optimizer_config(train)
+    accelerator = make_accelerator()
+    device = training_device(accelerator, train.config.gpuid)
+    run = build_run(train, optim, device, accelerator.process_index, accelerator.num_processes)
+    return run, accelerator

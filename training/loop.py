@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,7 @@ class Trainer:
         latent_source: LatentCache | None = None,
         barrier: Any = None,
         schedule_dir: Path | None = None,
+        on_optimizer_step: Callable[[Trainer], None] | None = None,
     ) -> None:
         self.dataset = dataset
         self.models = models
@@ -120,6 +121,7 @@ class Trainer:
         self.latent_source = latent_source
         self.barrier = barrier if barrier is not None else (lambda: None)
         self.schedule_dir = schedule_dir
+        self.on_optimizer_step = on_optimizer_step
         self.counters = Counters()
         self.scaler = make_grad_scaler(precision)
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -314,6 +316,8 @@ class Trainer:
         if self.settings.apply_grad_scaler_step_tweaks:
             tweak_grad_scaler(self.scaler, self.counters.global_step)
         self._after_optimizer_step(grad_norms)
+        if self.on_optimizer_step is not None:
+            self.on_optimizer_step(self)
 
     def _clip(self, training: ModelTraining, want_norm: bool) -> float | None:
         parameters = [p for p in training.parameters if p.grad is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,8 +131,15 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
         )  # fmt: skip
 
 
-def run_training(run: Run, accelerator: Accelerator) -> bool:
-    """Train the built run to the end (or until Ctrl-C/SIGTERM); True when interrupted."""
+def run_training(
+    run: Run,
+    accelerator: Accelerator,
+    on_optimizer_step: Callable[[Trainer], None] | None = None,
+) -> bool:
+    """Train the built run to the end (or until Ctrl-C/SIGTERM); True when interrupted.
+
+    ``on_optimizer_step(trainer)`` runs after every optimizer step (benchmarks time with it).
+    """
     c = run.train.config
     main = accelerator.is_main_process
     torch.manual_seed(run.seed)
@@ -171,6 +179,7 @@ def run_training(run: Run, accelerator: Accelerator) -> bool:
         barrier=accelerator.wait_for_everyone,
         schedule_dir=folder if c.write_schedule else None,
         latent_source=latent_cache,
+        on_optimizer_step=on_optimizer_step,
     )
     if run.resume_state is not None:
         trainer.restore(run.resume_state)
