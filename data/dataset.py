@@ -38,7 +38,7 @@ class TrainDataset:
         }
         self.images_per_epoch = sum(slots_per_bucket(images).values())
         self.num_workers = resolve_num_workers(
-            settings.dataloader_num_workers, self.images_per_epoch
+            settings.dataloader_num_workers, settings.device_type
         )
 
     def steps_per_epoch(self) -> int:

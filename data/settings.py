@@ -8,9 +8,6 @@ from pathlib import Path
 
 from config.errors import ConfigError
 
-# Below this many image slots per epoch the loader decodes in the main process by default:
-# starting worker processes would cost more than the decoding they take over.
-SMALL_EPOCH_IMAGES = 100
 # Upper bound for the default number of DataLoader workers.
 MAX_DEFAULT_WORKERS = 4
 
@@ -35,6 +32,7 @@ class DataSettings:
     dataloader_num_workers: int | None
     rank: int = 0
     world_size: int = 1
+    device_type: str = "cpu"  # where training runs: decides the default number of workers
 
 
 def check_settings(settings: DataSettings) -> None:
@@ -72,14 +70,16 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def resolve_num_workers(requested: int | None, images_per_epoch: int) -> int:
+def resolve_num_workers(requested: int | None, device_type: str) -> int:
     """The number of DataLoader worker processes to use.
 
-    An explicit value is used as it is. `None` means: 0 (decode in the training process) when an
-    epoch holds fewer than SMALL_EPOCH_IMAGES image slots, else min(4, available CPUs).
+    An explicit value is used as it is. `None` means: min(4, available CPUs) when training on a
+    GPU, whatever the dataset's size (one loader spans the whole run, so workers start once);
+    0 when training on the CPU, where decoding in workers would only take cores from the
+    training step itself.
     """
     if requested is not None:
         return requested
-    if images_per_epoch < SMALL_EPOCH_IMAGES:
+    if device_type == "cpu":
         return 0
     return min(MAX_DEFAULT_WORKERS, available_cpus())

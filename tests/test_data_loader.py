@@ -75,11 +75,25 @@ def test_workers_give_the_same_batches(tmp_path):
         assert torch.equal(a["pixel_values"], b["pixel_values"])
 
 
-def test_default_worker_count(tmp_path):
+def test_default_worker_count(tmp_path, monkeypatch):
     _colourful_dataset(tmp_path, count=3)
-    assert load(tmp_path, dataloader_num_workers=None).num_workers == 0  # a tiny epoch
-    (tmp_path / "multiply.txt").write_text("40", "utf-8")  # 120 image slots per epoch
-    assert load(tmp_path, dataloader_num_workers=None).num_workers >= 1
+    assert load(tmp_path, dataloader_num_workers=None).num_workers == 0  # training on the CPU
+    monkeypatch.setattr("data.settings.available_cpus", lambda: 16)
+    cuda = load(tmp_path, dataloader_num_workers=None, device_type="cuda")
+    assert cuda.num_workers == 4  # even for a tiny dataset: workers start once per run
+    assert load(tmp_path, dataloader_num_workers=2, device_type="cpu").num_workers == 2
+
+
+def test_one_loader_spans_several_epochs_and_resumes_mid_epoch(tmp_path):
+    _colourful_dataset(tmp_path, count=5)
+    dataset = load(tmp_path, batch_size=2, flip_p=0.5, shuffle_tags=True)
+    per_epoch = dataset.steps_per_epoch()
+    spanning = list(make_loader(dataset, 0, end_epoch=3))
+    assert [b["epoch"] for b in spanning] == [e for e in range(3) for _ in range(per_epoch)]
+    separate = [b for e in range(3) for b in make_loader(dataset, e)]
+    assert [b["paths"] for b in spanning] == [b["paths"] for b in separate]
+    resumed = list(make_loader(dataset, 1, start_batch=1, end_epoch=3))
+    assert [b["paths"] for b in resumed] == [b["paths"] for b in spanning[per_epoch + 1 :]]
 
 
 @pytest.mark.parametrize("workers", [0, 1])

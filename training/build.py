@@ -106,7 +106,11 @@ def check_before_models(train: LoadedTrainConfig, optim: OptimizerConfig) -> Non
 
 
 def data_settings(
-    train: LoadedTrainConfig, seed: int, rank: int = 0, world_size: int = 1
+    train: LoadedTrainConfig,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device_type: str = "cpu",
 ) -> DataSettings:
     """The dataset's settings from train.json keys of the same names."""
     c = train.config
@@ -122,6 +126,7 @@ def data_settings(
         dataloader_num_workers=c.dataloader_num_workers,
         rank=rank,
         world_size=world_size,
+        device_type=device_type,
     )
 
 
@@ -161,7 +166,7 @@ def build_run(
     if resume_state is not None and c.seed not in (-1, seed):
         logger.warning("seed %d replaced by the resumed run's seed %d", c.seed, seed)
     samples = sample_settings(train, seed)
-    dataset = load_dataset(data_settings(train, seed, rank, world_size))
+    dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type))
     total_steps = total_optimizer_steps(dataset.steps_per_epoch(), c.max_epochs, c.grad_accum)
 
     models = load_models(c.resume_ckpt)
