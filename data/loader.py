@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 # Batches each worker decodes ahead of the training loop.
 PREFETCH_BATCHES_PER_WORKER = 2
+# Decoding in the training process (no workers), decoded images are kept up to this many bytes,
+# so that later epochs decode nothing: the CPU such runs share is the training step's.
+IN_PROCESS_MEMO_BYTES = 1 << 30
 
 
 def _unchanged(batch: dict) -> dict:
@@ -49,6 +52,10 @@ class BatchDecoder(TorchDataset):
         self.length = max(0, end_epoch * self.per_epoch - self.first)
         self.bucket_members = _bucket_members(dataset)
         self._plans: tuple[int, list[BatchPlan]] | None = None
+        self._memo: dict[tuple[int, bool], torch.Tensor] | None = (
+            {} if dataset.num_workers == 0 else None
+        )
+        self._memo_bytes = 0
 
     def __len__(self) -> int:
         return self.length
@@ -60,6 +67,18 @@ class BatchDecoder(TorchDataset):
             self._plans = (epoch, self.dataset.epoch_batches(epoch))
         return epoch, self._plans[1][batch]
 
+    def _decode(self, item: PlanItem, bucket: Size) -> torch.Tensor:
+        """One image's pixels, from the in-process memo when it holds them."""
+        key = (item.image_index, item.flipped)
+        if self._memo is not None and key in self._memo:
+            return self._memo[key]
+        pixels = decode_image(Path(item.path), bucket, item.flipped)
+        size = pixels.numel() * pixels.element_size()
+        if self._memo is not None and self._memo_bytes + size <= IN_PROCESS_MEMO_BYTES:
+            self._memo[key] = pixels
+            self._memo_bytes += size
+        return pixels
+
     def _decode_or_substitute(
         self, plan: BatchPlan, position: int
     ) -> tuple[PlanItem, torch.Tensor]:
@@ -68,7 +87,7 @@ class BatchDecoder(TorchDataset):
         candidates += self.bucket_members[plan.bucket]
         for number, item in enumerate(candidates):
             try:
-                pixels = decode_image(Path(item.path), plan.bucket, item.flipped)
+                pixels = self._decode(item, plan.bucket)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 logger.warning(
                     "cannot decode %s (%s); using another image instead", item.path, error
@@ -125,8 +144,9 @@ def make_loader(
     Each batch is a dict: "pixel_values" float [B, 3, H, W] in [-1, 1], "captions", "paths",
     "flipped", "image_indices" (lists of B), "bucket" (width, height), "step" (the batch's
     index in its epoch) and "epoch". Batches are decoded in `dataset.num_workers` worker
-    processes (0: in this process), started once for the whole span; `pin_memory=True` (on
-    CUDA) pins them for fast, asynchronous copies.
+    processes (0: in this process, keeping decoded images in memory up to
+    IN_PROCESS_MEMO_BYTES), started once for the whole span; `pin_memory=True` (on CUDA) pins
+    them for fast, asynchronous copies.
     """
     end = epoch + 1 if end_epoch is None else end_epoch
     workers = dataset.num_workers

@@ -144,3 +144,21 @@ def test_example_generator_reproduces_the_bundled_dataset(tmp_path):
     assert described(new_root) == described(bundled_root)
     for path in new_root.rglob("*.png"):
         assert path.read_bytes() == (bundled_root / path.relative_to(new_root)).read_bytes()
+
+
+def test_in_process_loading_decodes_each_image_once(tmp_path, monkeypatch):
+    _colourful_dataset(tmp_path, count=5)
+    dataset = load(tmp_path, batch_size=2, flip_p=0.5, dataloader_num_workers=0)
+    calls = []
+    real = data.loader.decode_image
+
+    def counting(path, bucket, flipped):
+        calls.append((path, flipped))
+        return real(path, bucket, flipped)
+
+    monkeypatch.setattr(data.loader, "decode_image", counting)
+    batches = list(make_loader(dataset, 0, end_epoch=4))
+    assert len(calls) == len(set(calls))  # each (image, flip) decoded once over 4 epochs
+    fresh = list(make_loader(dataset, 3))
+    assert all(torch.equal(a["pixel_values"], b["pixel_values"])
+               for a, b in zip(batches[-len(fresh):], fresh, strict=True))  # fmt: skip
