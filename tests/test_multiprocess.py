@@ -36,7 +36,7 @@ def relative_difference(a: dict, b: dict) -> float:
 
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
     keys = {"max_epochs": 2, "save_full_precision": True, "save_every_n_epochs": 1,
-            "save_optimizer": True, "grad_accum": 2}  # fmt: skip
+            "save_optimizer": True, "grad_accum": 2, "embedding_perturbation": 0.1}  # fmt: skip
     two = write_config(tmp_path / "two", ADAMW, batch_size=2, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=4, **keys)
     result = launch(two, 2)

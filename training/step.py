@@ -1,9 +1,9 @@
 """The loss of one micro-batch: VAE → noisy latents → text encoder → UNet → loss.
 
-Every random draw (VAE sample, noise, timesteps) is made for the whole global batch of all
-processes from one generator and then sliced to this process's share. So N processes with
-batch B see exactly the draws one process with batch N×B sees, and a resumed run continues
-the generator where it stopped.
+Every random draw (VAE sample, noise, timesteps, embedding perturbation) is made for the
+whole global batch of all processes from one generator and then sliced to this process's
+share. So N processes with batch B see exactly the draws one process with batch N×B sees, and
+a resumed run continues the generator where it stopped.
 """
 
 from __future__ import annotations
@@ -155,7 +155,10 @@ def batch_loss(
     with precision.autocast():
         with grad:
             embeddings = models.prompt_encoder(ids)
-        embeddings = perturb_embeddings(embeddings, settings.embedding_perturbation, generator)
+        if settings.embedding_perturbation > 0:  # drawn for the global batch, like the rest
+            zeros = _global_like(embeddings, shard).zero_()
+            strength = settings.embedding_perturbation
+            embeddings = embeddings + shard.take(perturb_embeddings(zeros, strength, generator))
         prediction = models.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
     return compute_loss(
         prediction.float(), target.float(), timesteps, scheduler,
