@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from data import make_loader
+from data import TrainDataset, make_loader
 from optimizer.build import ModelTraining
 from training.checkpoint import TrainingState, save_checkpoint
 from training.distributed import any_process
+from training.interrupt import StopRequest
 from training.latent_cache import LatentCache, cached_batches
 from training.outputs import Progress
 from training.precision import Precision, make_grad_scaler, tweak_grad_scaler
@@ -83,7 +84,7 @@ class Trainer:
     def __init__(
         self,
         *,
-        dataset: Any,
+        dataset: TrainDataset,
         models: StepModels,
         trainings: list[ModelTraining],
         step_settings: StepSettings,
@@ -99,7 +100,7 @@ class Trainer:
         is_main_process: bool,
         fingerprint: dict[str, Any],
         latent_source: LatentCache | None = None,
-        barrier: Any = None,
+        barrier: Callable[[], None] | None = None,
         schedule_dir: Path | None = None,
         on_optimizer_step: Callable[[Trainer], None] | None = None,
     ) -> None:
@@ -186,7 +187,7 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def train(self, stop: Any) -> bool:
+    def train(self, stop: StopRequest) -> bool:
         """Train to the end, or until ``stop.requested``; returns True when interrupted."""
         try:
             if (
@@ -215,7 +216,7 @@ class Trainer:
         pin = self.device.type == "cuda"
         return make_loader(self.dataset, epoch, start, pin_memory=pin, end_epoch=end)
 
-    def _run(self, stop: Any) -> bool:
+    def _run(self, stop: StopRequest) -> bool:
         """Every remaining batch; True when a stop was requested."""
         batches = self.dataset.steps_per_epoch()
         accum = self.settings.grad_accum
