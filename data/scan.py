@@ -36,28 +36,6 @@ DEFAULT_MULTIPLY = 1.0
 
 
 @dataclass(frozen=True)
-class ImageRecord:
-    """One usable image with everything decided about it at scan time.
-
-    `index` is stable for a given data_root content (position in the sorted path list) and is
-    what a latent cache keys on, together with the flip. `parts` are the caption split at commas
-    (the first part is the main prompt, kept in place by tag shuffling), `weights` one per part.
-    """
-
-    index: int
-    path: Path
-    size: Size
-    bucket: Size
-    caption: str
-    caption_source: str
-    parts: tuple[str, ...]
-    weights: tuple[float, ...]
-    multiply: float
-    flip_p: float
-    cond_dropout: float
-
-
-@dataclass(frozen=True)
 class _Candidate:
     """An image file whose caption and settings are read but whose pixels are not yet checked."""
 
@@ -69,6 +47,20 @@ class _Candidate:
     multiply: float
     flip_p: float
     cond_dropout: float
+
+
+@dataclass(frozen=True)
+class ImageRecord(_Candidate):
+    """One usable image with everything decided about it at scan time.
+
+    `index` is stable for a given data_root content (position in the sorted path list) and is
+    what a latent cache keys on, together with the flip. `parts` are the caption split at commas
+    (the first part is the main prompt, kept in place by tag shuffling), `weights` one per part.
+    """
+
+    index: int
+    size: Size
+    bucket: Size
 
 
 def _caption_files(names: set[str]) -> dict[tuple[str, str], str]:
