@@ -64,7 +64,7 @@ def time_loader(settings: DataSettings) -> tuple[float, int]:
     """Seconds for one epoch of make_loader (worker start-up included) and the images it gave."""
     dataset = load_dataset(settings)
     started = time.perf_counter()
-    count = sum(len(batch["paths"]) for batch in make_loader(dataset, epoch=0))
+    count = sum(len(batch.paths) for batch in make_loader(dataset, epoch=0))
     return time.perf_counter() - started, count
 
 

@@ -73,7 +73,7 @@ from bench.trainer_harness import (
     train_with_hook,
     write_optimizer_json,
 )
-from data import make_loader
+from data import Batch, make_loader
 from models import load_models
 from training.build import Run
 from training.loop import Trainer
@@ -192,27 +192,27 @@ class Interleaver:
         self.block_start = time.perf_counter()
 
 
-def decode_epochs(run: Run, epochs: int) -> list[list[dict[str, Any]]]:
+def decode_epochs(run: Run, epochs: int) -> list[list[Batch]]:
     """Every batch of the first ``epochs`` epochs, as the trainer's loader yields them."""
     return [list(make_loader(run.dataset, epoch)) for epoch in range(epochs)]
 
 
-def bare_batches(run: Run, epochs: list[list[dict[str, Any]]]) -> list[BareBatch]:
+def bare_batches(run: Run, epochs: list[list[Batch]]) -> list[BareBatch]:
     """The same batches for the bare loop, tokenized the usual diffusers way."""
     tokenizer = run.models.tokenizer
     result = []
     for batches in epochs:
         for batch in batches:
             ids = tokenizer(
-                batch["captions"], padding="max_length", truncation=True,
+                batch.captions, padding="max_length", truncation=True,
                 max_length=tokenizer.model_max_length, return_tensors="pt",
             ).input_ids  # fmt: skip
-            result.append(BareBatch(batch["pixel_values"], ids))
+            result.append(BareBatch(batch.pixel_values, ids))
     return result
 
 
 @contextmanager
-def predecoded_loader(epochs: list[list[dict[str, Any]]]) -> Iterator[None]:
+def predecoded_loader(epochs: list[list[Batch]]) -> Iterator[None]:
     """The trainer's `make_loader` replaced by batches decoded beforehand."""
     if not hasattr(training.loop, "make_loader"):
         raise SystemExit("training.loop no longer calls make_loader: update bench_overhead.py")

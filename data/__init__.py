@@ -1,6 +1,7 @@
 """EveryDream2-compatible training data: folder scan, captions, aspect buckets, epoch plans and
 the loader. See SPEC §8 and the README's "Training data" section."""
 
+from data.batch import Batch
 from data.buckets import bucket_name, bucket_step, make_buckets, nearest_bucket
 from data.dataset import TrainDataset, load_dataset
 from data.images import decode_image
@@ -10,6 +11,7 @@ from data.scan import ImageRecord
 from data.settings import DataSettings
 
 __all__ = [
+    "Batch",
     "BatchPlan",
     "DataSettings",
     "ImageRecord",

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from data.batch import Batch
 from data.buckets import Size
 from data.dataset import TrainDataset
 from data.images import decode_image
@@ -25,7 +26,7 @@ PREFETCH_BATCHES_PER_WORKER = 2
 IN_PROCESS_MEMO_BYTES = 1 << 30
 
 
-def _unchanged(batch: dict) -> dict:
+def _unchanged(batch: Batch) -> Batch:
     """collate_fn: a batch is assembled by the worker already."""
     return batch
 
@@ -103,21 +104,12 @@ class BatchDecoder(TorchDataset):
             f"were files under data_root deleted or changed during training?"
         )
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> Batch:
         epoch, plan = self.plan(index)
         decoded = [self._decode_or_substitute(plan, k) for k in range(len(plan.items))]
-        items = [item for item, _ in decoded]
-        return {
-            # np.stack: one copy without torch's intra-op thread pool (see images.to_tensor)
-            "pixel_values": torch.from_numpy(np.stack([pixels.numpy() for _, pixels in decoded])),
-            "captions": [item.caption for item in items],
-            "paths": [item.path for item in items],
-            "flipped": [item.flipped for item in items],
-            "image_indices": [item.image_index for item in items],
-            "bucket": plan.bucket,
-            "step": plan.step,
-            "epoch": epoch,
-        }
+        # np.stack: one copy without torch's intra-op thread pool (see images.to_tensor)
+        pixels = torch.from_numpy(np.stack([pixels.numpy() for _, pixels in decoded]))
+        return Batch.of(epoch, plan, tuple(item for item, _ in decoded), pixels)
 
 
 def _bucket_members(dataset: TrainDataset) -> dict[Size, list[PlanItem]]:
@@ -141,12 +133,10 @@ def make_loader(
     (default: the end of `epoch`), for this process. The skipped batches are neither decoded
     nor read: exact resume mid-epoch.
 
-    Each batch is a dict: "pixel_values" float [B, 3, H, W] in [-1, 1], "captions", "paths",
-    "flipped", "image_indices" (lists of B), "bucket" (width, height), "step" (the batch's
-    index in its epoch) and "epoch". Batches are decoded in `dataset.num_workers` worker
-    processes (0: in this process, keeping decoded images in memory up to
-    IN_PROCESS_MEMO_BYTES), started once for the whole span; `pin_memory=True` (on CUDA) pins
-    them for fast, asynchronous copies.
+    Each batch is a `Batch` whose ``pixel_values`` are float [B, 3, H, W] in [-1, 1]. Batches
+    are decoded in `dataset.num_workers` worker processes (0: in this process, keeping decoded
+    images in memory up to IN_PROCESS_MEMO_BYTES), started once for the whole span;
+    `pin_memory=True` (on CUDA) pins them for fast, asynchronous copies.
     """
     end = epoch + 1 if end_epoch is None else end_epoch
     workers = dataset.num_workers

@@ -29,6 +29,7 @@ class PlanItem:
     path: str
     caption: str
     flipped: bool
+    loss_scale: float = 1.0
 
 
 @dataclass(frozen=True)

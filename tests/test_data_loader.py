@@ -29,15 +29,15 @@ def test_batches_match_the_plan(tmp_path):
     assert len(batches) == len(plans) == dataset.steps_per_epoch()
     for batch, plan in zip(batches, plans, strict=True):
         width, height = plan.bucket
-        assert batch["bucket"] == plan.bucket and batch["step"] == plan.step
-        assert batch["pixel_values"].shape == (2, 3, height, width)
-        assert batch["pixel_values"].dtype == torch.float32
-        assert batch["pixel_values"].min() >= -1.0 and batch["pixel_values"].max() <= 1.0
-        assert batch["paths"] == [item.path for item in plan.items]
-        assert batch["captions"] == [item.caption for item in plan.items]
-        assert batch["flipped"] == [item.flipped for item in plan.items]
-        assert batch["image_indices"] == [item.image_index for item in plan.items]
-        for pixels, item in zip(batch["pixel_values"], plan.items, strict=True):
+        assert batch.bucket == plan.bucket and batch.step == plan.step
+        assert batch.pixel_values.shape == (2, 3, height, width)
+        assert batch.pixel_values.dtype == torch.float32
+        assert batch.pixel_values.min() >= -1.0 and batch.pixel_values.max() <= 1.0
+        assert batch.paths == tuple(item.path for item in plan.items)
+        assert batch.captions == tuple(item.caption for item in plan.items)
+        assert batch.flipped == tuple(item.flipped for item in plan.items)
+        assert batch.image_indices == tuple(item.image_index for item in plan.items)
+        for pixels, item in zip(batch.pixel_values, plan.items, strict=True):
             expected = decode_image(Path(item.path), plan.bucket, item.flipped)
             assert torch.equal(pixels, expected)
 
@@ -56,10 +56,10 @@ def test_start_batch_skips_without_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(data.loader, "decode_image", counting_decode)
     resumed = list(make_loader(dataset, 3, start_batch=4))
     assert len(decoded) == len(full) - 4
-    assert [b["paths"] for b in resumed] == [b["paths"] for b in full[4:]]
-    assert [b["step"] for b in resumed] == list(range(4, len(full)))
+    assert [b.paths for b in resumed] == [b.paths for b in full[4:]]
+    assert [b.step for b in resumed] == list(range(4, len(full)))
     for a, b in zip(resumed, full[4:], strict=True):
-        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a.pixel_values, b.pixel_values)
     assert list(make_loader(dataset, 3, start_batch=len(full))) == []
 
 
@@ -71,8 +71,8 @@ def test_workers_give_the_same_batches(tmp_path):
     with_workers = list(make_loader(workers, 0, pin_memory=False))
     assert len(with_workers) == len(in_process)
     for a, b in zip(with_workers, in_process, strict=True):
-        assert a["paths"] == b["paths"] and a["captions"] == b["captions"]
-        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert a.paths == b.paths and a.captions == b.captions
+        assert torch.equal(a.pixel_values, b.pixel_values)
 
 
 def test_default_worker_count(tmp_path, monkeypatch):
@@ -89,11 +89,11 @@ def test_one_loader_spans_several_epochs_and_resumes_mid_epoch(tmp_path):
     dataset = load(tmp_path, batch_size=2, flip_p=0.5, shuffle_tags=True)
     per_epoch = dataset.steps_per_epoch()
     spanning = list(make_loader(dataset, 0, end_epoch=3))
-    assert [b["epoch"] for b in spanning] == [e for e in range(3) for _ in range(per_epoch)]
+    assert [b.epoch for b in spanning] == [e for e in range(3) for _ in range(per_epoch)]
     separate = [b for e in range(3) for b in make_loader(dataset, e)]
-    assert [b["paths"] for b in spanning] == [b["paths"] for b in separate]
+    assert [b.paths for b in spanning] == [b.paths for b in separate]
     resumed = list(make_loader(dataset, 1, start_batch=1, end_epoch=3))
-    assert [b["paths"] for b in resumed] == [b["paths"] for b in spanning[per_epoch + 1 :]]
+    assert [b.paths for b in resumed] == [b.paths for b in spanning[per_epoch + 1 :]]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -104,8 +104,8 @@ def test_a_file_that_goes_bad_after_the_scan_is_replaced_not_fatal(tmp_path, cap
     (tmp_path / "img1.png").write_bytes(b"broken now")
     with caplog.at_level(logging.WARNING):
         [batch] = list(make_loader(dataset, 0))
-    assert batch["pixel_values"].shape == (3, 3, 64, 64)
-    assert str(tmp_path / "img1.png") not in batch["paths"]
+    assert batch.pixel_values.shape == (3, 3, 64, 64)
+    assert str(tmp_path / "img1.png") not in batch.paths
     if workers == 0:  # records from worker processes do not reach caplog
         assert "img1.png" in caplog.text
 
@@ -160,5 +160,5 @@ def test_in_process_loading_decodes_each_image_once(tmp_path, monkeypatch):
     batches = list(make_loader(dataset, 0, end_epoch=4))
     assert len(calls) == len(set(calls))  # each (image, flip) decoded once over 4 epochs
     fresh = list(make_loader(dataset, 3))
-    assert all(torch.equal(a["pixel_values"], b["pixel_values"])
+    assert all(torch.equal(a.pixel_values, b.pixel_values)
                for a, b in zip(batches[-len(fresh):], fresh, strict=True))  # fmt: skip

@@ -14,11 +14,10 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from data import TrainDataset, decode_image
+from data import Batch, TrainDataset, decode_image
 from models.bundle import ModelBundle
 from training.precision import Precision
 from training.step import LatentDistribution, encode_latent_distribution
@@ -41,8 +40,8 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.means)
 
-    def __call__(self, batch: dict[str, Any]) -> LatentDistribution:
-        keys = list(zip(batch["image_indices"], batch["flipped"], strict=True))
+    def __call__(self, batch: Batch) -> LatentDistribution:
+        keys = list(zip(batch.image_indices, batch.flipped, strict=True))
         non_blocking = self.device.type == "cuda"
         mean = torch.stack([self.means[k] for k in keys]).to(self.device, non_blocking=non_blocking)
         std = torch.stack([self.stds[k] for k in keys]).to(self.device, non_blocking=non_blocking)
@@ -87,18 +86,10 @@ def build_latent_cache(
 
 def cached_batches(
     dataset: TrainDataset, epoch: int, start_batch: int, end_epoch: int
-) -> Iterator[dict]:
+) -> Iterator[Batch]:
     """The batches from (epoch, start_batch) to the end of epoch end_epoch - 1, without pixels
     (the latent cache supplies them)."""
     for number in range(epoch, end_epoch):
         plans = dataset.epoch_batches(number)
         for plan in plans[start_batch if number == epoch else 0 :]:
-            yield {
-                "captions": [item.caption for item in plan.items],
-                "paths": [item.path for item in plan.items],
-                "flipped": [item.flipped for item in plan.items],
-                "image_indices": [item.image_index for item in plan.items],
-                "bucket": plan.bucket,
-                "step": plan.step,
-                "epoch": number,
-            }
+            yield Batch.of(number, plan)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from data import TrainDataset, make_loader
+from data import Batch, TrainDataset, make_loader
 from optimizer.build import ModelTraining
 from training.checkpoint import TrainingState, save_checkpoint
 from training.distributed import any_process
@@ -207,7 +207,7 @@ class Trainer:
         finally:
             self.progress.close()
 
-    def _batches(self) -> Iterable[dict[str, Any]]:
+    def _batches(self) -> Iterable[Batch]:
         """Every remaining batch of the run, from one loader (its workers start once)."""
         epoch, start = self.counters.epoch, self.counters.batch_in_epoch
         end = self.settings.max_epochs
@@ -221,7 +221,7 @@ class Trainer:
         batches = self.dataset.steps_per_epoch()
         accum = self.settings.grad_accum
         for batch in self._batches():
-            assert batch["epoch"] == self.counters.epoch, "loader and counters disagree"
+            assert batch.epoch == self.counters.epoch, "loader and counters disagree"
             index = self.counters.batch_in_epoch
             if index == 0:
                 self._before_epoch()
@@ -259,15 +259,16 @@ class Trainer:
                     stack.enter_context(module.no_sync())
         return stack
 
-    def _latents(self, batch: dict[str, Any]) -> LatentDistribution:
+    def _latents(self, batch: Batch) -> LatentDistribution:
         if self.latent_source is not None:
             return self.latent_source(batch)
-        pixels = batch["pixel_values"].to(self.device, non_blocking=True)
+        assert batch.pixel_values is not None
+        pixels = batch.pixel_values.to(self.device, non_blocking=True)
         return encode_latent_distribution(self.models.bundle, pixels, self.precision)
 
-    def _micro_step(self, batch: dict[str, Any], window_length: int) -> None:
+    def _micro_step(self, batch: Batch, window_length: int) -> None:
         loss = batch_loss(
-            self.models, self._latents(batch), batch["captions"], self.step_settings,
+            self.models, self._latents(batch), list(batch.captions), self.step_settings,
             self.generator, self.precision, self.shard,
         )  # fmt: skip
         value = loss.detach().item()
@@ -275,19 +276,19 @@ class Trainer:
             self._nonfinite(batch)
             return
         self._consecutive_nonfinite = 0
-        self._last_captions = batch["captions"]
+        self._last_captions = list(batch.captions)
         self.scaler.scale(loss / window_length).backward()
         self._window_has_grad = True
-        images = len(batch["captions"]) * self.shard.world_size
+        images = len(batch) * self.shard.world_size
         self.counters.images_seen += images
         self.progress.micro_batch(value, images)
 
-    def _nonfinite(self, batch: dict[str, Any]) -> None:
+    def _nonfinite(self, batch: Batch) -> None:
         self.counters.nonfinite_losses += 1
         self._consecutive_nonfinite += 1
         logger.warning(
             "non-finite loss at epoch %d batch %d (%s): batch skipped",
-            self.counters.epoch + 1, self.counters.batch_in_epoch, ", ".join(batch["paths"]),
+            self.counters.epoch + 1, self.counters.batch_in_epoch, ", ".join(batch.paths),
         )  # fmt: skip
         if self._consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
             raise TrainingDivergedError(
