@@ -25,7 +25,7 @@ from config.errors import UserError
 from training.build import build_from_command_line
 from training.loop import TrainingDivergedError
 from training.report import dry_run_report
-from training.session import run_training
+from training.session import TrainingCrashedError, run_training
 
 logger = logging.getLogger("train")
 
@@ -69,9 +69,12 @@ def _main(argv: list[str], stdout: TextIO) -> int:
     except UserError as error:
         logger.error("%s", error)
         return 2
-    except TrainingDivergedError as error:
+    except (TrainingDivergedError, TrainingCrashedError) as error:
         logger.error("%s", error)
         return 1
+    except KeyboardInterrupt:
+        logger.error("stopped by a second Ctrl-C: no checkpoint was saved")
+        return 130
 
 
 if __name__ == "__main__":

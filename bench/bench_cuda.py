@@ -66,6 +66,7 @@ from bench.trainer_harness import (
 )
 from models import tokenize
 from training.build import Run
+from training.latent_cache import LatentCache
 from training.loop import Trainer
 
 logger = logging.getLogger("bench_cuda")
@@ -181,7 +182,7 @@ class Window:
     def __call__(self, trainer: Trainer) -> None:
         self.count += 1
         if self.count == 1:
-            self.cache_active = trainer.latent_source is not None
+            self.cache_active = isinstance(trainer.env.source, LatentCache)
         if self.count == self.warmup:
             self.started = self._now()
         elif self.count == self.warmup + self.steps:

@@ -47,6 +47,7 @@ seconds whenever another process takes a core, which no interleaving cancels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import statistics
@@ -65,7 +66,7 @@ from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-import training.loop
+import training.sources
 from bench.trainer_harness import (
     REPO,
     BenchmarkFinished,
@@ -214,25 +215,26 @@ def bare_batches(run: Run, epochs: list[list[Batch]]) -> list[BareBatch]:
 @contextmanager
 def predecoded_loader(epochs: list[list[Batch]]) -> Iterator[None]:
     """The trainer's `make_loader` replaced by batches decoded beforehand."""
-    if not hasattr(training.loop, "make_loader"):
-        raise SystemExit("training.loop no longer calls make_loader: update bench_overhead.py")
-    original = training.loop.make_loader
+    if not hasattr(training.sources, "make_loader"):
+        raise SystemExit("training.sources no longer calls make_loader: update bench_overhead.py")
+    original = training.sources.make_loader
 
     def from_memory(
         dataset: Any, epoch: int, start_batch: int = 0, *, end_epoch: int | None = None, **_: Any
-    ) -> list[dict]:
+    ) -> list[Batch]:
         end = epoch + 1 if end_epoch is None else end_epoch
         batches = []
         for number in range(epoch, end):  # decoded epochs are reused beyond the first ones
             first = start_batch if number == epoch else 0
-            batches += [{**b, "epoch": number} for b in epochs[number % len(epochs)][first:]]
+            decoded = epochs[number % len(epochs)][first:]
+            batches += [dataclasses.replace(b, epoch=number) for b in decoded]
         return batches
 
-    training.loop.make_loader = from_memory  # type: ignore[assignment]
+    training.sources.make_loader = from_memory  # type: ignore[assignment]
     try:
         yield
     finally:
-        training.loop.make_loader = original
+        training.sources.make_loader = original
 
 
 @dataclass(frozen=True)

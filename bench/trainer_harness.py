@@ -1,10 +1,10 @@
 """Driving the real trainer from a benchmark script: train.py's building code and a step hook.
 
 The benchmarks time the trainer as a user runs it, so they build the run with train.py's own
-`build_from_command_line` and train it with `training.session.run_training` itself, whose
-``on_optimizer_step`` callback runs the benchmark's hook after each optimizer step (after
-everything the trainer does in that step: scheduler, logging, progress bar). A hook ends the
-run at once by raising `BenchmarkFinished` (no checkpoint is written).
+`build_from_command_line` and train it with `training.session.run_training` itself, with one
+extra component whose ``on_optimizer_step`` runs the benchmark's hook after each optimizer step
+(after everything the trainer's own components do in that step: logging, progress bar). A
+hook ends the run at once by raising `BenchmarkFinished` (no checkpoint is written).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from accelerate import Accelerator
 import training.session
 from config.cli import parse_command_line
 from training.build import Run, build_from_command_line
-from training.loop import Trainer
+from training.components import Component, OptimizerStep
+from training.loop import StopTraining, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ StepHook = Callable[[Trainer], None]
 SHIPPED_OPTIMIZER_JSON = REPO / "optimizer.json"
 
 
-class BenchmarkFinished(Exception):  # noqa: N818 (a signal, not an error)
+class BenchmarkFinished(StopTraining):
     """Raised by a step hook: the benchmark has what it needs; training stops here."""
 
 
@@ -55,13 +56,14 @@ def train_with_hook(run: Run, accelerator: Accelerator, hook: StepHook) -> Train
     """
     made: list[Trainer] = []
 
-    def on_step(trainer: Trainer) -> None:
-        if not made:
-            made.append(trainer)
-        hook(trainer)
+    class Hook(Component):
+        def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
+            if not made:
+                made.append(trainer)
+            hook(trainer)
 
     try:
-        training.session.run_training(run, accelerator, on_optimizer_step=on_step)
+        training.session.run_training(run, accelerator, extra_components=[Hook()])
     except BenchmarkFinished:
         return made[0]
     raise RuntimeError("the run ended before the benchmark had its steps: raise max_epochs")

@@ -160,6 +160,11 @@ class TrainConfig:
     no_prepend_last: bool = setting(
         False, "Do not prefix the final checkpoint's folder name with 'last-'."
     )
+    plugins: list[str] | None = setting(
+        None,
+        "EveryDream2 plugins to load, each 'module.Class' (a subclass of "
+        "plugins.plugins.BasePlugin); see the README's Plugins section.",
+    )
 
     # --- EveryDream2 keys that do nothing here ----------------------------------------------
     amp: bool = setting(
@@ -201,9 +206,6 @@ class TrainConfig:
     wandb: bool = setting(False, "Weights & Biases logging.", status="unsupported", note=NOT_YET)
     validation_config: str | None = setting(
         None, "Validation settings file.", status="unsupported", note=NOT_YET
-    )
-    plugins: list[str] | None = setting(
-        None, "Plugins to load.", status="unsupported", note=NOT_YET
     )
     rated_dataset: bool = setting(False, "Rated image sets.", status="unsupported", note=NOT_YET)
     rated_dataset_target_dropout_percent: int = setting(

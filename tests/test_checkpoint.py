@@ -19,17 +19,21 @@ from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
+import training.atomic as atomic
 import training.checkpoint as checkpoint
 from config.errors import UserError
 from models import ModelBundle, load_models
 from training.checkpoint import (
+    frozen_weights_reference,
+    restore_full_precision_weights,
+    save_checkpoint,
+)
+from training.state import (
     STATE_DIR,
     TrainingState,
     check_fingerprint,
     has_training_state,
     load_training_state,
-    restore_full_precision_weights,
-    save_checkpoint,
 )
 
 COMPONENTS = ("unet", "text_encoder", "vae")
@@ -254,26 +258,59 @@ def test_8bit_state_is_really_8bit(sd15):
     assert torch.uint8 in dtypes(state.optimizers["unet"]["state"])
 
 
-def test_fp32_copies_restore_exact_weights(sd21, tmp_path):
-    bundle = copy.deepcopy(sd21)
-    with torch.no_grad():  # the VAE is frozen and already fp16-exact: it needs no copy
-        for p in bundle.vae.parameters():
-            p.copy_(p.half().float())
-    before = weights(bundle)
-    state, _ = make_state(bundle, {"unet": "adamw"})
-    path = save_checkpoint(tmp_path / "ckpt", bundle, state, False, trained=("unet",))
+def test_only_trained_models_are_copied_and_frozen_ones_come_from_the_base(sd21, tmp_path):
+    """Checkpoint weight: fp32 copies of what trains only; frozen models that fp16 rounds are
+    restored exactly from the run's base model (here the built-in tiny-sd21)."""
+    before = weights(sd21)
+    state, _ = make_state(sd21, {"unet": "adamw"})
+    state.frozen_weights = frozen_weights_reference(sd21, ("unet",), "tiny-sd21")
+    assert sorted(state.frozen_weights["sha256"]) == ["text_encoder", "vae"]
+    path = save_checkpoint(tmp_path / "ckpt", sd21, state, False, trained=("unet",))
     document = json.loads((path / STATE_DIR / "state.json").read_text())
-    # text_encoder is not trained, but fp16 would round it: it gets a copy too.
-    assert document["full_precision_weights"] == ["unet", "text_encoder"]
-    assert not (path / STATE_DIR / "vae.safetensors").exists()
+    assert document["full_precision_weights"] == ["unet"]
+    names = sorted(p.name for p in (path / STATE_DIR).iterdir())
+    assert names == ["state.json", "state.pt", "unet.safetensors"]
 
     loaded = load_models(str(path))
     assert not torch.equal(loaded.unet.conv_in.weight, before["unet"]["conv_in.weight"])
+    assert not torch.equal(
+        loaded.vae.encoder.conv_in.weight, before["vae"]["encoder.conv_in.weight"]
+    )
     restore_full_precision_weights(path, loaded)
     for name in COMPONENTS:
         for key, value in getattr(loaded, name).state_dict().items():
             assert value.dtype == torch.float32
             assert torch.equal(value, before[name][key]), f"{name}.{key}"
+
+
+def test_frozen_weights_that_changed_at_the_base_are_not_used(sd21, tmp_path, caplog):
+    state, _ = make_state(sd21, {"unet": "adamw"})
+    state.frozen_weights = frozen_weights_reference(sd21, ("unet",), "tiny-sd21")
+    state.frozen_weights["sha256"]["vae"] = "0" * 64  # as if the base model had changed
+    path = save_checkpoint(tmp_path / "ckpt", sd21, state, False, trained=("unet",))
+    loaded = load_models(str(path))
+    restore_full_precision_weights(path, loaded)
+    assert "vae in tiny-sd21 changed since the run started" in caplog.text
+    assert torch.equal(
+        loaded.vae.encoder.conv_in.weight, sd21.vae.encoder.conv_in.weight.half().float()
+    )
+    assert torch.equal(loaded.text_encoder.state_dict()["final_layer_norm.weight"],
+                       sd21.text_encoder.state_dict()["final_layer_norm.weight"])  # fmt: skip
+
+
+def test_frozen_models_exact_in_fp16_need_no_reference(sd21):
+    bundle = copy.deepcopy(sd21)
+    with torch.no_grad():
+        for p in [*bundle.vae.parameters(), *bundle.text_encoder.parameters()]:
+            p.copy_(p.half().float())
+    assert frozen_weights_reference(bundle, ("unet",), "tiny-sd21") is None
+
+
+def test_checkpoint_folders_get_the_usual_permissions(sd15, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt", sd15, None, False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_full_precision_checkpoint_needs_no_copies(sd15, tmp_path):
@@ -322,25 +359,28 @@ def crash(*args, **kwargs):
     raise RuntimeError("simulated crash")
 
 
-@pytest.mark.parametrize("where", ["_write_training_state", "_sync_tree", "_fsync_dir"])
-def test_crash_mid_save_leaves_previous_checkpoint(sd15, tmp_path, monkeypatch, where):
+@pytest.mark.parametrize(
+    ("module", "where"),
+    [(checkpoint, "_write_training_state"), (atomic, "sync_tree"), (atomic, "_fsync")],
+)
+def test_crash_mid_save_leaves_previous_checkpoint(sd15, tmp_path, monkeypatch, module, where):
     path = tmp_path / "ckpt"
     with monkeypatch.context() as patch:  # the very first save crashes: nothing at path
-        patch.setattr(checkpoint, where, crash)
+        patch.setattr(module, where, crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
     assert list(tmp_path.iterdir()) == []
 
     save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, where, crash)
+        patch.setattr(module, where, crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 2)[0], False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    if where == "_fsync":  # the first fsync is a file's, before the rename: nothing changed
+        assert names == ["ckpt"]
     assert load_training_state(path).global_step == 1
     StableDiffusionPipeline.from_pretrained(str(path))
-    # _fsync_dir runs after the rename: the new checkpoint is then in place and whole.
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["ckpt"] or (where == "_fsync_dir" and ".ckpt.old-" in "".join(names))
 
 
 def test_checkpoint_left_aside_by_a_killed_save_is_put_back(sd15, tmp_path, monkeypatch):

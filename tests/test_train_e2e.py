@@ -228,7 +228,10 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert run(config) == 1
     (saved,) = checkpoints(tmp_path, "diverged-")
     state = json.loads((saved / "training_state" / "state.json").read_text())
-    assert state["counters"]["nonfinite_losses"] == 1 + loop.MAX_CONSECUTIVE_NONFINITE
+    # Saved at the start of the window that diverged (batch 6 of the second epoch): the
+    # checkpoint is an exact resume point, before that window's non-finite loss.
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 6)
+    assert state["counters"]["nonfinite_losses"] == loop.MAX_CONSECUTIVE_NONFINITE
     weights = trained_weights(saved)
     assert all(torch.isfinite(v).all() for v in weights.values())
 
@@ -260,13 +263,13 @@ def test_cache_latents_skips_the_vae_and_trains_alike(tmp_path, monkeypatch):
     cached = write_config(tmp_path / "cached", ADAMW, **keys, cache_latents=True)
     assert run(plain) == 0
 
-    import training.loop as loop
+    import training.sources as sources
 
     def no_vae_in_step(*args, **kwargs):
         raise AssertionError("the VAE ran in the step although latents are cached")
 
-    monkeypatch.setattr(loop, "encode_latent_distribution", no_vae_in_step)
-    monkeypatch.setattr(loop, "make_loader", no_vae_in_step)
+    monkeypatch.setattr(sources, "encode_latent_distribution", no_vae_in_step)
+    monkeypatch.setattr(sources, "make_loader", no_vae_in_step)
     assert run(cached) == 0
     (a,) = checkpoints(tmp_path / "plain", "last-")
     (b,) = checkpoints(tmp_path / "cached", "last-")
@@ -315,7 +318,8 @@ def test_checkpoint_every_n_minutes(tmp_path):
     config = write_config(tmp_path, ADAMW, max_epochs=1, ckpt_every_n_minutes=1e-9)
     assert run(config) == 0
     names = [p.name for p in checkpoints(tmp_path)]
-    periodic = [f"myproj-ep00-gs{step:05d}" for step in range(1, 8)]
+    # The one at the end of the epoch is at epoch 1 (resumable: the epoch is complete).
+    periodic = [f"myproj-ep00-gs{step:05d}" for step in range(1, 7)] + ["myproj-ep01-gs00007"]
     assert names == ["last-myproj-ep01-gs00007", *periodic]
 
 

@@ -5,73 +5,38 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 
 from config.cli import CommandLine
 from config.load import LoadedTrainConfig, find_input_file, load_train_config
-from data import DataSettings, TrainDataset, load_dataset
-from models import ModelBundle, builtin_text_encoder_layers, classify_resume_ckpt, load_models
+from config.train_config import TrainConfig
+from data import DataSettings, load_dataset
+from models import builtin_text_encoder_layers, classify_resume_ckpt, load_models
 from models.loading import SourceKind
 from optimizer.build import (
-    FreezeReport,
-    ModelTraining,
     apply_text_encoder_freezing,
     build_model_training,
     freeze_plan,
 )
 from optimizer.config import OptimizerConfig, load_optimizer_config
 from optimizer.schedulers import total_optimizer_steps
-from training.checkpoint import (
+from plugins.loading import load_plugins
+from training.checkpoint import restore_full_precision_weights
+from training.distributed import make_accelerator, training_device
+from training.names import check_output_names
+from training.run import Run
+from training.samples import SampleSettings, load_sample_settings
+from training.state import (
     TrainingState,
     check_fingerprint,
     has_training_state,
     load_training_state,
-    restore_full_precision_weights,
 )
-from training.distributed import make_accelerator, training_device
-from training.samples import SampleSettings, load_sample_settings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """A run, built and ready to train (or to describe in a dry run)."""
-
-    train: LoadedTrainConfig
-    optim: OptimizerConfig
-    seed: int
-    device: torch.device
-    dataset: TrainDataset
-    models: ModelBundle
-    freezing: FreezeReport
-    unet: ModelTraining | None
-    text_encoder: ModelTraining | None
-    total_optimizer_steps: int
-    samples: SampleSettings | None
-    resume_state: TrainingState | None
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What a checkpoint's training state must match to be resumed by this run."""
-        return {
-            name: None
-            if training is None
-            else {
-                "optimizer": training.settings.name,
-                "trainable_parameters": training.trainable_parameters,
-            }
-            for name, training in (("unet", self.unet), ("text_encoder", self.text_encoder))
-        }
-
-    @property
-    def trainings(self) -> list[ModelTraining]:
-        """The optimizers that exist (a model that is not trained has none)."""
-        return [t for t in (self.unet, self.text_encoder) if t is not None]
 
 
 def resolve_seed(seed: int) -> int:
@@ -131,7 +96,10 @@ def data_settings(
 
 
 def resume_state_of(resume_ckpt: str) -> TrainingState | None:
-    """The training state of a checkpoint of this trainer; None for plain model weights."""
+    """The training state of a checkpoint of this trainer; None for plain model weights.
+
+    A ``training_state/`` that lacks a file is an error naming what is missing.
+    """
     if classify_resume_ckpt(resume_ckpt) is not SourceKind.LOCAL:
         return None
     path = Path(resume_ckpt).expanduser()
@@ -139,6 +107,24 @@ def resume_state_of(resume_ckpt: str) -> TrainingState | None:
         logger.info("%s has no training state: a new run starts from its weights", path)
         return None
     return load_training_state(path)
+
+
+def base_model_of(resume_ckpt: str, resume_state: TrainingState | None) -> str:
+    """Where the run's starting weights are: what frozen models are restored from on resume.
+
+    A resumed run keeps the base model its checkpoint names; otherwise it is ``resume_ckpt``
+    (a local path made absolute, so that the reference works from any working directory).
+    """
+    if resume_state is not None and resume_state.frozen_weights is not None:
+        return str(resume_state.frozen_weights.get("source"))
+    if classify_resume_ckpt(resume_ckpt) is SourceKind.LOCAL:
+        return str(Path(resume_ckpt).expanduser().absolute())
+    return resume_ckpt
+
+
+def checkpoint_dir_of(config: TrainConfig) -> Path:
+    """Where checkpoints go: save_ckpt_dir, else the run folder inside logdir."""
+    return Path(config.save_ckpt_dir if config.save_ckpt_dir is not None else config.logdir)
 
 
 def sample_settings(train: LoadedTrainConfig, seed: int) -> SampleSettings | None:
@@ -160,6 +146,7 @@ def build_run(
     """Validate what needs the model's shape, scan the data, load models, build optimizers."""
     c = train.config
     assert c.resume_ckpt is not None
+    plugins = load_plugins(c.plugins, train.folder)
     check_before_models(train, optim)
     resume_state = resume_state_of(c.resume_ckpt)
     seed = resolve_seed(c.seed) if resume_state is None else resume_state.seed
@@ -168,6 +155,7 @@ def build_run(
     samples = sample_settings(train, seed)
     dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type))
     total_steps = total_optimizer_steps(dataset.steps_per_epoch(), c.max_epochs, c.grad_accum)
+    check_output_names(c.project_name, checkpoint_dir_of(c), c.max_epochs, total_steps)
 
     models = load_models(c.resume_ckpt)
     if resume_state is not None:
@@ -198,6 +186,8 @@ def build_run(
         total_optimizer_steps=total_steps,
         samples=samples,
         resume_state=resume_state,
+        base_model=base_model_of(c.resume_ckpt, resume_state),
+        plugins=plugins,
     )
     if resume_state is not None:
         check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())

@@ -26,6 +26,15 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item() > 0)
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """The main process's ``value`` in every process (``value`` itself with one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 def make_accelerator() -> Accelerator:
     """The accelerate state: one process, or several under ``accelerate launch``.
 

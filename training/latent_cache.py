@@ -29,10 +29,11 @@ Key = tuple[int, bool]  # (image index, flipped)
 
 
 class LatentCache:
-    """Posteriors keyed by (image index, flipped)."""
+    """Posteriors keyed by (image index, flipped): a `training.sources.BatchSource`."""
 
-    def __init__(self, means: dict[Key, torch.Tensor], stds: dict[Key, torch.Tensor],
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(self, dataset: TrainDataset, means: dict[Key, torch.Tensor],
+                 stds: dict[Key, torch.Tensor], device: torch.device) -> None:  # fmt: skip
+        self.dataset = dataset
         self.means = means
         self.stds = stds
         self.device = device
@@ -40,7 +41,11 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.means)
 
-    def __call__(self, batch: Batch) -> LatentDistribution:
+    def batches(self, epoch: int, start_batch: int, end_epoch: int) -> Iterator[Batch]:
+        """The batches of the run from (epoch, start_batch) on, without pixels."""
+        return cached_batches(self.dataset, epoch, start_batch, end_epoch)
+
+    def latents(self, batch: Batch) -> LatentDistribution:
         keys = list(zip(batch.image_indices, batch.flipped, strict=True))
         non_blocking = self.device.type == "cuda"
         mean = torch.stack([self.means[k] for k in keys]).to(self.device, non_blocking=non_blocking)
@@ -81,7 +86,7 @@ def build_latent_cache(
         "cache_latents: %d latents of %d images encoded in %.1f s",
         len(means), len(dataset.images), time.perf_counter() - started,
     )  # fmt: skip
-    return LatentCache(means, stds, device)
+    return LatentCache(dataset, means, stds, device)
 
 
 def cached_batches(

@@ -35,7 +35,8 @@ def make_noise_scheduler(scheduler: DDPMScheduler, enable_zero_terminal_snr: boo
     """
     overrides: dict[str, object] = {}
     if enable_zero_terminal_snr:
-        overrides["rescale_betas_zero_snr"] = True
+        # "trailing" spacing makes samplers start from the last (pure-noise) timestep.
+        overrides |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     fresh = DDPMScheduler.from_config(scheduler.config, **overrides)
     prediction_type = fresh.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:

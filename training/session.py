@@ -1,59 +1,37 @@
-"""A training session: prepare the built run's models, outputs and trainer, then train."""
+"""A training session: prepare the built run's models, outputs and components, then train."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from training.build import Run
+from config.errors import UserError
+from training.components import Component, build_components
+from training.environment import Environment
 from training.interrupt import stop_on_signals
 from training.latent_cache import build_latent_cache
-from training.loop import LoopSettings, Trainer
+from training.logfile import FILE_ONLY, log_file
+from training.loop import StopTraining, Trainer, TrainingDivergedError
+from training.metrics import Metrics, TensorBoardSink
 from training.noise import make_noise_scheduler
-from training.outputs import Progress, create_run_folder, write_json
-from training.precision import choose_precision
+from training.outputs import create_run_folder, write_json
+from training.precision import Precision, choose_precision
 from training.report import dry_run_report, memory_report
-from training.step import CaptionTokenizer, PromptEncoder, Shard, StepModels, StepSettings
+from training.run import Run
+from training.sources import BatchSource, PixelSource
+from training.step import CaptionTokenizer, PromptEncoder, Shard, StepModels
 
 logger = logging.getLogger(__name__)
 
 
-def step_settings(run: Run) -> StepSettings:
-    c = run.train.config
-    return StepSettings(
-        zero_frequency_noise_ratio=c.zero_frequency_noise_ratio,
-        pyramid_noise_discount=c.pyramid_noise_discount,
-        timestep_start=c.timestep_start,
-        timestep_end=c.timestep_end,
-        loss_type=c.loss_type,
-        min_snr_gamma=c.min_snr_gamma,
-        embedding_perturbation=c.embedding_perturbation,
-    )
-
-
-def loop_settings(run: Run) -> LoopSettings:
-    c = run.train.config
-    return LoopSettings(
-        max_epochs=c.max_epochs,
-        grad_accum=c.grad_accum,
-        clip_grad_norm=c.clip_grad_norm,
-        log_step=c.log_step,
-        sample_steps=c.sample_steps,
-        save_every_n_epochs=c.save_every_n_epochs,
-        ckpt_every_n_minutes=c.ckpt_every_n_minutes,
-        save_ckpts_from_n_epochs=c.save_ckpts_from_n_epochs,
-        save_optimizer=c.save_optimizer,
-        save_full_precision=c.save_full_precision,
-        no_prepend_last=c.no_prepend_last,
-        project_name=c.project_name,
-        clip_skip=c.clip_skip,
-        apply_grad_scaler_step_tweaks=run.optim.apply_grad_scaler_step_tweaks,
-        log_grad_norm=run.optim.log_grad_norm,
-    )
+class TrainingCrashedError(RuntimeError):
+    """An unexpected error during training; the message is one line, the traceback is logged."""
 
 
 def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
@@ -66,14 +44,18 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
     bundle.unet.train(train_unet)
     bundle.text_encoder.train(train_text_encoder)
     if c.gradient_checkpointing:
-        if train_unet:
-            bundle.unet.enable_gradient_checkpointing()
+        # A frozen UNet still backpropagates to a trained text encoder: checkpoint it too.
+        bundle.unet.enable_gradient_checkpointing()
         if train_text_encoder:
             bundle.text_encoder.gradient_checkpointing_enable()
     if c.attn_type == "slice":
         bundle.unet.set_attention_slice("auto")
     if run.device.type == "cuda":
         bundle.unet.to(memory_format=torch.channels_last)
+    # Saved checkpoints and samples use the schedule the model trains with.
+    bundle.noise_scheduler = make_noise_scheduler(
+        bundle.noise_scheduler, c.enable_zero_terminal_snr
+    )
     unet: torch.nn.Module = bundle.unet
     if c.compile_unet:
         logger.info("compiling the UNet with torch.compile (the first steps are slow)")
@@ -88,7 +70,7 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
         bundle=bundle,
         unet=unet,
         prompt_encoder=prompt_encoder,
-        noise_scheduler=make_noise_scheduler(bundle.noise_scheduler, c.enable_zero_terminal_snr),
+        noise_scheduler=bundle.noise_scheduler,
         train_text_encoder=train_text_encoder,
         tokens=CaptionTokenizer(bundle.tokenizer),
     )
@@ -131,14 +113,20 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
         )  # fmt: skip
 
 
-def run_training(
-    run: Run,
-    accelerator: Accelerator,
-    on_optimizer_step: Callable[[Trainer], None] | None = None,
-) -> bool:
-    """Train the built run to the end (or until Ctrl-C/SIGTERM); True when interrupted.
+def batch_source(run: Run, precision: Precision) -> BatchSource:
+    """Images through the loader and the VAE in the step, or a latent cache built now."""
+    if run.train.config.cache_latents:
+        return build_latent_cache(run.dataset, run.models, precision, run.device)
+    return PixelSource(run.dataset, run.models, precision, run.device)
 
-    ``on_optimizer_step(trainer)`` runs after every optimizer step (benchmarks time with it).
+
+def run_training(
+    run: Run, accelerator: Accelerator, extra_components: Sequence[Component] = ()
+) -> str:
+    """Train the built run to the end (or until Ctrl-C/SIGTERM): "finished" or "interrupted".
+
+    ``extra_components`` run after the run's own (benchmarks time steps with one). An
+    unexpected error becomes a `TrainingCrashedError` whose traceback is in the log file.
     """
     c = run.train.config
     main = accelerator.is_main_process
@@ -149,42 +137,52 @@ def run_training(
     precision = choose_precision(run.device, c.disable_amp)
     models = prepare_models(run, accelerator)
     folder = create_run_folder(c.logdir, c.project_name, c.run_name) if main else None
-    if folder is not None:
-        write_json(folder / "config.json", dry_run_report(run))
-        logger.info("run folder: %s", folder)
-        log_summary(run, precision.describe(), accelerator.num_processes)
-    latent_cache = (
-        build_latent_cache(run.dataset, run.models, precision, run.device)
-        if c.cache_latents
-        else None
-    )
-    checkpoint_dir = Path(c.save_ckpt_dir) if c.save_ckpt_dir is not None else folder
-    initial_step = 0 if run.resume_state is None else run.resume_state.global_step
-    trainer = Trainer(
-        dataset=run.dataset,
-        models=models,
-        trainings=run.trainings,
-        step_settings=step_settings(run),
-        settings=loop_settings(run),
-        precision=precision,
-        device=run.device,
-        shard=Shard(accelerator.process_index, accelerator.num_processes),
-        seed=run.seed,
-        checkpoint_dir=checkpoint_dir if checkpoint_dir is not None else Path(c.logdir),
-        progress=Progress(run.total_optimizer_steps, initial_step, c.log_step, folder),
-        samples=run.samples,
-        sample_dir=None if folder is None else folder / "samples",
-        is_main_process=main,
-        fingerprint=run.fingerprint(),
-        barrier=accelerator.wait_for_everyone,
-        schedule_dir=folder if c.write_schedule else None,
-        latent_source=latent_cache,
-        on_optimizer_step=on_optimizer_step,
-    )
-    if run.resume_state is not None:
-        trainer.restore(run.resume_state)
-    with stop_on_signals() as stop:
-        interrupted = trainer.train(stop)
-    if main and trainer.last_checkpoint is not None:
-        logger.info("%s: %s", "interrupted" if interrupted else "done", trainer.last_checkpoint)
-    return interrupted
+    with ExitStack() as stack:
+        log_path = stack.enter_context(log_file(folder))
+        metrics = None
+        if folder is not None:
+            write_json(folder / "config.json", dry_run_report(run))
+            logger.info("run folder: %s", folder)
+            log_summary(run, precision.describe(), accelerator.num_processes)
+            metrics = Metrics([TensorBoardSink(folder)])
+            stack.callback(metrics.close)
+        checkpoint_dir = folder if folder is not None else Path(c.logdir)
+        if c.save_ckpt_dir is not None:
+            checkpoint_dir = Path(c.save_ckpt_dir)
+        env = Environment(
+            device=run.device,
+            shard=Shard(accelerator.process_index, accelerator.num_processes),
+            precision=precision,
+            source=batch_source(run, precision),
+            is_main_process=main,
+            run_id=folder.name if folder is not None else "",
+            run_folder=folder,
+            checkpoint_dir=checkpoint_dir,
+            metrics=metrics,
+            barrier=accelerator.wait_for_everyone,
+        )
+        trainer = Trainer(run, models, env, build_components(run, extra_components))
+        if run.resume_state is not None:
+            trainer.restore(run.resume_state)
+        return _train(trainer, log_path)
+
+
+def _train(trainer: Trainer, log_path: Path | None) -> str:
+    """The trainer's loop under the signal handlers, with crashes made one line."""
+    try:
+        with logging_redirect_tqdm(), stop_on_signals() as stop:
+            outcome = trainer.train(stop)
+    except (UserError, TrainingDivergedError, StopTraining, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        if log_path is None:  # another process than the main one: no log file
+            logger.exception("traceback of the crash")
+        else:
+            logger.error("traceback of the crash", exc_info=True, extra=FILE_ONLY)
+        where = "" if log_path is None else f"; the traceback is in {log_path}"
+        raise TrainingCrashedError(
+            f"training crashed: {type(error).__name__}: {error}{where}"
+        ) from error
+    if trainer.env.is_main_process and trainer.last_checkpoint is not None:
+        logger.info("%s: %s", outcome, trainer.last_checkpoint)
+    return outcome

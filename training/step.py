@@ -16,24 +16,13 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
+from config.train_config import TrainConfig
+from data import Batch
 from models import encode_prompts, tokenize
 from models.bundle import ModelBundle
-from training.loss import compute_loss, perturb_embeddings
+from training.loss import per_sample_loss, perturb_embeddings
 from training.noise import sample_noise, sample_timesteps, training_target
 from training.precision import Precision
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """The train.json keys that shape the loss (same names; clip_skip is the PromptEncoder's)."""
-
-    zero_frequency_noise_ratio: float
-    pyramid_noise_discount: float | None
-    timestep_start: int
-    timestep_end: int
-    loss_type: str
-    min_snr_gamma: float | None
-    embedding_perturbation: float
 
 
 @dataclass(frozen=True)
@@ -121,13 +110,18 @@ def _global_like(local: torch.Tensor, shard: Shard) -> torch.Tensor:
 def batch_loss(
     models: StepModels,
     latents_dist: LatentDistribution,
-    captions: list[str],
-    settings: StepSettings,
+    batch: Batch,
+    config: TrainConfig,
     generator: torch.Generator,
     precision: Precision,
     shard: Shard,
 ) -> torch.Tensor:
-    """The scalar loss of one micro-batch (not yet divided for accumulation)."""
+    """The scalar loss of one micro-batch (not yet divided for accumulation).
+
+    VAE sample → noise and timesteps → noisy latents; captions → text embeddings (perturbed);
+    UNet → prediction; loss against the target per image, times each image's loss scale,
+    averaged over the batch. ``config`` supplies the train.json keys that shape the step.
+    """
     device = latents_dist.mean.device
     global_shape = _global_like(latents_dist.mean, shard)
     eps = torch.randn(
@@ -137,30 +131,32 @@ def batch_loss(
     scheduler = models.noise_scheduler
     noise = shard.take(
         sample_noise(
-            global_shape, generator, settings.zero_frequency_noise_ratio,
-            settings.pyramid_noise_discount,
+            global_shape, generator, config.zero_frequency_noise_ratio,
+            config.pyramid_noise_discount,
         )
     )  # fmt: skip
     timesteps = shard.take(
         sample_timesteps(
-            global_shape.shape[0], settings.timestep_start, settings.timestep_end,
+            global_shape.shape[0], config.timestep_start, config.timestep_end,
             generator, device, num_train_timesteps=scheduler.config.num_train_timesteps,
         )
     )  # fmt: skip
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
 
-    ids = models.tokens(captions).to(device)
+    ids = models.tokens(list(batch.captions)).to(device)
     grad = contextlib.nullcontext() if models.train_text_encoder else torch.no_grad()
     with precision.autocast():
         with grad:
             embeddings = models.prompt_encoder(ids)
-        if settings.embedding_perturbation > 0:  # drawn for the global batch, like the rest
+        if config.embedding_perturbation > 0:  # drawn for the global batch, like the rest
             zeros = _global_like(embeddings, shard).zero_()
-            strength = settings.embedding_perturbation
+            strength = config.embedding_perturbation
             embeddings = embeddings + shard.take(perturb_embeddings(zeros, strength, generator))
         prediction = models.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
-    return compute_loss(
+    losses = per_sample_loss(
         prediction.float(), target.float(), timesteps, scheduler,
-        settings.loss_type, settings.min_snr_gamma,
+        config.loss_type, config.min_snr_gamma,
     )  # fmt: skip
+    scales = torch.tensor(batch.loss_scales, dtype=losses.dtype, device=losses.device)
+    return (losses * scales).mean()

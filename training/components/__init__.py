@@ -1,0 +1,33 @@
+"""The components a run is made of, in the order the trainer calls them.
+
+A new behaviour is one new module with a `Component` and one line in `build_components`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from training.components.base import Component, OptimizerStep
+from training.components.checkpoints import PeriodicCheckpoints
+from training.components.plugins import PluginHooks
+from training.components.progress import ProgressBar
+from training.components.samples import Samples
+from training.components.scalars import TrainingScalars
+from training.components.schedule import ScheduleWriter
+from training.run import Run
+
+__all__ = ["Component", "OptimizerStep", "build_components"]
+
+
+def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Component]:
+    """The run's components (building them has no side effects); ``extra`` come last."""
+    components: list[Component | None] = [
+        Samples(run.samples) if run.samples is not None else None,
+        PluginHooks(run.plugins) if run.plugins else None,
+        ScheduleWriter() if run.train.config.write_schedule else None,
+        PeriodicCheckpoints(),
+        TrainingScalars(),
+        ProgressBar(run.total_optimizer_steps),
+        *extra,
+    ]
+    return [component for component in components if component is not None]

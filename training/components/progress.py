@@ -1,0 +1,74 @@
+"""The progress bar: one line over optimizer steps, at most 80 columns, logs printed above it."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from training.components.base import Component, OptimizerStep
+
+if TYPE_CHECKING:
+    from training.loop import Trainer
+
+WIDTH = 80
+# step counter, then [elapsed<remaining, epoch, loss, LR, speed]; the bar fills the rest
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+SMOOTHING = 0.1  # weight of the newest step in the images/s average
+
+
+def rate_text(images_per_second: float) -> str:
+    """Images/s with three significant digits, never rounded to 0.0 (0.0123, 4.56, 78.9, 1234)."""
+    if images_per_second >= 100:
+        return f"{images_per_second:.0f}"
+    return f"{images_per_second:.3g}"
+
+
+def postfix_text(epoch: int, max_epochs: int, loss: float | None, lr: float | None,
+                 images_per_second: float | None) -> str:  # fmt: skip
+    """``ep 2/8 loss 0.1234 lr 1.0e-04 12.3 img/s``: what the bar shows after the counters."""
+    parts = [f"ep {epoch + 1}/{max_epochs}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if lr is not None:
+        parts.append(f"lr {lr:.1e}")
+    if images_per_second is not None and images_per_second > 0:
+        parts.append(f"{rate_text(images_per_second)} img/s")
+    return " ".join(parts)
+
+
+class ProgressBar(Component):
+    """A tqdm bar in the main process (the LR shown is the UNet's, else the text encoder's)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self._bar: tqdm | None = None
+        self._since = 0.0
+        self._rate: float | None = None
+
+    def on_training_start(self, trainer: Trainer) -> None:
+        if not trainer.env.is_main_process:
+            return
+        self._bar = tqdm(
+            total=self.total_steps, initial=trainer.counters.global_step, unit="step",
+            ncols=WIDTH, bar_format=BAR_FORMAT, dynamic_ncols=False,
+        )  # fmt: skip
+        self._since = time.perf_counter()
+
+    def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
+        if self._bar is None:
+            return
+        now = time.perf_counter()
+        rate = step.images / max(now - self._since, 1e-9)
+        self._since = now
+        self._rate = rate if self._rate is None else SMOOTHING * rate + (1 - SMOOTHING) * self._rate
+        lr = next(iter(step.lrs.values()), None)
+        text = postfix_text(step.epoch, trainer.config.max_epochs, step.loss, lr, self._rate)
+        self._bar.set_postfix_str(text, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

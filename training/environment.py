@@ -1,0 +1,34 @@
+"""`Environment`: where and how a run trains: device, processes, precision, outputs, data source."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from training.metrics import Metrics
+from training.precision import Precision
+from training.sources import BatchSource
+from training.step import Shard
+
+
+@dataclass
+class Environment:
+    """What the trainer and its components need to know about this process and run.
+
+    ``run_folder`` and ``metrics`` exist in the main process only (None elsewhere).
+    ``run_id`` names the run (its folder's name) in every checkpoint it writes.
+    """
+
+    device: torch.device
+    shard: Shard
+    precision: Precision
+    source: BatchSource
+    is_main_process: bool
+    run_id: str
+    run_folder: Path | None
+    checkpoint_dir: Path
+    metrics: Metrics | None
+    barrier: Callable[[], None]

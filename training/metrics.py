@@ -1,0 +1,77 @@
+"""`Metrics`: where a run's scalars and images go: TensorBoard, and Weights & Biases when asked.
+
+Created by the main process only. Tags are plain strings (``loss/train``,
+``hyperparameter/lr unet``, ``samples/0``); every sink receives the same values.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """One destination of metrics."""
+
+    def scalar(self, tag: str, value: float, step: int) -> None: ...
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardSink:
+    """Event files in the run folder (``tensorboard --logdir logs``)."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
+        self.writer.add_image(tag, image, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Metrics:
+    """Fans scalars and images out to every sink."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        for sink in self.sinks:
+            sink.scalar(tag, float(value), step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.scalar(tag, value, step)
+
+    def image(self, tag: str, image: Any, step: int, caption: str = "") -> None:
+        """An image (PIL or an H×W×3 uint8 array)."""
+        array = np.asarray(image)
+        for sink in self.sinks:
+            sink.image(tag, array, step, caption)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,70 @@
+"""Names of what a run writes: checkpoint folders and files, and the longest one it can need.
+
+Checkpoints are named ``<project_name>-ep<epoch:02d>-gs<global step:05d>`` (EveryDream2's
+pattern), with a prefix that says why they were written: ``last-`` (the end of training,
+unless ``no_prepend_last``), ``interrupted-``, ``diverged-``, ``crashed-``; periodic ones have
+none. When another run's checkpoint already has the name, ``-2``, ``-3``, ... is appended.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from config.errors import UserError
+
+KINDS = ("periodic", "last", "interrupted", "diverged", "crashed")
+NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
+PATH_MAX = 4095  # bytes in a path (Linux)
+# What can be added to a checkpoint's name: a "-NN" to make it unique, "_ema" for the EMA
+# pipeline, ".safetensors" for the single file, and the temporary ".<name>.partial-<pid>-<hex>"
+# (process ids up to 7 digits, 8 hex digits) while it is written.
+SUFFIX_RESERVE = len("-99") + len("_ema") + len(".safetensors")
+TEMPORARY_RESERVE = len(".") + len(".partial-") + 7 + len("-") + 8
+
+
+def checkpoint_name(
+    project_name: str, kind: str, epoch: int, global_step: int, no_prepend_last: bool
+) -> str:
+    """The folder name of a checkpoint of ``kind`` at (epoch, global step)."""
+    assert kind in KINDS, kind
+    name = f"{project_name}-ep{epoch:02d}-gs{global_step:05d}"
+    if kind == "periodic" or (kind == "last" and no_prepend_last):
+        return name
+    return f"{kind}-{name}"
+
+
+def free_path(folder: Path, name: str, is_ours: Callable[[Path], bool]) -> Path:
+    """``folder/name`` when nothing is there or it is this run's own (then it is replaced);
+    otherwise the first ``folder/name-N`` (N = 2, 3, ...) that is."""
+    path = folder / name
+    number = 2
+    while path.exists() and not is_ours(path):
+        path = folder / f"{name}-{number}"
+        number += 1
+    return path
+
+
+def check_output_names(
+    project_name: str, checkpoint_dir: Path, max_epochs: int, total_steps: int
+) -> None:
+    """`UserError` when a checkpoint this run may write would have a name or path too long.
+
+    Checked before training starts, with the largest epoch and step numbers of the run, so a
+    run never trains to the end and then fails to save.
+    """
+    longest = checkpoint_name(project_name, "interrupted", max_epochs, total_steps, False)
+    name_bytes = len(longest.encode("utf-8", "surrogateescape")) + SUFFIX_RESERVE
+    if name_bytes + TEMPORARY_RESERVE > NAME_MAX:
+        allowed = NAME_MAX - TEMPORARY_RESERVE - SUFFIX_RESERVE - (len(longest) - len(project_name))
+        raise UserError(
+            f"project_name: too long: checkpoint names such as '{longest}' would pass the "
+            f"{NAME_MAX}-byte limit of a file name; use at most {allowed} bytes"
+        )
+    full = os.path.abspath(checkpoint_dir / longest)
+    if len(full.encode("utf-8", "surrogateescape")) + SUFFIX_RESERVE + TEMPORARY_RESERVE > PATH_MAX:
+        raise UserError(
+            f"save_ckpt_dir / logdir: checkpoint paths such as {full} would pass the "
+            f"{PATH_MAX}-byte limit of a path; choose a shorter folder"
+        )
