@@ -17,10 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from config.fields import rule_of, strip_optional
+from config.fields import allowed_text, rule_of, strip_optional
 from config.train_config import TrainConfig
-from optimizer.config import BUILTIN, TOP_DEFAULTS, OptimizerFile, OptimizerSection
-from optimizer.freezing import FreezingConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -45,15 +43,11 @@ def _type_name(tp: Any) -> str:
 
 
 def _allowed(rule: Any) -> str:
-    parts = []
+    parts = allowed_text(rule).split("; ")
     choices = rule.allowed_choices()
     if choices is not None:
-        parts.append(", ".join(f"`{c}`" for c in choices))
-    if rule.minimum is not None:
-        parts.append(f"{'>' if rule.exclusive_minimum else '>='} {rule.minimum:g}")
-    if rule.maximum is not None:
-        parts.append(f"<= {rule.maximum:g}")
-    return "; ".join(parts)
+        parts[0] = ", ".join(f"`{c}`" for c in choices)
+    return "; ".join(p for p in parts if p)
 
 
 def _rows(cls: type, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
@@ -82,14 +76,23 @@ def train_table() -> str:
     return "\n".join(HEADER + _rows(TrainConfig, defaults))
 
 
+# The optimizer package depends on config, never the reverse: this documentation tool imports
+# it only when it makes the optimizer tables.
+
+
 def optimizer_table() -> str:
     """The keys of optimizer.json's base / text_encoder_overrides sections."""
+    from optimizer.config import BUILTIN, OptimizerSection
+
     defaults = {f.name: getattr(BUILTIN, f.name) for f in dataclasses.fields(OptimizerSection)}
     return "\n".join(HEADER + _rows(OptimizerSection, defaults))
 
 
 def top_level_table() -> str:
     """optimizer.json's top-level keys and text_encoder_freezing's keys."""
+    from optimizer.config import TOP_DEFAULTS, OptimizerFile
+    from optimizer.freezing import FreezingConfig
+
     top_defaults = {f.name: None for f in dataclasses.fields(OptimizerFile)} | TOP_DEFAULTS
     freezing_defaults = {
         "freeze_embeddings": False,

@@ -128,7 +128,7 @@ def test_all_problems_of_a_file_in_one_error(tmp_path):
     problems = info.value.problems
     assert len(problems) == 4
     text = str(info.value)
-    assert 'lr: expected a number, got "fast"' in text
+    assert 'lr: expected a number (>= 0; <= 10), got "fast"' in text
     assert "batch_size: must be >= 1" in text
     assert "did you mean 'mse'" in text
 
