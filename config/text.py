@@ -24,7 +24,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _TEXT_WHITESPACE = frozenset("\t\n\r")
 _SEPARATORS = frozenset({"/", "\\", os.sep})
-_LONG_DIGITS = 20  # longer whole numbers are shown by their length
+_LONG_DIGITS = 17  # longer whole numbers are shown as 1e+30
 
 
 class InvalidValueError(ValueError):
@@ -64,9 +64,12 @@ def number_text(number: float) -> str:
         if not number.is_integer() or abs(number) >= 10**16:
             return f"{number:g}"
         number = int(number)
-    if abs(number) >= 10**_LONG_DIGITS:
+    if abs(number) < 10**_LONG_DIGITS:
+        return str(number)
+    try:
+        return f"{float(number):g}"
+    except OverflowError:
         return f"a {len(str(abs(number)))}-digit number"
-    return str(number)
 
 
 def check_text(value: str, kind: TextKind, max_bytes: int | None = None) -> None:
