@@ -238,7 +238,7 @@ def _check_rule(value: Any, rule: Rule) -> None:
             raise InvalidValueError(
                 f"must be {op} {number_text(rule.minimum)}, got {number_text(value)}"
             )
-    if rule.maximum is not None and value > rule.maximum and not math.isinf(value):
+    if rule.maximum is not None and value > rule.maximum and value != math.inf:
         raise InvalidValueError(f"must be <= {number_text(rule.maximum)}, got {number_text(value)}")
     if rule.multiple_of is not None and value % rule.multiple_of != 0:
         raise InvalidValueError(

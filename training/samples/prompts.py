@@ -43,7 +43,7 @@ MIN_SIDE = 64
 ASPECT_SIZE_MULTIPLE = 64  # sizes chosen from an aspect_ratio, as EveryDream2 and the buckets
 _EXTERNAL = "generating samples in an external service is not supported"
 _INVOKEAI = "InvokeAI sample lists are not supported"
-_IGNORED = "Accepted and ignored (EveryDream2 or its forks)."  # keys with status "deprecated"
+_IGNORED = "A key of EveryDream2 or its forks."  # keys with status "deprecated"
 
 
 def _seed(help: str) -> Any:
@@ -58,7 +58,7 @@ class SampleFile:
     seed: int | None = _seed("Seed of every sample; -1 a new random seed each time.")
     cfgs: list[float] | None = setting(
         None,
-        "Guidance scales; each sample is drawn once per scale (default [7, 4, 1.01]).",
+        "Guidance scales; each sample is drawn once per scale.",
         minimum=0.0,
         maximum=lim.MAX_GUIDANCE_SCALE,
         min_items=1,
