@@ -20,12 +20,11 @@ from typing import TextIO
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from config.cli import parse_command_line
+from config.cli import CommandLine, parse_command_line
 from config.errors import UserError
-from training.build import build_from_command_line
-from training.loop import TrainingDivergedError
-from training.report import dry_run_report
-from training.session import TrainingCrashedError, run_training
+
+# Nothing heavy is imported before the command line is parsed: `--help` and a mistyped flag
+# answer at once, without loading torch's optimizers, diffusers or transformers.
 
 logger = logging.getLogger("train")
 
@@ -48,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     packages print) goes to standard error with the logs.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_libraries()
     stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr):
         return _main(sys.argv[1:] if argv is None else argv, stdout)
@@ -58,6 +56,20 @@ def _main(argv: list[str], stdout: TextIO) -> int:
     try:
         with contextlib.redirect_stdout(stdout):  # --help goes to standard output
             command_line = parse_command_line(argv)
+    except UserError as error:
+        logger.error("%s", error)
+        return 2
+    quiet_libraries()
+    return _run(command_line, stdout)
+
+
+def _run(command_line: CommandLine, stdout: TextIO) -> int:
+    from training.build import build_from_command_line
+    from training.loop import TrainingDivergedError
+    from training.report import dry_run_report
+    from training.session import TrainingCrashedError, run_training
+
+    try:
         run, accelerator = build_from_command_line(command_line)
         if command_line.dry_run:
             print(json.dumps(dry_run_report(run), indent=2), file=stdout)

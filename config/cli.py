@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from config.errors import ConfigError, did_you_mean
-from config.fields import field_types, rule_of, strip_optional
-from config.train_config import TrainConfig
+from config.fields import Rule, allowed_text, field_types, rule_of, strip_optional
+from config.train_config import GROUPS, TrainConfig
 
 CLI = "command line"
 TRUE_WORDS = ("true", "1", "yes", "on")
@@ -35,10 +35,16 @@ class CommandLine:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; every TrainConfig field is a flag whose default is 'not typed'."""
+    """The argument parser; every TrainConfig field is a flag whose default is 'not typed'.
+
+    Flags are grouped by ``setting(group=...)``; each flag's help says what is allowed and the
+    default.
+    """
     parser = argparse.ArgumentParser(
         prog="train.py",
-        description="Fine-tune Stable Diffusion 1.x/2.x from EveryDream2-style JSON presets.",
+        usage="train.py --config train.json [--KEY VALUE ...] [--dry_run]",
+        description="Fine-tune Stable Diffusion 1.x/2.x from EveryDream2-style JSON presets. "
+        "Every train.json key is also a flag of the same name; a flag overrides the file.",
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
     )
@@ -49,20 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="build everything, print the resolved configuration as JSON and exit",
     )
     hints = field_types(TrainConfig)
-    keys = parser.add_argument_group("train.json keys (a flag overrides the file)")
+    sections = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
     for f in dataclasses.fields(TrainConfig):
         rule = rule_of(f)
-        tp = strip_optional(hints[f.name])
-        help_text = f"{rule.help} (default: {json.dumps(f.default)})"
-        if tp is bool:
-            keys.add_argument(
-                f"--{f.name}", nargs="?", const="true", metavar="BOOL", help=help_text
-            )
-        elif typing.get_origin(tp) is list:
-            keys.add_argument(f"--{f.name}", nargs="+", metavar="VALUE", help=help_text)
-        else:
-            keys.add_argument(f"--{f.name}", metavar="VALUE", help=help_text)
+        _add_flag(sections[_group_of(rule)], f, rule, strip_optional(hints[f.name]))
     return parser
+
+
+def _group_of(rule: Rule) -> str:
+    """The --help section of a key: its declared group, else by its status."""
+    if rule.group:
+        return rule.group
+    return "everydream2" if rule.status != "supported" else "training"
+
+
+def _add_flag(group: Any, f: dataclasses.Field, rule: Rule, tp: Any) -> None:
+    allowed = allowed_text(rule)
+    help_text = rule.help if rule.status == "supported" else f"{rule.status}: {rule.note}."
+    if allowed:
+        help_text += f" Allowed: {allowed}."
+    help_text += f" Default: {json.dumps(f.default)}."
+    help_text = help_text.replace("%", "%%")
+    if tp is bool:
+        group.add_argument(f"--{f.name}", nargs="?", const="true", metavar="BOOL", help=help_text)
+    elif typing.get_origin(tp) is list:
+        group.add_argument(f"--{f.name}", nargs="+", metavar="VALUE", help=help_text)
+    else:
+        group.add_argument(f"--{f.name}", metavar="VALUE", help=help_text)
 
 
 def _decode(text: str, tp: Any) -> Any:
@@ -80,7 +99,7 @@ def _decode(text: str, tp: Any) -> Any:
         return text
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or a whole number of more than 4300 digits
         return text
 
 

@@ -17,15 +17,19 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from config.fields import rule_of, strip_optional
+from config.fields import allowed_text, rule_of, strip_optional
 from config.train_config import TrainConfig
-from optimizer.config import BUILTIN, TOP_DEFAULTS, OptimizerFile, OptimizerSection
-from optimizer.freezing import FreezingConfig
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
+class Words(str):
+    """A default described in words (``the run's seed``), written as it is."""
+
+
 def _value(value: Any) -> str:
+    if isinstance(value, Words):
+        return str(value)
     if isinstance(value, float) and math.isinf(value):
         return "infinity"
     if isinstance(value, tuple):
@@ -39,24 +43,29 @@ def _type_name(tp: Any) -> str:
     if name in ("bool", "int", "float", "str"):
         return {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}[name]
     text = str(tp).replace("typing.", "")
-    return {"tuple[float, float]": "[number, number]", "list[str]": "list of strings"}.get(
-        text, "any"
-    )
+    names = {
+        "tuple[float, float]": "[number, number]",
+        "tuple[int, int]": "[integer, integer]",
+        "list[str]": "list of strings",
+        "list[float]": "list of numbers",
+    }
+    return names.get(text, "any")
 
 
 def _allowed(rule: Any) -> str:
-    parts = []
+    parts = allowed_text(rule).split("; ")
     choices = rule.allowed_choices()
     if choices is not None:
-        parts.append(", ".join(f"`{c}`" for c in choices))
-    if rule.minimum is not None:
-        parts.append(f"{'>' if rule.exclusive_minimum else '>='} {rule.minimum:g}")
-    if rule.maximum is not None:
-        parts.append(f"<= {rule.maximum:g}")
-    return "; ".join(parts)
+        parts[0] = ", ".join(f"`{c}`" for c in choices)
+    return "; ".join(p for p in parts if p)
 
 
-def _rows(cls: type, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> list[str]:
+def _rows(
+    cls: type,
+    defaults: dict[str, Any],
+    skip: tuple[str, ...] = (),
+    status_names: dict[str, str] | None = None,
+) -> list[str]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
@@ -65,7 +74,8 @@ def _rows(cls: type, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> li
         rule = rule_of(f)
         help_text = rule.help
         if rule.status != "supported":
-            help_text = f"**{rule.status}**: {rule.note}. {help_text}"
+            status = (status_names or {}).get(rule.status, rule.status)
+            help_text = f"**{status}**: {rule.note}. {help_text}"
         rows.append(
             f"| `{f.name}` | {_type_name(hints[f.name])} | {_value(defaults[f.name])} | "
             f"{_allowed(rule)} | {help_text} |"
@@ -82,14 +92,23 @@ def train_table() -> str:
     return "\n".join(HEADER + _rows(TrainConfig, defaults))
 
 
+# The optimizer package depends on config, never the reverse: this documentation tool imports
+# it only when it makes the optimizer tables.
+
+
 def optimizer_table() -> str:
     """The keys of optimizer.json's base / text_encoder_overrides sections."""
+    from optimizer.config import BUILTIN, OptimizerSection
+
     defaults = {f.name: getattr(BUILTIN, f.name) for f in dataclasses.fields(OptimizerSection)}
     return "\n".join(HEADER + _rows(OptimizerSection, defaults))
 
 
 def top_level_table() -> str:
     """optimizer.json's top-level keys and text_encoder_freezing's keys."""
+    from optimizer.config import TOP_DEFAULTS, OptimizerFile
+    from optimizer.freezing import FreezingConfig
+
     top_defaults = {f.name: None for f in dataclasses.fields(OptimizerFile)} | TOP_DEFAULTS
     freezing_defaults = {
         "freeze_embeddings": False,
@@ -103,7 +122,41 @@ def top_level_table() -> str:
     return "\n".join(HEADER + rows)
 
 
-TABLES = {"train": train_table, "optimizer": optimizer_table, "optimizer-top": top_level_table}
+def sample_tables() -> tuple[str, str]:
+    """sample_prompts.json's top-level keys, and the keys of each entry of ``samples``."""
+    from training.samples.prompts import SampleEntry, SampleFile
+
+    top = {f.name: None for f in dataclasses.fields(SampleFile)} | {
+        "samples": Words("none: random captions"),
+        "seed": Words("the run's seed"),
+        "cfgs": [7, 4, 1.01],
+        "scheduler": "ddim",
+        "num_inference_steps": 30,
+        "resolution": Words("the run's resolution"),
+        "show_progress_bars": False,
+        "generate_samples_every_n_steps": Words("the run's sample_steps"),
+        "generate_pretrain_samples": False,
+    }
+    entry = {f.name: None for f in dataclasses.fields(SampleEntry)} | {
+        "negative_prompt": "",
+        "seed": Words("the file's seed"),
+        "size": Words("the file's resolution, square"),
+        "random_caption": False,
+        "cfgs": Words("the file's cfgs"),
+    }
+    return (
+        "\n".join(HEADER + _rows(SampleFile, top, status_names={"deprecated": "ignored"})),
+        "\n".join(HEADER + _rows(SampleEntry, entry)),
+    )
+
+
+TABLES = {
+    "train": train_table,
+    "optimizer": optimizer_table,
+    "optimizer-top": top_level_table,
+    "samples": lambda: sample_tables()[0],
+    "samples-entry": lambda: sample_tables()[1],
+}
 
 
 def _pattern(name: str) -> re.Pattern[str]:

@@ -1,17 +1,22 @@
 """Typed configuration fields: one declaration gives the default, the help text and the rules.
 
 A configuration class is a dataclass whose fields are declared with `setting(...)`. The same
-declaration drives JSON validation, command-line flags and the README's key tables, so a key,
-its flag and its field are always the same word.
+declaration drives JSON validation, command-line flags, ``--help`` and the README's key tables,
+so a key, its flag and its field are always the same word.
 
 `null` (None) always means "not set": it is accepted for every field and leaves the default (or
-an inherited value) in place. Any other value must have the field's type and satisfy its rules.
+an inherited value) in place. Any other value must have the field's type and satisfy its rules:
+
+- numbers are finite (NaN and ±Infinity are refused, except ``Infinity`` where a rule says
+  ``allow_infinity``) and lie within the field's minimum and maximum;
+- a whole number may be written ``2`` or ``2.0`` (or ``1e3``); ``2.5`` is refused;
+- strings hold no lone surrogates and no control characters (prompts may hold tabs and line
+  breaks); paths and names fit the file system (see `config.text`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -20,13 +25,32 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from config.errors import did_you_mean
+from config.limits import NAME_MAX_BYTES, PATH_MAX_BYTES
+from config.text import InvalidValueError, TextKind, check_text, describe, number_text
+
+__all__ = [
+    "InvalidValueError",
+    "Rule",
+    "allowed_text",
+    "check_value",
+    "defaults_of",
+    "field_types",
+    "parse_fields",
+    "rule_of",
+    "setting",
+    "strip_optional",
+]
 
 Status = Literal["supported", "deprecated", "unsupported"]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """What a field accepts, beyond its Python type."""
+    """What a field accepts, beyond its Python type.
+
+    The numeric rules apply to a number, or to each number of a list or pair. ``group`` names
+    the ``--help`` section of a train.json key.
+    """
 
     help: str
     minimum: float | None = None
@@ -35,6 +59,12 @@ class Rule:
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     status: Status = "supported"
     note: str = ""  # why a key is deprecated or not supported
+    multiple_of: int | None = None
+    allow_infinity: bool = False  # Infinity is a meaningful value (above every maximum)
+    text: TextKind = "line"
+    max_bytes: int | None = None
+    min_items: int | None = None
+    group: str = ""
 
     def allowed_choices(self) -> tuple[str, ...] | None:
         """The choices, calling the provider when they are computed lazily."""
@@ -53,9 +83,29 @@ def setting(
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     status: Status = "supported",
     note: str = "",
+    multiple_of: int | None = None,
+    allow_infinity: bool = False,
+    text: TextKind = "line",
+    max_bytes: int | None = None,
+    min_items: int | None = None,
+    group: str = "",
 ) -> Any:
     """Declare a configuration field: its default, help text and rules."""
-    rule = Rule(help, minimum, maximum, exclusive_minimum, choices, status, note)
+    rule = Rule(
+        help=help,
+        minimum=minimum,
+        maximum=maximum,
+        exclusive_minimum=exclusive_minimum,
+        choices=choices,
+        status=status,
+        note=note,
+        multiple_of=multiple_of,
+        allow_infinity=allow_infinity,
+        text=text,
+        max_bytes=max_bytes,
+        min_items=min_items,
+        group=group,
+    )
     return field(default=default, metadata={"rule": rule})
 
 
@@ -64,10 +114,6 @@ def rule_of(f: dataclasses.Field) -> Rule:
     rule = f.metadata.get("rule")
     assert isinstance(rule, Rule), f"field {f.name} was not declared with setting()"
     return rule
-
-
-class InvalidValueError(ValueError):
-    """A value that does not fit its field; the message says what was expected."""
 
 
 def strip_optional(tp: Any) -> Any:
@@ -80,79 +126,136 @@ def strip_optional(tp: Any) -> Any:
     return tp
 
 
-def _describe(value: Any) -> str:
-    return json.dumps(value) if _is_jsonable(value) else repr(value)
+def allowed_text(rule: Rule) -> str:
+    """What a rule allows, for messages, ``--help`` and the README: ``>= 1; <= 1024``."""
+    parts = []
+    choices = rule.allowed_choices()
+    if choices is not None:
+        parts.append(", ".join(choices))
+    if rule.minimum is not None:
+        parts.append(f"{'>' if rule.exclusive_minimum else '>='} {number_text(rule.minimum)}")
+    if rule.maximum is not None:
+        parts.append(f"<= {number_text(rule.maximum)}")
+    if rule.allow_infinity:
+        parts[-1] += " or Infinity"  # a rule that allows Infinity has a minimum
+    if rule.multiple_of is not None:
+        parts.append(f"a multiple of {rule.multiple_of}")
+    if rule.min_items is not None:
+        parts.append(f"at least {rule.min_items} item{'s' if rule.min_items > 1 else ''}")
+    if rule.text == "path":
+        parts.append(f"a path of at most {PATH_MAX_BYTES - 1} bytes")
+    elif rule.text == "name":
+        size = NAME_MAX_BYTES if rule.max_bytes is None else rule.max_bytes
+        parts.append(f"a plain name of at most {size} bytes")
+    return "; ".join(parts)
 
 
-def _is_jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def _whole_number(value: Any, rule: Rule) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise InvalidValueError(f"expected a whole number{_range(rule)}, got {describe(value)}")
 
 
-def convert(value: Any, tp: Any) -> Any:
-    """Check a non-null JSON value against a field type and return it in that type.
+def _number(value: Any, rule: Rule) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidValueError(f"expected a number{_range(rule)}, got {describe(value)}")
+    number = float(value)  # Python ints beyond 1e308 cannot be floats: JSON's bounds catch them
+    if math.isnan(number) or (math.isinf(number) and not (rule.allow_infinity and number > 0)):
+        raise InvalidValueError(f"expected a finite number{_range(rule)}, got {describe(value)}")
+    return number
 
-    Raises InvalidValueError naming what was expected.
-    """
-    tp = strip_optional(tp)
+
+def _range(rule: Rule) -> str:
+    allowed = allowed_text(dataclasses.replace(rule, choices=None, min_items=None))
+    return f" ({allowed})" if allowed else ""
+
+
+def _convert(value: Any, tp: Any, rule: Rule) -> Any:
+    """A non-null JSON value in the field's type; raises InvalidValueError."""
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise InvalidValueError(f"expected true or false, got {_describe(value)}")
+        raise InvalidValueError(f"expected true or false, got {describe(value)}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise InvalidValueError(f"expected a whole number, got {_describe(value)}")
+        return _whole_number(value, rule)
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, float) and math.isnan(value):
-                raise InvalidValueError("expected a number, got NaN")
-            return float(value)
-        raise InvalidValueError(f"expected a number, got {_describe(value)}")
+        return _number(value, rule)
     if tp is str:
-        if isinstance(value, str):
-            return value
-        raise InvalidValueError(f"expected a string, got {_describe(value)}")
+        if not isinstance(value, str):
+            raise InvalidValueError(f"expected a string, got {describe(value)}")
+        check_text(value, rule.text, rule.max_bytes)
+        return value
     if typing.get_origin(tp) is list:
         (item_type,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise InvalidValueError(f"expected a list, got {_describe(value)}")
-        return [convert(v, item_type) for v in value]
+            raise InvalidValueError(f"expected a list, got {describe(value)}")
+        if rule.min_items is not None and len(value) < rule.min_items:
+            raise InvalidValueError(
+                f"expected a list of at least {rule.min_items} item(s), got {describe(value)}"
+            )
+        return [_item(v, item_type, rule, i) for i, v in enumerate(value)]
     if typing.get_origin(tp) is tuple:
         item_types = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
             raise InvalidValueError(
-                f"expected a list of {len(item_types)} numbers, got {_describe(value)}"
+                f"expected a list of {len(item_types)} numbers, got {describe(value)}"
             )
-        return tuple(convert(v, t) for v, t in zip(value, item_types, strict=True))
+        return tuple(
+            _item(v, t, rule, i) for i, (v, t) in enumerate(zip(value, item_types, strict=True))
+        )
     if tp is typing.Any:
         return value
     raise AssertionError(f"unsupported field type {tp}")
 
 
-def check_rule(value: Any, rule: Rule) -> None:
-    """Raise InvalidValueError when a typed value breaks its field's rule."""
+def _item(value: Any, tp: Any, rule: Rule, index: int) -> Any:
+    """One item of a list or pair, checked by the field's rule; errors name the index."""
+    try:
+        if value is None:
+            raise InvalidValueError("null is not allowed inside a list")
+        typed = _convert(value, tp, rule)
+        _check_rule(typed, rule)
+    except InvalidValueError as error:
+        raise InvalidValueError(str(error), f"[{index}]{error.index}") from None
+    return typed
+
+
+def _check_rule(value: Any, rule: Rule) -> None:
+    """Raise InvalidValueError when a typed scalar breaks its field's rule."""
     choices = rule.allowed_choices()
-    if choices is not None and value not in choices:
+    if choices is not None and isinstance(value, str) and value not in choices:
         allowed = ", ".join(choices)
-        hint = did_you_mean(str(value), choices)
-        raise InvalidValueError(f"{_describe(value)} is not one of: {allowed}{hint}")
-    numbers = value if isinstance(value, tuple) else (value,)
-    for number in numbers:
-        if not isinstance(number, (int, float)) or isinstance(number, bool):
-            continue
-        if rule.minimum is not None:
-            too_small = number <= rule.minimum if rule.exclusive_minimum else number < rule.minimum
-            if too_small:
-                op = ">" if rule.exclusive_minimum else ">="
-                raise InvalidValueError(f"must be {op} {rule.minimum:g}, got {number:g}")
-        if rule.maximum is not None and number > rule.maximum:
-            raise InvalidValueError(f"must be <= {rule.maximum:g}, got {number:g}")
+        hint = did_you_mean(value, choices)
+        raise InvalidValueError(f"{describe(value)} is not one of: {allowed}{hint}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if rule.minimum is not None:
+        too_small = value <= rule.minimum if rule.exclusive_minimum else value < rule.minimum
+        if too_small:
+            op = ">" if rule.exclusive_minimum else ">="
+            raise InvalidValueError(
+                f"must be {op} {number_text(rule.minimum)}, got {number_text(value)}"
+            )
+    if rule.maximum is not None and value > rule.maximum and value != math.inf:
+        raise InvalidValueError(f"must be <= {number_text(rule.maximum)}, got {number_text(value)}")
+    if rule.multiple_of is not None and value % rule.multiple_of != 0:
+        raise InvalidValueError(
+            f"must be a multiple of {rule.multiple_of}, got {number_text(value)}"
+        )
+
+
+def check_value(raw: Any, tp: Any, rule: Rule) -> Any:
+    """Check a non-null JSON value against a field's type and rule; return it in that type.
+
+    Raises InvalidValueError naming what was expected (and, for a list item, its index).
+    """
+    tp = strip_optional(tp)
+    value = _convert(raw, tp, rule)
+    if not isinstance(value, (list, tuple)):
+        _check_rule(value, rule)
+    return value
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -183,17 +286,15 @@ def parse_fields(
         path = f"{key_prefix}{key}"
         if name not in fields:
             hint = did_you_mean(key, list(fields) + list(aliases))
-            problems.append(f"{where}: {path}: unknown key{hint}")
+            shown = path if path.isprintable() else ascii(path)[1:-1]
+            problems.append(f"{where}: {shown}: unknown key{hint}")
             continue
         if raw is None:
             continue
         try:
-            value = convert(raw, hints[name])
-            check_rule(value, rule_of(fields[name]))
+            values[name] = check_value(raw, hints[name], rule_of(fields[name]))
         except InvalidValueError as exc:
-            problems.append(f"{where}: {path}: {exc}")
-            continue
-        values[name] = value
+            problems.append(f"{where}: {path}{exc.index}: {exc}")
     return values, problems
 
 

@@ -32,6 +32,10 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
         raise UserError(
             f"{what} {path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
+    except ValueError:  # Python reads whole numbers of at most 4300 digits
+        raise UserError(
+            f"{what} {path}: holds a whole number of more than 4300 digits; no key takes one"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"{what} {path}: expected a JSON object {{...}} at the top level")
     return data

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config import limits
 from config.cli import CLI, CommandLine
 from config.errors import ConfigError, UserError
 from config.fields import defaults_of, parse_fields, rule_of
@@ -70,16 +72,27 @@ def load_train_config(command_line: CommandLine) -> LoadedTrainConfig:
 
 
 def _apply_legacy_conventions(loaded: LoadedTrainConfig) -> LoadedTrainConfig:
-    """EveryDream2 wrote ``"lr_decay_steps": 0`` for "automatic"; read it as not set."""
+    """EveryDream2's spellings: ``"lr_decay_steps": 0`` is "automatic" (read as not set), and
+    ``"attn_type": "xformers"`` is read as ``sdp`` (PyTorch's own memory-efficient attention)."""
+    changes: dict[str, Any] = {}
+    sources = dict(loaded.sources)
     if loaded.config.lr_decay_steps == 0:
         logger.info(
             "%s is 0: EveryDream2's way of saying 'automatic'; treated as null",
             loaded.where("lr_decay_steps"),
         )
-        config = dataclasses.replace(loaded.config, lr_decay_steps=None)
-        sources = {**loaded.sources, "lr_decay_steps": DEFAULT}
-        return LoadedTrainConfig(config, sources, loaded.path)
-    return loaded
+        changes["lr_decay_steps"] = None
+        sources["lr_decay_steps"] = DEFAULT
+    if loaded.config.attn_type == "xformers":
+        logger.warning(
+            "%s is xformers: EveryDream2's xformers attention is not used here; PyTorch's "
+            "scaled dot product attention (sdp) does the same job",
+            loaded.where("attn_type"),
+        )
+        changes["attn_type"] = "sdp"
+    if not changes:
+        return loaded
+    return LoadedTrainConfig(dataclasses.replace(loaded.config, **changes), sources, loaded.path)
 
 
 def _check_feature_status(loaded: LoadedTrainConfig) -> list[str]:
@@ -112,15 +125,44 @@ def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
             f"{loaded.where('timestep_start')}: must be below timestep_end "
             f"({c.timestep_start} >= {c.timestep_end})"
         )
-    if c.resolution % 64 != 0:
-        problems.append(
-            f"{loaded.where('resolution')}: must be a multiple of 64, got {c.resolution}"
-        )
     if c.disable_unet_training and c.disable_textenc_training:
         problems.append(
             f"{loaded.where('disable_unet_training')}: "
             "both models are disabled; nothing would train"
         )
+    return problems + _check_output_names(loaded)
+
+
+def _check_output_names(loaded: LoadedTrainConfig) -> list[str]:
+    """The run folder's name and the output folders' paths fit the file system's limits.
+
+    Each key is checked on its own by its rule; here their combinations: the run folder
+    ``<project_name>_<timestamp>[_<run_name>]`` is one name, and the paths the run writes below
+    ``logdir`` and ``save_ckpt_dir`` (absolute) must stay under PATH_MAX.
+    """
+    c = loaded.config
+    problems = []
+    run_name_bytes = 0 if c.run_name is None else len(c.run_name.encode("utf-8", "replace"))
+    folder_bytes = len(c.project_name.encode("utf-8", "replace")) + run_name_bytes
+    folder_bytes += limits.RUN_FOLDER_EXTRA_BYTES
+    if folder_bytes > limits.NAME_MAX_BYTES:
+        problems.append(
+            f"{loaded.where('run_name')}: the run folder's name "
+            f"<project_name>_<timestamp>_<run_name> would be {folder_bytes} bytes (UTF-8); a "
+            f"name may have at most {limits.NAME_MAX_BYTES}: shorten run_name or project_name"
+        )
+    for key in ("logdir", "save_ckpt_dir"):
+        value = getattr(c, key)
+        if value is None:
+            continue
+        size = len(os.fsencode(os.path.abspath(value)))
+        if size > limits.MAX_OUTPUT_FOLDER_BYTES:
+            problems.append(
+                f"{loaded.where(key)}: its absolute path is {size} bytes; at most "
+                f"{limits.MAX_OUTPUT_FOLDER_BYTES} are allowed, to leave "
+                f"{limits.OUTPUT_PATH_RESERVE_BYTES} for the run folders and checkpoints below "
+                f"it (paths may have at most {limits.PATH_MAX_BYTES - 1} bytes)"
+            )
     return problems
 
 

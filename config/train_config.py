@@ -4,24 +4,43 @@ Each field is a train.json key and a command-line flag of the same name. The key
 EveryDream2's (so its train.json files keep working) plus a few of this trainer's own.
 Keys EveryDream2 had that do nothing here are ``deprecated`` (a warning when set);
 keys whose feature this trainer does not have are ``unsupported`` (an error when set to
-anything but their default, never silently ignored).
+anything but their default, never silently ignored). Every number has a minimum and a
+maximum (`config.limits`), every path and name the file system's limits.
+
+This module imports nothing heavy: ``train.py --help`` is built from it alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from config import limits as lim
+from config.choices import (
+    ATTENTION_TYPES,
+    GROUPS,
+    LOSS_TYPES,
+    LR_SCHEDULERS,
+    TRAIN_SAMPLERS,
+)
 from config.fields import setting
 
-LOSS_TYPES = ("mse", "huber", "mse_huber")
-ATTENTION_TYPES = ("sdp", "slice")
+__all__ = [
+    "ATTENTION_TYPES",
+    "GROUPS",
+    "LOSS_TYPES",
+    "LR_SCHEDULERS",
+    "TRAIN_SAMPLERS",
+    "TrainConfig",
+]
+
 NOT_YET = "not supported yet by this trainer"
+GONE = "EveryDream2 itself no longer has it"
 
 
-def _scheduler_names() -> tuple[str, ...]:
-    from optimizer.schedulers import scheduler_names
-
-    return scheduler_names()
+def _deprecated(default: Any, help: str, note: str, **rules: Any) -> Any:
+    """An EveryDream2 key that is accepted and does nothing here (a warning when set)."""
+    return setting(default, help, status="deprecated", note=note, group="everydream2", **rules)
 
 
 @dataclass(frozen=True)
@@ -33,176 +52,329 @@ class TrainConfig:
         None,
         "Model to start from: a built-in name (tiny-sd15, tiny-sd21, sd15-random, sd21-random), "
         "a local diffusers folder, a checkpoint of this trainer, or a hub id. Required.",
+        text="path",
+        group="model",
     )
-    data_root: str = setting("input", "Folder of training images, searched recursively.")
+    data_root: str = setting(
+        "input", "Folder of training images, searched recursively.", text="path", group="data"
+    )
     resolution: int = setting(
-        512, "Training resolution in pixels (buckets hold about this many squared).", minimum=64
+        512,
+        "Training resolution in pixels (buckets hold about this many squared).",
+        minimum=64,
+        maximum=lim.MAX_RESOLUTION,
+        multiple_of=64,
+        group="data",
     )
-    batch_size: int = setting(2, "Images per batch (per process).", minimum=1)
-    max_epochs: int = setting(300, "Number of epochs to train.", minimum=1)
-    seed: int = setting(555, "Seed for shuffling, noise and samples; -1 picks one at random.")
+    batch_size: int = setting(
+        2, "Images per batch (per process).", minimum=1, maximum=lim.MAX_BATCH_SIZE, group="data"
+    )
+    max_epochs: int = setting(
+        300, "Number of epochs to train.", minimum=1, maximum=lim.MAX_EPOCHS, group="schedule"
+    )
+    seed: int = setting(
+        555,
+        "Seed for shuffling, noise and samples; -1 picks one at random.",
+        minimum=lim.RANDOM_SEED,
+        maximum=lim.MAX_SEED,
+        group="data",
+    )
     flip_p: float = setting(
-        0.0, "Probability of flipping an image horizontally.", minimum=0.0, maximum=1.0
+        0.0,
+        "Probability of flipping an image horizontally.",
+        minimum=0.0,
+        maximum=1.0,
+        group="data",
     )
     cond_dropout: float = setting(
-        0.04, "Probability of training an image with an empty caption.", minimum=0.0, maximum=1.0
+        0.04,
+        "Probability of training an image with an empty caption.",
+        minimum=0.0,
+        maximum=1.0,
+        group="data",
     )
-    shuffle_tags: bool = setting(False, "Shuffle the comma-separated tags after the first.")
+    shuffle_tags: bool = setting(
+        False, "Shuffle the comma-separated tags after the first.", group="data"
+    )
     keep_tags: int = setting(
-        0, "With shuffle_tags: number of leading tags kept in place.", minimum=0
+        0,
+        "With shuffle_tags: number of leading tags kept in place.",
+        minimum=0,
+        maximum=lim.MAX_TAGS,
+        group="data",
     )
     dataloader_num_workers: int | None = setting(
-        None, "Image decoding worker processes; null picks a default.", minimum=0
+        None,
+        "Image decoding worker processes; null picks a default.",
+        minimum=0,
+        maximum=lim.MAX_WORKERS,
+        group="data",
     )
     write_schedule: bool = setting(
-        False, "Write each epoch's batches (paths, captions, bucket) to the run folder."
+        False,
+        "Write each epoch's batches (paths, captions, bucket) to the run folder.",
+        group="data",
     )
     cache_latents: bool = setting(
-        False, "Encode every image once with the VAE and reuse the latents (flips included)."
+        False,
+        "Encode every image once with the VAE and reuse the latents (flips included).",
+        group="data",
     )
 
     # --- optimizer (overrides optimizer.json's base section) -----------------------------
     optimizer_config: str | None = setting(
-        None, "optimizer.json preset; null uses the built-in optimizer defaults."
+        None,
+        "optimizer.json preset; null uses the built-in optimizer defaults.",
+        text="path",
+        group="optimizer",
     )
     lr: float | None = setting(
         None,
         "Learning rate; overrides optimizer.json base.lr (warns when both are set).",
         minimum=0.0,
+        maximum=lim.MAX_LR,
+        group="optimizer",
     )
     lr_scheduler: str | None = setting(
         None,
         "LR schedule name; overrides optimizer.json base.lr_scheduler.",
-        choices=_scheduler_names,
+        choices=LR_SCHEDULERS,
+        group="schedule",
     )
     lr_warmup_steps: int | None = setting(
-        None, "Warm-up steps; overrides optimizer.json base.lr_warmup_steps.", minimum=0
+        None,
+        "Warm-up steps; overrides optimizer.json base.lr_warmup_steps.",
+        minimum=0,
+        maximum=lim.MAX_STEPS,
+        group="schedule",
     )
     lr_decay_steps: int | None = setting(
         None,
         "Steps of the decay; overrides optimizer.json base.lr_decay_steps. 0 means automatic "
         "(EveryDream2's convention).",
         minimum=0,
+        maximum=lim.MAX_STEPS,
+        group="schedule",
     )
 
     # --- the training step ----------------------------------------------------------------
-    grad_accum: int = setting(1, "Micro-batches accumulated per optimizer step.", minimum=1)
+    grad_accum: int = setting(
+        1,
+        "Micro-batches accumulated per optimizer step.",
+        minimum=1,
+        maximum=lim.MAX_GRAD_ACCUM,
+        group="optimizer",
+    )
     clip_grad_norm: float | None = setting(
         None,
         "Clip the gradient norm of each model to this value; null disables.",
         minimum=0.0,
         exclusive_minimum=True,
+        maximum=lim.MAX_CLIP_GRAD_NORM,
+        group="optimizer",
     )
-    gradient_checkpointing: bool = setting(False, "Recompute activations to save memory.")
-    disable_amp: bool = setting(False, "Train in full fp32 instead of mixed precision.")
-    disable_textenc_training: bool = setting(False, "Do not train the text encoder.")
-    disable_unet_training: bool = setting(False, "Do not train the UNet.")
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations to save memory.", group="model"
+    )
+    disable_amp: bool = setting(
+        False, "Train in full fp32 instead of mixed precision.", group="model"
+    )
+    disable_textenc_training: bool = setting(False, "Do not train the text encoder.", group="model")
+    disable_unet_training: bool = setting(False, "Do not train the UNet.", group="model")
     clip_skip: int = setting(
         0,
         "Use the n-th hidden state from the end of the text encoder (2 = penultimate).",
         minimum=0,
-        maximum=4,
+        maximum=lim.MAX_CLIP_SKIP,
+        group="model",
     )
     zero_frequency_noise_ratio: float = setting(
-        0.02, "Offset (zero-frequency) noise strength.", minimum=0.0, maximum=1.0
+        0.02,
+        "Offset (zero-frequency) noise strength.",
+        minimum=0.0,
+        maximum=1.0,
+        group="training",
     )
     pyramid_noise_discount: float | None = setting(
-        None, "Enables pyramid noise with this discount.", minimum=0.0, maximum=1.0
+        None,
+        "Enables pyramid noise with this discount.",
+        minimum=0.0,
+        maximum=1.0,
+        group="training",
     )
     enable_zero_terminal_snr: bool = setting(
-        False, "Rescale the noise schedule to zero terminal SNR."
+        False, "Rescale the noise schedule to zero terminal SNR.", group="training"
     )
     min_snr_gamma: float | None = setting(
         None,
         "Min-SNR loss weighting gamma (5 is common); null disables.",
         minimum=0.0,
         exclusive_minimum=True,
+        maximum=lim.MAX_MIN_SNR_GAMMA,
+        group="training",
     )
-    timestep_start: int = setting(0, "Smallest noising timestep drawn.", minimum=0)
-    timestep_end: int = setting(1000, "Timesteps are drawn below this value.", minimum=1)
-    loss_type: str = setting("mse", "Loss: mse, huber or mse_huber.", choices=LOSS_TYPES)
+    timestep_start: int = setting(
+        0,
+        "Smallest noising timestep drawn.",
+        minimum=0,
+        maximum=lim.MAX_TIMESTEPS - 1,
+        group="training",
+    )
+    timestep_end: int = setting(
+        1000,
+        "Timesteps are drawn below this value.",
+        minimum=1,
+        maximum=lim.MAX_TIMESTEPS,
+        group="training",
+    )
+    loss_type: str = setting(
+        "mse",
+        "Loss: mse, huber, or EveryDream2's timestep blends mse_huber (MSE when noisy) and "
+        "huber_mse (Huber when noisy).",
+        choices=LOSS_TYPES,
+        group="training",
+    )
     embedding_perturbation: float = setting(
-        0.0, "Std of Gaussian noise added to text embeddings.", minimum=0.0
+        0.0,
+        "Std of Gaussian noise added to text embeddings.",
+        minimum=0.0,
+        maximum=lim.MAX_EMBEDDING_PERTURBATION,
+        group="training",
     )
     attn_type: str = setting(
         "sdp",
-        "Attention implementation: sdp (PyTorch scaled dot product) or slice.",
+        "Attention implementation: sdp (PyTorch scaled dot product) or slice; EveryDream2's "
+        "xformers is read as sdp.",
         choices=ATTENTION_TYPES,
+        group="model",
     )
-    compile_unet: bool = setting(False, "Compile the UNet with torch.compile (slow start-up).")
-    gpuid: int = setting(0, "CUDA device index to train on.", minimum=0)
+    compile_unet: bool = setting(
+        False, "Compile the UNet with torch.compile (slow start-up).", group="model"
+    )
+    gpuid: int = setting(
+        0, "CUDA device index to train on.", minimum=0, maximum=lim.MAX_GPU_INDEX, group="model"
+    )
 
     # --- outputs --------------------------------------------------------------------------
-    project_name: str = setting("myproj", "Name of the run folder and the checkpoints.")
-    run_name: str | None = setting(None, "Added to the run folder's name.")
-    logdir: str = setting("logs", "Folder for run folders (logs, samples, checkpoints).")
-    log_step: int = setting(25, "Log scalars to TensorBoard every n steps.", minimum=1)
-    sample_prompts: str | None = setting(
-        None, "Prompts for samples: a .txt (one a line) or .json of settings; null disables."
+    project_name: str = setting(
+        "myproj",
+        "Name of the run folder and the checkpoints (a plain name, no path separators).",
+        text="name",
+        max_bytes=lim.MAX_PROJECT_NAME_BYTES,
+        group="logging",
     )
-    sample_steps: int = setting(250, "Make samples every n optimizer steps.", minimum=1)
+    run_name: str | None = setting(
+        None, "Added to the run folder's name (a plain name).", text="name", group="logging"
+    )
+    logdir: str = setting(
+        "logs",
+        "Folder for run folders (logs, samples, checkpoints).",
+        text="path",
+        group="logging",
+    )
+    log_step: int = setting(
+        25,
+        "Log scalars to TensorBoard every n steps.",
+        minimum=1,
+        maximum=lim.MAX_STEPS,
+        group="logging",
+    )
+    sample_prompts: str | None = setting(
+        None,
+        "Prompts for samples: a .txt (one a line) or .json of settings; null disables.",
+        text="path",
+        group="samples",
+    )
+    sample_steps: int = setting(
+        250,
+        "Make samples every n optimizer steps.",
+        minimum=1,
+        maximum=lim.MAX_STEPS,
+        group="samples",
+    )
     save_ckpt_dir: str | None = setting(
-        None, "Folder for checkpoints; null puts them in the run folder."
+        None,
+        "Folder for checkpoints; null puts them in the run folder.",
+        text="path",
+        group="checkpoints",
     )
     save_every_n_epochs: int | None = setting(
-        None, "Save a checkpoint every n epochs; null or 0 disables.", minimum=0
+        None,
+        "Save a checkpoint every n epochs; null or 0 disables.",
+        minimum=0,
+        maximum=lim.MAX_EPOCHS,
+        group="checkpoints",
     )
     ckpt_every_n_minutes: float | None = setting(
-        None, "Save a checkpoint every n minutes; null or 0 disables.", minimum=0.0
+        None,
+        "Save a checkpoint every n minutes; null or 0 disables.",
+        minimum=0.0,
+        maximum=lim.MAX_MINUTES,
+        group="checkpoints",
     )
     save_ckpts_from_n_epochs: int = setting(
-        0, "Do not save periodic checkpoints before this epoch.", minimum=0
+        0,
+        "Do not save periodic checkpoints before this epoch.",
+        minimum=0,
+        maximum=lim.MAX_EPOCHS,
+        group="checkpoints",
     )
     save_optimizer: bool = setting(
-        False, "Keep optimizer state in periodic checkpoints (the final one always has it)."
+        False,
+        "Keep optimizer state in periodic checkpoints (the final one always has it).",
+        group="checkpoints",
     )
-    save_full_precision: bool = setting(False, "Save weights in fp32 instead of fp16.")
+    save_full_precision: bool = setting(
+        False, "Save weights in fp32 instead of fp16.", group="checkpoints"
+    )
     no_prepend_last: bool = setting(
-        False, "Do not prefix the final checkpoint's folder name with 'last-'."
+        False, "Do not prefix the final checkpoint's folder name with 'last-'.", group="checkpoints"
     )
     plugins: list[str] | None = setting(
         None,
         "EveryDream2 plugins to load, each 'module.Class' (a subclass of "
         "plugins.plugins.BasePlugin); see the README's Plugins section.",
+        group="logging",
     )
 
     # --- EveryDream2 keys that do nothing here ----------------------------------------------
-    amp: bool = setting(
-        True,
-        "EveryDream2's AMP switch.",
-        status="deprecated",
-        note="mixed precision is on unless disable_amp is true",
+    amp: bool = _deprecated(
+        True, "EveryDream2's AMP switch.", "mixed precision is on unless disable_amp is true"
     )
-    disable_xformers: bool = setting(
+    disable_xformers: bool = _deprecated(
         False,
         "EveryDream2's xformers switch.",
-        status="deprecated",
-        note="attention always uses PyTorch SDPA unless attn_type says otherwise",
+        "attention always uses PyTorch SDPA unless attn_type says otherwise",
     )
-    useadam8bit: bool = setting(
-        False,
-        "EveryDream2's old AdamW8bit switch.",
-        status="deprecated",
-        note="choose the optimizer in optimizer.json",
+    useadam8bit: bool = _deprecated(
+        False, "EveryDream2's old AdamW8bit switch.", "choose the optimizer in optimizer.json"
     )
-    notebook: bool = setting(
-        False, "EveryDream2's notebook switch.", status="deprecated", note="it changed nothing"
-    )
-    no_save_ckpt: bool = setting(
+    notebook: bool = _deprecated(False, "EveryDream2's notebook switch.", "it changed nothing")
+    no_save_ckpt: bool = _deprecated(
         False,
         "EveryDream2's 'diffusers folders only' switch.",
-        status="deprecated",
-        note="checkpoints are always diffusers folders",
+        "checkpoints are always diffusers folders",
+    )
+    ed1_mode: bool = _deprecated(
+        False, "EveryDream 1 compatibility switch of old EveryDream2 presets.", GONE
+    )
+    lowvram: bool = _deprecated(
+        False,
+        "EveryDream2's old low-VRAM preset.",
+        GONE + "; use gradient_checkpointing and a smaller batch_size",
+    )
+    scale_lr: bool = _deprecated(
+        False, "EveryDream2's old LR scaling by batch size.", GONE + "; lr is used as given"
+    )
+    train_sampler: str = _deprecated(
+        "ddpm",
+        "EveryDream2's training noise scheduler class.",
+        "diffusers' DDPM, PNDM and DDIM schedulers add noise (and compute v-prediction "
+        "targets) with the same code, so training always uses DDPM",
+        choices=TRAIN_SAMPLERS,
     )
 
     # --- EveryDream2 features this trainer does not have --------------------------------------
-    lowvram: bool = setting(
-        False,
-        "EveryDream2's low-VRAM preset.",
-        status="unsupported",
-        note=NOT_YET + "; use gradient_checkpointing and batch_size",
-    )
-    scale_lr: bool = setting(False, "EveryDream2's LR scaling.", status="unsupported", note=NOT_YET)
     wandb: bool = setting(False, "Weights & Biases logging.", status="unsupported", note=NOT_YET)
     validation_config: str | None = setting(
         None, "Validation settings file.", status="unsupported", note=NOT_YET

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config import limits as lim
+from config.choices import LR_SCHEDULERS
 from config.errors import ConfigError
 from config.fields import parse_fields, setting
 from config.jsonfile import read_json_object
 from config.load import CLI_SOURCE, TRAIN_JSON, LoadedTrainConfig, find_input_file
 from optimizer.freezing import FREEZING_ALIASES, FreezingConfig
 from optimizer.registry import OPTIMIZERS, optimizer_names
-from optimizer.schedulers import scheduler_names
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ OPTIMIZER_JSON = "optimizer.json"
 INHERITED = "inherited from base"
 SCALED = "scaled from base"
 DEFAULT = "default"
+USER_SOURCES = (OPTIMIZER_JSON, TRAIN_JSON, CLI_SOURCE)
 MAIN_KEYS = ("lr", "lr_scheduler", "lr_warmup_steps", "lr_decay_steps")
 ADAPTIVE_MIN_LR = 1e-4
 ADAPTIVE_MIN_WEIGHT_DECAY = 1e-3
@@ -40,33 +42,53 @@ class OptimizerSection:
     """The ``base`` / ``text_encoder_overrides`` keys. In a file, None means "not set"."""
 
     optimizer: str | None = setting(None, "Optimizer name.", choices=optimizer_names)
-    lr: float | None = setting(None, "Learning rate.", minimum=0.0)
-    lr_scheduler: str | None = setting(None, "LR schedule.", choices=scheduler_names)
+    lr: float | None = setting(None, "Learning rate.", minimum=0.0, maximum=lim.MAX_LR)
+    lr_scheduler: str | None = setting(None, "LR schedule.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int | None = setting(
-        None, "Warm-up steps; null is 2% of lr_decay_steps.", minimum=0
+        None,
+        "Warm-up steps; null is 2% of lr_decay_steps, rounded down.",
+        minimum=0,
+        maximum=lim.MAX_STEPS,
     )
     lr_decay_steps: int | None = setting(
-        None, "Steps of the schedule; null (or 0) is 1.5 x the run's optimizer steps.", minimum=0
+        None,
+        "Steps of the schedule; null (or 0) is 1.5 x the run's optimizer steps, rounded down.",
+        minimum=0,
+        maximum=lim.MAX_STEPS,
     )
     betas: tuple[float, float] | None = setting(
-        None, "Moment decay rates [beta1, beta2].", minimum=0.0, maximum=0.999999
+        None,
+        "Moment decay rates [beta1, beta2]; the Lion family's default is [0.9, 0.99].",
+        minimum=0.0,
+        maximum=lim.MAX_BETA,
     )
-    epsilon: float | None = setting(None, "Denominator term (unused by Lion).", minimum=0.0)
-    weight_decay: float | None = setting(None, "Weight decay.", minimum=0.0)
+    epsilon: float | None = setting(
+        None, "Denominator term (unused by Lion).", minimum=0.0, maximum=lim.MAX_EPSILON
+    )
+    weight_decay: float | None = setting(
+        None, "Weight decay.", minimum=0.0, maximum=lim.MAX_WEIGHT_DECAY
+    )
     d0: float | None = setting(
-        None, "D-Adaptation/Prodigy initial D.", minimum=0.0, exclusive_minimum=True
+        None,
+        "D-Adaptation/Prodigy initial D.",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=lim.MAX_D0,
     )
     decouple: bool | None = setting(None, "AdamW-style decoupled weight decay (D-Adapt/Prodigy).")
     momentum: float | None = setting(None, "SGD momentum (dadapt_sgd).", minimum=0.0, maximum=1.0)
     growth_rate: float | None = setting(
         None,
-        "Cap on D's growth per step (D-Adapt/Prodigy); null is infinity.",
+        "Cap on D's growth per step (D-Adapt/Prodigy); null or Infinity is no cap.",
         minimum=0.0,
         exclusive_minimum=True,
+        allow_infinity=True,
     )
     use_bias_correction: bool | None = setting(None, "Adam bias correction (Prodigy).")
     safeguard_warmup: bool | None = setting(None, "Safeguard D during warm-up (Prodigy).")
-    slice_p: int | None = setting(None, "Prodigy: estimate D on every p-th element.", minimum=1)
+    slice_p: int | None = setting(
+        None, "Prodigy: estimate D on every p-th element.", minimum=1, maximum=lim.MAX_SLICE_P
+    )
     no_prox: bool | None = setting(
         None, "EveryDream2's dadapt_adan key; accepted, used by no optimizer here."
     )
@@ -93,6 +115,19 @@ BUILTIN = OptimizerSection(
     no_prox=False,
 )
 
+# The Lion paper and its libraries (lion-pytorch, bitsandbytes, dadaptation) use betas
+# (0.9, 0.99); AdamW's (0.9, 0.999) would slow Lion's momentum down tenfold.
+LION_BETAS = (0.9, 0.99)
+DEFAULT_BETAS = {"lion": LION_BETAS, "lion8bit": LION_BETAS, "dadapt_lion": LION_BETAS}
+
+
+def default_betas(optimizer: str) -> tuple[tuple[float, float], str]:
+    """The betas an optimizer gets when nothing sets them, and that value's source."""
+    if optimizer in DEFAULT_BETAS:
+        return DEFAULT_BETAS[optimizer], f"default for {optimizer}"
+    assert BUILTIN.betas is not None
+    return BUILTIN.betas, DEFAULT
+
 
 @dataclass(frozen=True)
 class OptimizerFile:
@@ -102,7 +137,10 @@ class OptimizerFile:
     base: Any = setting(None, "UNet optimizer (and defaults for the text encoder).")
     text_encoder_overrides: Any = setting(None, "Text-encoder optimizer; null keys copy base.")
     text_encoder_lr_scale: float | None = setting(
-        None, "Copied text-encoder LR = base LR x this (default 1.0).", minimum=0.0
+        None,
+        "Copied text-encoder LR = base LR x this (default 1.0).",
+        minimum=0.0,
+        maximum=lim.MAX_LR_SCALE,
     )
     text_encoder_freezing: Any = setting(None, "Which text-encoder parts to freeze.")
     apply_grad_scaler_step_tweaks: bool | None = setting(
@@ -270,9 +308,11 @@ def _resolve_base(base: OptimizerSection, train: LoadedTrainConfig, where: str) 
                 )  # fmt: skip
         elif file_value is not None:
             values[key], sources[key] = file_value, OPTIMIZER_JSON
+        elif key == "betas":
+            values[key], sources[key] = default_betas(values["optimizer"])
         else:
             values[key], sources[key] = getattr(BUILTIN, key), DEFAULT
-    user_set = frozenset(k for k, source in sources.items() if source != DEFAULT)
+    user_set = frozenset(k for k, source in sources.items() if source in USER_SOURCES)
     return ModelOptimizer(OptimizerSection(**values), sources, user_set)
 
 
@@ -288,6 +328,10 @@ def _resolve_text_encoder(
         elif key == "lr":
             values[key] = base.value("lr") * scale
             sources[key] = SCALED if scale_given else INHERITED
+        elif key == "betas" and key not in base.user_set:
+            own_default = default_betas(values["optimizer"])
+            inherit = own_default[0] == base.value(key)
+            values[key], sources[key] = (base.value(key), INHERITED) if inherit else own_default
         else:
             values[key], sources[key] = base.value(key), INHERITED
     user_set = frozenset(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from config.fields import setting
+from config.limits import MAX_TEXT_ENCODER_LAYERS
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class FreezingConfig:
     freeze_front_n_layers: int | None = setting(
         None,
         "n >= 0 freezes layers 0..n-1; n < 0 freezes all but the last |n|; null freezes none.",
+        minimum=-MAX_TEXT_ENCODER_LAYERS,
+        maximum=MAX_TEXT_ENCODER_LAYERS,
     )
     freeze_final_layer_norm: bool | None = setting(
         None, "Freeze the final LayerNorm (default false)."
@@ -28,6 +31,7 @@ class FreezingConfig:
         "Leave only the last n layers trainable (and freeze the embeddings unless "
         "freeze_embeddings says otherwise). Also spelled unfreeze_last_n_layers.",
         minimum=0,
+        maximum=MAX_TEXT_ENCODER_LAYERS,
     )
 
 

@@ -1,23 +1,29 @@
-"""LR schedules through `diffusers.optimization.get_scheduler` (SPEC §5)."""
+"""LR schedules through `diffusers.optimization.get_scheduler` (SPEC §5).
+
+The run-length defaults are EveryDream2's (``optimizer/optimizers.py``), counted in optimizer
+steps: ``lr_decay_steps`` null → ``int(1.5 × steps)``, ``lr_warmup_steps`` null →
+``int(decay / 50)`` (2%, rounded down).
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers.optimization import SchedulerType, get_scheduler
+from config.choices import LR_SCHEDULERS
+from config.errors import ConfigError
+from config.limits import MAX_STEPS
 
-# piecewise_constant needs step rules that optimizer.json has no key for.
-_LEFT_OUT = {SchedulerType.PIECEWISE_CONSTANT}
+if TYPE_CHECKING:
+    import torch
 
 DECAY_STEPS_FACTOR = 1.5  # lr_decay_steps null → 1.5 × the run's optimizer steps
-WARMUP_FRACTION = 0.02  # lr_warmup_steps null → 2% of lr_decay_steps
+WARMUP_DIVISOR = 50  # lr_warmup_steps null → lr_decay_steps / 50 (2%), rounded down
 
 
 def scheduler_names() -> tuple[str, ...]:
-    """Every valid `lr_scheduler` value."""
-    return tuple(s.value for s in SchedulerType if s not in _LEFT_OUT)
+    """Every valid `lr_scheduler` value (diffusers' names without piecewise_constant)."""
+    return LR_SCHEDULERS
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,11 @@ class ScheduleLength:
 def schedule_length(
     warmup_steps: int | None, decay_steps: int | None, total_optimizer_steps: int
 ) -> ScheduleLength:
-    """Fill the defaults that depend on the run length."""
+    """Fill the defaults that depend on the run length, rounding down as EveryDream2 does."""
     if decay_steps is None:
-        decay_steps = max(1, math.ceil(DECAY_STEPS_FACTOR * total_optimizer_steps))
+        decay_steps = max(1, int(DECAY_STEPS_FACTOR * total_optimizer_steps))
     if warmup_steps is None:
-        warmup_steps = math.ceil(WARMUP_FRACTION * decay_steps)
+        warmup_steps = decay_steps // WARMUP_DIVISOR
     return ScheduleLength(warmup_steps, decay_steps)
 
 
@@ -43,6 +49,8 @@ def build_scheduler(
     name: str, optimizer: torch.optim.Optimizer, length: ScheduleLength
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A scheduler stepped once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
     return get_scheduler(
         name,
         optimizer,
@@ -53,9 +61,19 @@ def build_scheduler(
 
 def optimizer_steps_per_epoch(batches_per_epoch: int, grad_accum: int) -> int:
     """Accumulation windows start afresh each epoch, so they never drift; the last may be short."""
-    return math.ceil(batches_per_epoch / grad_accum)
+    return -(-batches_per_epoch // grad_accum)
 
 
 def total_optimizer_steps(batches_per_epoch: int, max_epochs: int, grad_accum: int) -> int:
-    """Optimizer steps in a whole run."""
-    return max_epochs * optimizer_steps_per_epoch(batches_per_epoch, grad_accum)
+    """Optimizer steps in a whole run; more than `MAX_STEPS` is a ConfigError naming why."""
+    per_epoch = optimizer_steps_per_epoch(batches_per_epoch, grad_accum)
+    total = max_epochs * per_epoch
+    if total > MAX_STEPS:
+        raise ConfigError(
+            [
+                f"max_epochs: {max_epochs} epochs of {per_epoch} optimizer steps are {total} "
+                f"steps; a run may have at most {MAX_STEPS}: lower max_epochs (or raise "
+                "batch_size or grad_accum, or use fewer images)"
+            ]
+        )
+    return total

@@ -128,7 +128,7 @@ def test_all_problems_of_a_file_in_one_error(tmp_path):
     problems = info.value.problems
     assert len(problems) == 4
     text = str(info.value)
-    assert 'lr: expected a number, got "fast"' in text
+    assert 'lr: expected a number (>= 0; <= 10), got "fast"' in text
     assert "batch_size: must be >= 1" in text
     assert "did you mean 'mse'" in text
 
@@ -194,6 +194,89 @@ def test_deprecated_key_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load(tmp_path, {**BASE, "disable_xformers": True})
     assert "disable_xformers is deprecated" in caplog.text
+
+
+# Every flag of EveryDream2's current argument parser (train.py), and the keys its shipped
+# presets hold besides (ed1_mode, lowvram, scale_lr, notebook, useadam8bit, disable_xformers).
+EVERYDREAM2_PARSER_KEYS = (
+    "amp", "attn_type", "batch_size", "ckpt_every_n_minutes", "clip_grad_norm", "clip_skip",
+    "cond_dropout", "data_root", "disable_amp", "disable_textenc_training",
+    "disable_unet_training", "embedding_perturbation", "flip_p", "gpuid",
+    "gradient_checkpointing", "grad_accum", "logdir", "log_step", "loss_type", "lr",
+    "lr_decay_steps", "lr_scheduler", "lr_warmup_steps", "max_epochs", "no_prepend_last",
+    "no_save_ckpt", "optimizer_config", "plugins", "project_name", "resolution", "resume_ckpt",
+    "run_name", "sample_prompts", "sample_steps", "save_ckpt_dir", "save_every_n_epochs",
+    "save_ckpts_from_n_epochs", "save_full_precision", "save_optimizer", "seed", "shuffle_tags",
+    "timestep_start", "timestep_end", "train_sampler", "keep_tags", "wandb",
+    "validation_config", "write_schedule", "rated_dataset",
+    "rated_dataset_target_dropout_percent", "zero_frequency_noise_ratio",
+    "enable_zero_terminal_snr", "load_settings_every_epoch", "min_snr_gamma", "ema_decay_rate",
+    "ema_strength_target", "ema_update_interval", "ema_device", "ema_sample_nonema_model",
+    "ema_sample_ema_model", "ema_resume_model", "pyramid_noise_discount",
+)  # fmt: skip
+EVERYDREAM2_PRESET_KEYS = ("ed1_mode", "lowvram", "scale_lr", "notebook", "useadam8bit",
+                           "disable_xformers")  # fmt: skip
+
+
+def test_every_everydream2_key_is_a_key():
+    keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    missing = set(EVERYDREAM2_PARSER_KEYS + EVERYDREAM2_PRESET_KEYS) - keys
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"ed1_mode": True}, {"lowvram": True}, {"scale_lr": True}, {"train_sampler": "ddim"},
+     {"train_sampler": "pndm"}],
+)  # fmt: skip
+def test_keys_everydream2_no_longer_uses_warn_and_do_not_stop_the_run(tmp_path, caplog, data):
+    with caplog.at_level(logging.WARNING):
+        loaded = load(tmp_path, {**BASE, **data})
+    (key,) = data
+    assert getattr(loaded.config, key) == data[key]
+    assert f"train.json: {key} is deprecated and has no effect" in caplog.text
+
+
+def test_everydream2_chain_presets_load(tmp_path):
+    chain = Path("/work/shared/reference/everydream2/chain0.json")
+    if not chain.exists():
+        pytest.skip("EveryDream2's reference files are not here")
+    data = json.loads(chain.read_text()) | {"resume_ckpt": "tiny-sd15"}
+    assert load(tmp_path, data).config.ed1_mode is True
+
+
+def test_train_sampler_takes_everydream2s_names(tmp_path):
+    with pytest.raises(ConfigError, match='train_sampler: "ddmi" is not one of: ddpm, pndm'):
+        load(tmp_path, {**BASE, "train_sampler": "ddmi"})
+
+
+def test_train_sampler_changes_nothing_in_diffusers_training_math():
+    """EveryDream2 builds DDPM, PNDM or DDIM from the model's scheduler config and calls only
+    add_noise, get_velocity and alphas_cumprod: all three are the same code (PNDM has no
+    get_velocity, so EveryDream2 fails with pndm on v-prediction models)."""
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+    config = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    schedulers = [cls(**config) for cls in (DDPMScheduler, DDIMScheduler, PNDMScheduler)]
+    x, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([0, 500, 999])
+    noisy = [s.add_noise(x, noise, t) for s in schedulers]
+    assert all(torch.equal(noisy[0], n) for n in noisy[1:])
+    assert all(torch.equal(schedulers[0].alphas_cumprod, s.alphas_cumprod) for s in schedulers)
+    velocity = [s.get_velocity(x, noise, t) for s in schedulers[:2]]
+    assert torch.equal(velocity[0], velocity[1])
+
+
+def test_huber_mse_loss_is_accepted(tmp_path):
+    assert load(tmp_path, {**BASE, "loss_type": "huber_mse"}).config.loss_type == "huber_mse"
+
+
+def test_xformers_attention_is_read_as_sdp(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded = load(tmp_path, {**BASE, "attn_type": "xformers"})
+    assert loaded.config.attn_type == "sdp"
+    assert "attn_type is xformers" in caplog.text
 
 
 def test_input_file_found_next_to_train_json(tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ def test_dry_run_values_and_sources(capsys, tmp_path):
                               "weight_decay": 0.01}  # fmt: skip
     steps = report["data"]["steps_per_epoch"] * 10
     assert unet["lr_decay_steps"] == steps * 3 // 2
-    assert unet["lr_warmup_steps"] == -(-unet["lr_decay_steps"] * 2 // 100)
+    assert unet["lr_warmup_steps"] == unet["lr_decay_steps"] // 50  # EveryDream2: int(decay / 50)
     frozen = report["text_encoder_freezing"]
     assert frozen["trainable_parameters"] == te["trainable_parameters"]
 

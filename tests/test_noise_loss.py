@@ -314,6 +314,21 @@ def test_mse_huber_blend(eps: DDPMScheduler) -> None:
     torch.testing.assert_close(compute_loss(*args, "mse_huber", None), blend.mean())
 
 
+def test_huber_mse_is_everydream2s_reverse_blend(eps: DDPMScheduler) -> None:
+    pred, target = _pair(3.0)
+    t = torch.tensor([0, 250, 500, 999])
+    args = (pred, target, t, eps)
+    mse = per_sample_loss(*args, "mse", None)
+    huber = per_sample_loss(*args, "huber", None)
+    blend = per_sample_loss(*args, "huber_mse", None)
+    f = t.float() / 1000
+    torch.testing.assert_close(blend, f * huber + (1 - f) * mse)
+    torch.testing.assert_close(blend[0], mse[0])  # t = 0: all MSE
+    # EveryDream2: (huber * f).mean() + (mse * (1 - f)).mean() over the batch
+    everydream2 = (huber * f).mean() + (mse * (1 - f)).mean()
+    torch.testing.assert_close(compute_loss(*args, "huber_mse", None), everydream2)
+
+
 def test_min_snr_weighting_in_loss(eps: DDPMScheduler, vpred: DDPMScheduler) -> None:
     pred, target = _pair(1.0)
     t = torch.tensor([0, 100, 500, 999])

@@ -192,7 +192,7 @@ def test_unused_keys_are_reported_not_rejected(tmp_path):
         ({"base": {"lr": "fast"}}, "base.lr: expected a number"),
         ({"base": {"lr": -1e-6}}, "base.lr: must be >= 0"),
         ({"base": {"betas": [0.9]}}, "base.betas: expected a list of 2 numbers"),
-        ({"base": {"betas": [0.9, 1.5]}}, "base.betas: must be <="),
+        ({"base": {"betas": [0.9, 1.5]}}, "base.betas[1]: must be <= 0.999999, got 1.5"),
         ({"base": {"lr_scheduler": "cosin"}}, "did you mean 'cosine'"),
         ({"text_encoder_overrides": {"lrr": 1}}, "text_encoder_overrides.lrr: unknown key"),
         ({"text_encoder_overrides": {"lrr": 1}}, "did you mean 'lr'"),
@@ -259,3 +259,54 @@ def test_inherited_defaults_are_not_reported_unused(tmp_path):
     assert config.text_encoder.unused_keys() == ["epsilon", "d0"]
     config = resolve(tmp_path, {"base": {"optimizer": "adamw"}})
     assert config.text_encoder.unused_keys() == []
+
+
+# --- Lion's betas ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lion", "lion8bit", "dadapt_lion"])
+def test_lion_family_defaults_to_the_papers_betas(tmp_path, name):
+    config = resolve(tmp_path, {"base": {"optimizer": name}})
+    for model in (config.unet, config.text_encoder):
+        assert model.settings.betas == (0.9, 0.99)
+    assert config.unet.sources["betas"] == f"default for {name}"
+    assert config.text_encoder.sources["betas"] == "inherited from base"
+    assert "betas" not in config.unet.user_set
+
+
+def test_lion_default_betas_are_used_by_the_class(tmp_path):
+    from optimizer.registry import constructor_kwargs
+
+    config = resolve(tmp_path, {"base": {"optimizer": "lion"}})
+    values = {key: config.unet.value(key) for key in ("lr", "betas", "weight_decay")}
+    assert constructor_kwargs("lion", values, on_cuda=False)["betas"] == (0.9, 0.99)
+
+
+def test_explicit_betas_are_kept_for_lion(tmp_path):
+    config = resolve(tmp_path, {"base": {"optimizer": "lion", "betas": [0.9, 0.999]}})
+    assert config.unet.settings.betas == (0.9, 0.999)
+    assert config.unet.sources["betas"] == "optimizer.json"
+    # an explicit base value is inherited by a Lion text encoder too
+    config = resolve(
+        tmp_path,
+        {"base": {"optimizer": "adamw", "betas": [0.8, 0.95]},
+         "text_encoder_overrides": {"optimizer": "lion"}},
+    )  # fmt: skip
+    assert config.text_encoder.settings.betas == (0.8, 0.95)
+    assert config.text_encoder.sources["betas"] == "inherited from base"
+
+
+def test_each_model_gets_its_own_optimizers_default_betas(tmp_path):
+    config = resolve(
+        tmp_path, {"base": {"optimizer": "adamw"}, "text_encoder_overrides": {"optimizer": "lion"}}
+    )
+    assert config.unet.settings.betas == (0.9, 0.999)
+    assert config.unet.sources["betas"] == "default"
+    assert config.text_encoder.settings.betas == (0.9, 0.99)
+    assert config.text_encoder.sources["betas"] == "default for lion"
+    config = resolve(
+        tmp_path, {"base": {"optimizer": "lion"}, "text_encoder_overrides": {"optimizer": "adamw"}}
+    )
+    assert config.unet.settings.betas == (0.9, 0.99)
+    assert config.text_encoder.settings.betas == (0.9, 0.999)
+    assert config.text_encoder.sources["betas"] == "default"

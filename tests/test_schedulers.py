@@ -14,11 +14,22 @@ from optimizer.schedulers import (
 )
 
 
-def test_names_are_diffusers_names():
-    names = scheduler_names()
-    for name in ("constant", "constant_with_warmup", "linear", "cosine",
-                 "cosine_with_restarts", "polynomial"):  # fmt: skip
-        assert name in names
+def test_names_are_diffusers_names_without_piecewise_constant():
+    from diffusers.optimization import SchedulerType
+
+    expected = tuple(s.value for s in SchedulerType if s is not SchedulerType.PIECEWISE_CONSTANT)
+    assert scheduler_names() == expected
+
+
+def test_defaults_round_down_as_everydream2():
+    # EveryDream2: decay = int(steps * 1.5), warm-up = int(decay / 50)
+    assert schedule_length(None, None, total_optimizer_steps=101) == ScheduleLength(3, 151)
+    assert schedule_length(None, None, total_optimizer_steps=33) == ScheduleLength(0, 49)
+    assert schedule_length(None, 99, 10) == ScheduleLength(1, 99)
+    assert schedule_length(None, None, total_optimizer_steps=1) == ScheduleLength(0, 1)
+    for steps in (1, 7, 33, 101, 999, 12345):
+        decay = int(steps * 1.5)
+        assert schedule_length(None, None, steps) == ScheduleLength(int(decay / 50), decay)
 
 
 def test_decay_defaults_to_one_and_a_half_runs_and_warmup_to_two_percent():

@@ -244,7 +244,8 @@ def test_sample_images_are_made_during_training(tmp_path):
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     images = sorted(p.name for p in (folder / "samples").glob("*.png"))
-    assert images == ["step-000007-00.png", "step-000007-01.png"]
+    # each prompt at EveryDream2's guidance scales 7, 4 and 1.01
+    assert images == [f"step-000007-0{i}.png" for i in range(6)]
 
 
 def test_write_schedule(tmp_path):

@@ -133,7 +133,7 @@ def sample_settings(train: LoadedTrainConfig, seed: int) -> SampleSettings | Non
     if c.sample_prompts is None:
         return None
     path = find_input_file(c.sample_prompts, train.folder, "sample_prompts")
-    return load_sample_settings(path, c.resolution, seed)
+    return load_sample_settings(path, c.resolution, seed, batch_size=c.batch_size)
 
 
 def build_run(

@@ -74,12 +74,14 @@ def _elementwise_loss(
         return F.mse_loss(pred, tgt, reduction="none")
     if loss_type == "huber":
         return F.huber_loss(pred, tgt, reduction="none", delta=huber_delta)
-    if loss_type == "mse_huber":
+    if loss_type in ("mse_huber", "huber_mse"):
         mse = F.mse_loss(pred, tgt, reduction="none")
         huber = F.huber_loss(pred, tgt, reduction="none", delta=huber_delta)
         fraction = timesteps.to(device=pred.device, dtype=torch.float32)
         fraction = fraction / scheduler.config.num_train_timesteps
         fraction = fraction.view(-1, *([1] * (pred.dim() - 1)))
+        if loss_type == "huber_mse":
+            mse, huber = huber, mse
         return fraction * mse + (1.0 - fraction) * huber
     raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
 
@@ -126,7 +128,9 @@ def compute_loss(
       this is also smooth-L1 with beta 1.) For small residuals it is half the MSE;
     - ``"mse_huber"``: EveryDream2's blend ``f * mse + (1 - f) * huber`` with
       ``f = t / num_train_timesteps``: mostly MSE at high (noisy) timesteps, mostly Huber at
-      low (nearly clean) ones.
+      low (nearly clean) ones;
+    - ``"huber_mse"``: EveryDream2's reverse blend ``f * huber + (1 - f) * mse``: mostly Huber
+      at noisy timesteps, mostly MSE at nearly clean ones.
 
     Then the mean over every dimension but the batch gives one loss per sample; with
     ``min_snr_gamma`` set, each is multiplied by its `min_snr_weights`; the mean over the batch

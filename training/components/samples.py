@@ -63,6 +63,7 @@ class Samples(Component):
                 writer=_MetricsImages(trainer), scheduler_name=self.settings.scheduler,
                 captions=trainer.last_captions,
                 show_progress_bars=self.settings.show_progress_bars,
+                noise_scheduler_config=trainer.models.noise_scheduler.config,
             )  # fmt: skip
         env.barrier()
         return paths

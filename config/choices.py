@@ -1,0 +1,36 @@
+"""The allowed words of train.json's choice keys, and the --help sections.
+
+Plain constants, so that ``train.py --help`` and the optimizer package can use them without
+importing diffusers.
+"""
+
+from __future__ import annotations
+
+LOSS_TYPES = ("mse", "huber", "mse_huber", "huber_mse")
+# EveryDream2's "xformers" is read as "sdp" (with a warning): PyTorch's SDPA does its job.
+ATTENTION_TYPES = ("sdp", "slice", "xformers")
+# EveryDream2's training noise schedulers; the training math is the same for all three.
+TRAIN_SAMPLERS = ("ddpm", "pndm", "ddim")
+# diffusers.optimization.SchedulerType without piecewise_constant (it needs step rules that
+# have no key here). A test checks this against diffusers, which is not imported here.
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+
+# --help sections, in order: group name → title.
+GROUPS = {
+    "model": "model and precision",
+    "data": "training data",
+    "optimizer": "optimizer (optimizer.json holds the rest)",
+    "schedule": "run length and LR schedule",
+    "training": "noise, timesteps and loss",
+    "checkpoints": "checkpoints",
+    "samples": "sample images",
+    "logging": "run folder and logging",
+    "everydream2": "EveryDream2 keys that are deprecated or not supported",
+}

@@ -1,0 +1,102 @@
+"""First contact: ``train.py --help`` loads nothing heavy, groups flags and lists allowed values;
+the config package never imports the optimizer (or any other) package."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config.cli import build_parser
+from config.train_config import GROUPS
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "optimizer")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+
+
+def test_help_imports_no_heavy_module() -> None:
+    code = (
+        "import json, sys, contextlib, io\n"
+        "import train\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        "        train.main(['--help'])\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0\n"
+        f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "sys.stdout.write(json.dumps({'loaded': loaded, 'help': out.getvalue()}))\n"
+    )
+    result = json.loads(run_python(code).stdout)
+    assert result["loaded"] == []
+    assert "usage: train.py --config train.json" in result["help"]
+
+
+def test_a_mistyped_flag_is_answered_before_anything_heavy_loads() -> None:
+    code = (
+        "import sys, train\n"
+        "status = train.main(['--max_epoch', '3'])\n"
+        f"print(status, [m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    result = run_python(code)
+    assert result.stdout.strip() == "2 []"
+    assert "did you mean '--max_epochs'" in result.stderr
+
+
+def test_help_groups_flags_and_lists_allowed_values() -> None:
+    text = build_parser().format_help()
+    positions = [text.index(f"\n{title}:\n") for title in GROUPS.values()]
+    assert positions == sorted(positions)
+    titles = ("model and precision", "training data", "optimizer", "checkpoints",
+              "sample images", "run folder and logging", "run length and LR schedule")  # fmt: skip
+    for title in titles:
+        assert any(t.startswith(title) for t in GROUPS.values()), title
+    flat = " ".join(text.split())
+    assert "Allowed: linear, cosine, cosine_with_restarts, polynomial, constant," in flat
+    assert 'Allowed: mse, huber, mse_huber, huber_mse. Default: "mse"' in flat
+    assert "Allowed: >= 1; <= 1024. Default: 2." in flat
+
+
+@pytest.mark.parametrize("group", ["samples", "checkpoints", "everydream2"])
+def test_flags_are_in_their_group(group: str) -> None:
+    parser = build_parser()
+    (section,) = [g for g in parser._action_groups if g.title == GROUPS[group]]
+    flags = {a.dest for a in section._group_actions}
+    expected = {"samples": "sample_prompts", "checkpoints": "save_every_n_epochs",
+                "everydream2": "ed1_mode"}[group]  # fmt: skip
+    assert expected in flags
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in tree.body:  # module level only: a function may import lazily
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.py")), ids=lambda p: p.name)
+def test_config_imports_no_other_package_of_the_trainer(path: Path) -> None:
+    assert not _top_level_imports(path) & {"optimizer", "training", "models", "data"}
+
+
+def test_importing_the_config_package_loads_no_optimizer() -> None:
+    modules = sorted(p.stem for p in (ROOT / "config").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module('config.' + name)\n"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
+    )
+    assert run_python(code).stdout.strip() == "[]"

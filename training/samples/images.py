@@ -1,0 +1,224 @@
+"""Making sample images with the live model.
+
+Images are made with the modules being trained, without copying their weights, and leave
+training untouched: the global RNG state, train/eval modes and ``requires_grad`` flags are as
+they were afterwards. diffusers is imported only here, when images are made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.samples.schedulers import is_zero_terminal_snr, make_inference_scheduler
+from training.samples.settings import DEFAULT_SCHEDULER, RANDOM_SEED, SampleRequest
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+    from PIL.Image import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    from models.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+# Guidance rescale for zero-terminal-SNR models (Lin et al. 2023, section 3.4), as EveryDream2.
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
+
+
+@contextlib.contextmanager
+def _sampling_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Eval mode for ``modules`` inside; every submodule's mode and ``requires_grad`` restored."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    grads = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on a CUDA device that supports it, fp16 on other CUDA devices, else none."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _forked_devices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _prompt_for(request: SampleRequest, captions: Sequence[str]) -> str:
+    if request.caption_index is None:
+        return request.prompt
+    if not captions:
+        logger.warning("sample with random_caption: no training captions given, empty prompt used")
+        return ""
+    return captions[request.caption_index % len(captions)]
+
+
+def _seed_for(request: SampleRequest) -> int:
+    if request.seed == RANDOM_SEED:
+        return secrets.randbelow(2**31)
+    return request.seed
+
+
+@dataclass(frozen=True)
+class _Drawing:
+    """How every image of one call is drawn."""
+
+    pipe: StableDiffusionPipeline
+    bundle: ModelBundle
+    scheduler_name: str
+    clip_skip: int
+    guidance_rescale: float
+
+
+def _build_pipeline(
+    bundle: ModelBundle, scheduler_name: str, noise_scheduler_config: Mapping[str, Any]
+) -> StableDiffusionPipeline:
+    """A pipeline around the bundle's own modules (no copy of their weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=bundle.vae,
+        text_encoder=bundle.text_encoder,
+        tokenizer=bundle.tokenizer,
+        unet=bundle.unet,
+        scheduler=make_inference_scheduler(scheduler_name, noise_scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _make_image(drawing: _Drawing, request: SampleRequest, prompt: str, seed: int) -> Image:
+    from models.text import encode_prompts, tokenize
+
+    bundle = drawing.bundle
+    input_ids = tokenize(bundle.tokenizer, [prompt, request.negative_prompt])
+    embeds = encode_prompts(bundle.text_encoder, input_ids, drawing.clip_skip)
+    # A CPU generator: the same seed gives the same starting noise on any device.
+    generator = torch.Generator("cpu").manual_seed(seed)
+    output = drawing.pipe(
+        prompt_embeds=embeds[0:1],
+        negative_prompt_embeds=embeds[1:2],
+        width=request.width,
+        height=request.height,
+        guidance_scale=request.guidance_scale,
+        guidance_rescale=drawing.guidance_rescale,
+        num_inference_steps=request.num_inference_steps,
+        generator=generator,
+        output_type="pil",
+    )
+    return output.images[0]
+
+
+def _describe(
+    drawing: _Drawing, request: SampleRequest, prompt: str, seed: int, image: Image
+) -> str:
+    lines = [
+        prompt,
+        f"negative_prompt: {request.negative_prompt}",
+        f"seed: {seed}",
+        f"size: {image.width}x{image.height}",
+        f"guidance_scale: {request.guidance_scale:g}",
+        f"guidance_rescale: {drawing.guidance_rescale:g}",
+        f"num_inference_steps: {request.num_inference_steps}",
+        f"scheduler: {drawing.scheduler_name}",
+        f"clip_skip: {drawing.clip_skip}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def generate_samples(
+    bundle: ModelBundle,
+    requests: Sequence[SampleRequest],
+    clip_skip: int,
+    device: torch.device,
+    out_dir: Path,
+    step: int,
+    writer: SummaryWriter | None = None,
+    scheduler_name: str = DEFAULT_SCHEDULER,
+    *,
+    captions: Sequence[str] = (),
+    show_progress_bars: bool = False,
+    noise_scheduler_config: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Make one image per request with the model being trained; return the PNG paths.
+
+    Each image is ``out_dir/step-{step:06d}-{index:02d}.png`` with a ``.txt`` beside it (the
+    prompt on the first line, then the settings used) and, with a ``writer``, the TensorBoard
+    image ``samples/{index}`` at ``step``. The bundle's modules must already be on ``device``.
+    ``captions`` are the training captions that ``random_caption`` samples draw from.
+
+    ``noise_scheduler_config`` is the config of the noise scheduler that trained (None: the
+    bundle's own, as loaded). The sampling scheduler is built from it; a zero-terminal-SNR
+    config samples with trailing timesteps and guidance rescale 0.7 (as EveryDream2).
+
+    Training is unaffected: the global torch RNG state (CPU and ``device``), every module's
+    train/eval mode and every parameter's ``requires_grad`` are as they were before.
+    """
+    if not requests:
+        return []
+    config = (
+        bundle.noise_scheduler.config if noise_scheduler_config is None else noise_scheduler_config
+    )
+    drawing = _Drawing(
+        pipe=_build_pipeline(bundle, scheduler_name, config),
+        bundle=bundle,
+        scheduler_name=scheduler_name,
+        clip_skip=clip_skip,
+        guidance_rescale=ZERO_SNR_GUIDANCE_RESCALE if is_zero_terminal_snr(config) else 0.0,
+    )
+    drawing.pipe.set_progress_bar_config(disable=not show_progress_bars, leave=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("making %d sample images at step %d in %s", len(requests), step, out_dir)
+    modules = [bundle.unet, bundle.text_encoder, bundle.vae]
+    paths: list[Path] = []
+    with (
+        _sampling_mode(modules),
+        torch.random.fork_rng(devices=_forked_devices(device)),
+        torch.no_grad(),
+        _autocast(device),
+    ):
+        for index, request in enumerate(requests):
+            path = out_dir / f"step-{step:06d}-{index:02d}.png"
+            image = _save_image(drawing, request, captions, path)
+            if writer is not None:
+                writer.add_image(f"samples/{index}", np.asarray(image), step, dataformats="HWC")
+            paths.append(path)
+    if writer is not None:
+        writer.flush()
+    return paths
+
+
+def _save_image(
+    drawing: _Drawing, request: SampleRequest, captions: Sequence[str], path: Path
+) -> Image:
+    """Draw one request and write its PNG and the ``.txt`` that describes it."""
+    prompt = _prompt_for(request, captions)
+    seed = _seed_for(request)
+    image = _make_image(drawing, request, prompt, seed)
+    image.save(path)
+    path.with_suffix(".txt").write_text(
+        _describe(drawing, request, prompt, seed, image), encoding="utf-8"
+    )
+    return image
