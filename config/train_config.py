@@ -49,7 +49,7 @@ class TrainConfig:
     )
     shuffle_tags: bool = setting(False, "Shuffle the comma-separated tags after the first.")
     keep_tags: int = setting(
-        0, "With shuffle_tags: number of leading tags kept in place.", minimum=0
+        0, "With shuffle_tags: number of tags after the first kept in place.", minimum=0
     )
     dataloader_num_workers: int | None = setting(
         None, "Image decoding worker processes; null picks a default.", minimum=0
@@ -59,6 +59,17 @@ class TrainConfig:
     )
     cache_latents: bool = setting(
         False, "Encode every image once with the VAE and reuse the latents (flips included)."
+    )
+    rated_dataset: bool = setting(
+        False,
+        "Train less often on images with a lower yaml `rating`: from the third epoch on, each "
+        "epoch keeps fewer images, drawn by rating (EveryDream2's rated dataset).",
+    )
+    rated_dataset_target_dropout_percent: int = setting(
+        50,
+        "With rated_dataset: roughly the percentage of images the last epoch keeps.",
+        minimum=0,
+        maximum=100,
     )
 
     # --- optimizer (overrides optimizer.json's base section) -----------------------------
@@ -204,10 +215,6 @@ class TrainConfig:
     )
     plugins: list[str] | None = setting(
         None, "Plugins to load.", status="unsupported", note=NOT_YET
-    )
-    rated_dataset: bool = setting(False, "Rated image sets.", status="unsupported", note=NOT_YET)
-    rated_dataset_target_dropout_percent: int = setting(
-        50, "Rated image sets.", status="unsupported", note=NOT_YET
     )
     load_settings_every_epoch: bool = setting(
         False, "Reload train.json every epoch.", status="unsupported", note=NOT_YET

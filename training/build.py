@@ -25,7 +25,7 @@ from optimizer.build import (
     freeze_plan,
 )
 from optimizer.config import OptimizerConfig, load_optimizer_config
-from optimizer.schedulers import total_optimizer_steps
+from optimizer.schedulers import optimizer_steps_per_epoch
 from training.checkpoint import (
     TrainingState,
     check_fingerprint,
@@ -127,6 +127,10 @@ def data_settings(
         rank=rank,
         world_size=world_size,
         device_type=device_type,
+        grad_accum=c.grad_accum,
+        max_epochs=c.max_epochs,
+        rated_dataset=c.rated_dataset,
+        rated_dataset_target_dropout_percent=c.rated_dataset_target_dropout_percent,
     )
 
 
@@ -167,7 +171,10 @@ def build_run(
         logger.warning("seed %d replaced by the resumed run's seed %d", c.seed, seed)
     samples = sample_settings(train, seed)
     dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type))
-    total_steps = total_optimizer_steps(dataset.steps_per_epoch(), c.max_epochs, c.grad_accum)
+    total_steps = sum(
+        optimizer_steps_per_epoch(dataset.steps_in_epoch(epoch), c.grad_accum)
+        for epoch in range(c.max_epochs)
+    )  # epochs of a rated dataset differ in length
 
     models = load_models(c.resume_ckpt)
     if resume_state is not None:

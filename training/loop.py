@@ -218,10 +218,10 @@ class Trainer:
 
     def _run(self, stop: StopRequest) -> bool:
         """Every remaining batch; True when a stop was requested."""
-        batches = self.dataset.steps_per_epoch()
         accum = self.settings.grad_accum
         for batch in self._batches():
             assert batch.epoch == self.counters.epoch, "loader and counters disagree"
+            batches = self.dataset.steps_in_epoch(batch.epoch)  # rated datasets: per epoch
             index = self.counters.batch_in_epoch
             if index == 0:
                 self._before_epoch()
