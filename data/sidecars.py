@@ -9,7 +9,10 @@ file; the caller decides whether that skips one image (an image's own sidecar) o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,8 +98,11 @@ SETTING_KEYS = (
     "multiply", "flip_p", "cond_dropout", "loss_scale", "batch_id", "rating", "max_caption_length"
 )  # fmt: skip
 _NUMBER_KEYS = ("multiply", "flip_p", "cond_dropout", "loss_scale", "rating", "max_caption_length")
-_SIDECAR_FIELDS = {f.name: f for f in dataclasses.fields(SidecarKeys)}
-_SIDECAR_TYPES = field_types(SidecarKeys)
+# (type, rule) of each key, looked up once (a tag list may hold 100,000s of mappings)
+_CHECKS = {
+    cls: {f.name: (field_types(cls)[f.name], rule_of(f)) for f in dataclasses.fields(cls)}
+    for cls in (SidecarKeys, TagKeys)
+}
 # The text of shuffle_tags.txt (any case); an empty file turns shuffling on, as in EveryDream2.
 _FLAG_TEXTS = {
     "": True,
@@ -178,13 +184,16 @@ def split_caption(text: str) -> SidecarValues:
     return SidecarValues(main_prompts=(parts[0],), tags=tuple((part, 1.0) for part in parts[1:]))
 
 
-def check_value(key: str, value: Any, where: str) -> Any:
-    """`value` of the sidecar key `key` in its type, checked against the key's one rule."""
+def check_value(key: str, value: Any, where: str, keys: type = SidecarKeys, prefix: str = ""
+                ) -> Any:  # fmt: skip
+    """`value` of `key` (of `keys`: SidecarKeys or TagKeys) in its type, checked against the
+    key's one rule; SidecarError naming the file (`where`) and the key otherwise."""
+    field_type, rule = _CHECKS[keys][key]
     try:
-        typed = convert(value, _SIDECAR_TYPES[key])
-        check_rule(typed, rule_of(_SIDECAR_FIELDS[key]))
+        typed = convert(value, field_type)
+        check_rule(typed, rule)
     except InvalidValueError as error:
-        raise SidecarError(f"{where}: {key}: {error}") from None
+        raise SidecarError(f"{where}: {prefix}{key}: {error}") from None
     return typed
 
 
@@ -238,18 +247,17 @@ def _parse_tag(item: Any, where: str, path: str, strict: bool) -> tuple[Tag | No
         )
     names = ("tag", "weight")
     notes = [_unknown(k, where, names, strict, f"{path}.") for k in item if str(k) not in names]
-    known = {str(k): v for k, v in item.items() if str(k) in names}
-    values, problems = parse_fields(TagKeys, known, where, key_prefix=f"{path}.")
-    if problems:
-        raise SidecarError("; ".join(problems))
-    text = values.get("tag")
+    weight = item.get("weight")
+    if weight is not None:
+        weight = check_value("weight", _number_text(weight), where, TagKeys, f"{path}.")
+    text = item.get("tag")
     if isinstance(text, int | float) and not isinstance(text, bool):
         text = str(text)
     if not isinstance(text, str):
         if text is None and not strict:
             return None, [*notes, f"{path}: a tag mapping without 'tag' (left out)"]
         raise SidecarError(f"{where}: {path}.tag: expected a string, got {text!r}")
-    return (_text(text, where, f"{path}.tag"), values.get("weight", 1.0)), notes
+    return (_text(text, where, f"{path}.tag"), 1.0 if weight is None else weight), notes
 
 
 def _parse_tags(value: Any, where: str, strict: bool) -> tuple[tuple[Tag, ...], list[str]]:
@@ -312,6 +320,20 @@ def _caption_values(caption: Any, where: str, strict: bool, depth: int) -> Sidec
     raise SidecarError(
         f"{where}: caption: must be a text or a mapping, got {type(caption).__name__}"
     )
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector: a large YAML document allocates so many objects
+    that repeated collections make loading it quadratic (memory is freed by reference counts
+    as usual)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def read_yaml_file(path: Path, strict: bool) -> SidecarValues:
