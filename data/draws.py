@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import random
 from collections.abc import Sequence
 from typing import TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -46,14 +49,22 @@ def sample(rng: random.Random, values: Sequence[T], k: int) -> list[T]:
 def weighted_order(rng: random.Random, weights: Sequence[float]) -> list[int]:
     """Indices of `weights` in the order of successive weighted draws without replacement (each
     next one picked with probability proportional to its weight among those left), by
-    Efraimidis-Spirakis keys in O(n log n). Weight 0 comes after every positive weight, in
-    random order."""
-    keys: list[tuple[float, float]] = []
-    for weight in weights:
-        u = rng.random()
-        key = math.log(1.0 - u) / weight if weight > 0 else -math.inf
-        keys.append((key, u))
-    return sorted(range(len(keys)), key=keys.__getitem__, reverse=True)
+    Efraimidis-Spirakis keys log(1 - u) / weight in O(n log n). Weight 0 comes after every
+    positive weight, in random order. (NumPy only divides and sorts, which are exact.)"""
+    draws = [rng.random() for _ in weights]
+    logs = np.fromiter(map(math.log1p, map(operator.neg, draws)), float, len(draws))
+    weight = np.asarray(weights, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keys = np.where(weight > 0, logs / np.where(weight > 0, weight, 1.0), -np.inf)
+    return np.lexsort((np.asarray(draws), keys))[::-1].tolist()
+
+
+def weighted_indices(rng: random.Random, weights: Sequence[float], k: int) -> list[int]:
+    """k distinct indices of `weights` drawn one after the other with probability proportional
+    to weight; equal weights take the (exact) uniform path."""
+    if len(set(weights)) <= 1:
+        return sample(rng, range(len(weights)), k)
+    return weighted_order(rng, weights)[:k]
 
 
 def weighted_sample(
@@ -61,6 +72,4 @@ def weighted_sample(
 ) -> list[T]:
     """k distinct elements drawn one after the other with probability proportional to weight;
     equal weights take the (cheaper, exact) uniform path."""
-    if len(set(weights)) <= 1:
-        return sample(rng, values, k)
-    return [values[i] for i in weighted_order(rng, weights)[:k]]
+    return [values[i] for i in weighted_indices(rng, weights, k)]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from data.buckets import Size
-from data.draws import generator, weighted_sample
+from data.draws import generator, weighted_indices, weighted_sample
 from data.scan import ImageRecord
 
 COMMON_POOL = ""  # the batch_id of images without one (a real batch_id is never empty)
@@ -54,32 +54,28 @@ def epoch_images(
         return eligible
     keep = min(max(math.ceil(len(eligible) * fraction), 0), len(eligible))
     rng = generator(seed, epoch, "rated")
-    chosen = weighted_sample(rng, eligible, [image.rating for image in eligible], keep)
-    return sorted(chosen, key=lambda image: image.index)
+    chosen = weighted_indices(rng, [image.rating for image in eligible], keep)
+    return [eligible[i] for i in sorted(chosen)]
+
+
+def _group(image: ImageRecord) -> Group:
+    return (image.batch_id if image.batch_id is not None else COMMON_POOL, image.bucket)
 
 
 def _fraction(image: ImageRecord) -> float:
-    return image.multiply - math.floor(image.multiply)
+    return image.multiply - int(image.multiply)  # multiply >= 0: int() is floor()
 
 
-def groups_of(images: Sequence[ImageRecord]) -> dict[Group, list[ImageRecord]]:
-    """Images by (batch_id, bucket), sorted by group."""
-    groups: dict[Group, list[ImageRecord]] = {}
-    for image in images:
-        key = (image.batch_id if image.batch_id is not None else COMMON_POOL, image.bucket)
-        groups.setdefault(key, []).append(image)
-    return dict(sorted(groups.items()))
-
-
-def extra_slots(groups: dict[Group, list[ImageRecord]]) -> dict[Group, int]:
+def _extra_slots(fractions: dict[Group, list[float]]) -> dict[Group, int]:
     """Slots for fractional multiplies per group: floor(sum of all fractions) in all, shared by
-    largest remainder (ties: group order)."""
-    sums = {key: math.fsum(map(_fraction, members)) for key, members in groups.items()}
+    largest remainder (ties: group order). `math.fsum` is exact, so the result does not depend
+    on the order of the images."""
+    sums = {key: math.fsum(values) for key, values in sorted(fractions.items())}
     total = math.floor(math.fsum(sums.values()))
     extra = {key: math.floor(value) for key, value in sums.items()}
     left = total - sum(extra.values())
     by_remainder = sorted(
-        (key for key in groups if sums[key] > extra[key]), key=lambda k: extra[k] - sums[k]
+        (key for key in sums if sums[key] > extra[key]), key=lambda k: extra[k] - sums[k]
     )
     for key in by_remainder[: max(0, left)]:
         extra[key] += 1
@@ -87,30 +83,41 @@ def extra_slots(groups: dict[Group, list[ImageRecord]]) -> dict[Group, int]:
 
 
 def slot_counts(images: Sequence[ImageRecord]) -> dict[Group, int]:
-    """Image slots per group of one epoch using `images`."""
-    groups = groups_of(images)
-    extra = extra_slots(groups)
-    return {
-        key: sum(math.floor(image.multiply) for image in members) + extra[key]
-        for key, members in groups.items()
-    }
+    """Image slots per group of one epoch using `images` (what `group_slots` gives, counted)."""
+    counts: dict[Group, int] = {}
+    fractions: dict[Group, list[float]] = {}
+    for image in images:
+        key = _group(image)
+        whole = int(image.multiply)
+        counts[key] = counts.get(key, 0) + whole
+        if image.multiply != whole:
+            fractions.setdefault(key, []).append(image.multiply - whole)
+    for key, extra in _extra_slots(fractions).items():
+        counts[key] += extra
+    return dict(sorted(counts.items()))
 
 
 def group_slots(
     images: Sequence[ImageRecord], seed: int, epoch: int
 ) -> dict[Group, list[ImageRecord]]:
     """Image slots per group of one epoch (not shuffled): each image floor(multiply) times plus
-    the group's fractional draws, made anew each epoch."""
+    the group's fractional draws, made anew each epoch; groups sorted."""
     rng = generator(seed, epoch, "multiply")
-    groups = groups_of(images)
-    extra = extra_slots(groups)
+    groups: dict[Group, list[ImageRecord]] = {}
+    for image in images:
+        groups.setdefault(_group(image), []).append(image)
+    partial = {
+        key: [image for image in members if _fraction(image) > 0]
+        for key, members in sorted(groups.items())
+    }
+    extra = _extra_slots({key: [_fraction(i) for i in members] for key, members in partial.items()})
     slots: dict[Group, list[ImageRecord]] = {}
-    for key, members in groups.items():
-        whole = [image for image in members for _ in range(math.floor(image.multiply))]
-        partial = [image for image in members if _fraction(image) > 0]
-        weights = [_fraction(image) for image in partial]
-        slots[key] = whole + weighted_sample(rng, partial, weights, extra[key])
-    return {key: members for key, members in slots.items() if members}
+    for key, members in partial.items():
+        whole = [image for image in groups[key] for _ in range(int(image.multiply))]
+        drawn = weighted_sample(rng, members, [_fraction(i) for i in members], extra.get(key, 0))
+        if whole or drawn:
+            slots[key] = whole + drawn
+    return slots
 
 
 def batch_count(counts: dict[Group, int], group_size: int) -> int:

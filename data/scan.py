@@ -195,8 +195,9 @@ def _collect(settings: DataSettings, skipped: list[dict[str, str]]) -> list[_Can
     return candidates
 
 
-def _note_unused_settings(candidates: list[_Candidate], settings: DataSettings, notes: _Notes
-                          ) -> None:  # fmt: skip
+def _note_unused_settings(
+    candidates: list[_Candidate], settings: DataSettings, notes: _Notes
+) -> None:
     """Settings that a file sets but that do nothing in this run are said, never ignored."""
     for candidate in candidates:
         if not settings.rated_dataset and candidate.rating != DEFAULT_RATING:

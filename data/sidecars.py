@@ -184,8 +184,9 @@ def split_caption(text: str) -> SidecarValues:
     return SidecarValues(main_prompts=(parts[0],), tags=tuple((part, 1.0) for part in parts[1:]))
 
 
-def check_value(key: str, value: Any, where: str, keys: type = SidecarKeys, prefix: str = ""
-                ) -> Any:  # fmt: skip
+def check_value(
+    key: str, value: Any, where: str, keys: type = SidecarKeys, prefix: str = ""
+) -> Any:
     """`value` of `key` (of `keys`: SidecarKeys or TagKeys) in its type, checked against the
     key's one rule; SidecarError naming the file (`where`) and the key otherwise."""
     field_type, rule = _CHECKS[keys][key]
@@ -226,8 +227,9 @@ def _batch_id(value: Any, where: str) -> str | None:
     return text or None
 
 
-def _unknown(key: object, where: str, choices: tuple[str, ...], strict: bool, prefix: str = ""
-             ) -> str:  # fmt: skip
+def _unknown(
+    key: object, where: str, choices: tuple[str, ...], strict: bool, prefix: str = ""
+) -> str:
     """The note (or, `strict`, the error) for an unknown key, with the closest valid key."""
     message = f"{prefix}{key}: unknown key{did_you_mean(str(key), choices)}"
     if strict:

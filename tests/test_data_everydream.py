@@ -267,3 +267,18 @@ def test_fingerprint_covers_rated_and_accumulation_settings(tmp_path):
     rated = load(tmp_path, rated_dataset=True, max_epochs=5).fingerprint()
     assert load(tmp_path, rated_dataset=True, max_epochs=6).fingerprint() != rated
     assert load(tmp_path, max_epochs=6).fingerprint() == base  # only rated plans depend on it
+
+
+def test_two_ranks_split_batch_id_and_rated_plans(tmp_path):
+    _horses_and_others(tmp_path, horses=9, others=9)
+    (tmp_path / "others" / "local.yaml").write_text("rating: 3\n", "utf-8")
+    options = {"rated_dataset": True, "max_epochs": 6, "grad_accum": 2, "shuffle_tags": True}
+    ranks = [load(tmp_path, batch_size=2, rank=r, world_size=2, **options) for r in range(2)]
+    single = load(tmp_path, batch_size=4, **options)
+    for epoch in range(6):
+        steps = single.steps_in_epoch(epoch)
+        assert ranks[0].steps_in_epoch(epoch) == ranks[1].steps_in_epoch(epoch) == steps
+        a, b, whole = (d.epoch_batches(epoch) for d in (*ranks, single))
+        assert len(a) == len(b) == len(whole) == steps
+        for x, y, w in zip(a, b, whole, strict=True):
+            assert x.bucket == y.bucket == w.bucket and x.items + y.items == w.items
