@@ -123,7 +123,8 @@ def global_batches(
             continue
         if named:
             shuffle(rng, members)
-        members.extend(members[i % len(members)] for i in range(-len(members) % group_size))
+        count = len(members)
+        members.extend(members[i % count] for i in range(-count % group_size))
         common.extend(_cut(bucket, members, group_size))
     if not named:
         shuffle(rng, common)

@@ -273,8 +273,8 @@ def scan(settings: DataSettings) -> tuple[list[ImageRecord], list[dict[str, str]
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         if skipped:
             raise UserError(
-                f"data_root: no usable image in {root}: all {len(skipped)} image files were "
-                f"skipped (first: {skipped[0]['path']}: {skipped[0]['reason']})"
+                f"data_root: no usable image in {root}: all {len(skipped)} image files or "
+                f"folders were skipped (first: {skipped[0]['path']}: {skipped[0]['reason']})"
             )
         raise UserError(f"data_root: no image files ({extensions}) found in {root}")
     return records, skipped

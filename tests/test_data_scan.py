@@ -99,7 +99,7 @@ def test_empty_data_root(tmp_path):
 
 def test_data_root_with_only_bad_images(tmp_path):
     (tmp_path / "zero.jpg").write_bytes(b"")
-    with pytest.raises(UserError, match=r"no usable image .* all 1 image files were skipped"):
+    with pytest.raises(UserError, match=r"no usable image .* all 1 image files or folders were"):
         load(tmp_path)
 
 
