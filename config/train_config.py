@@ -98,7 +98,7 @@ class TrainConfig:
     )
     keep_tags: int = setting(
         0,
-        "With shuffle_tags: number of leading tags kept in place.",
+        "With shuffle_tags: number of tags after the first kept in place.",
         minimum=0,
         maximum=lim.MAX_TAGS,
         group="data",
@@ -118,6 +118,19 @@ class TrainConfig:
     cache_latents: bool = setting(
         False,
         "Encode every image once with the VAE and reuse the latents (flips included).",
+        group="data",
+    )
+    rated_dataset: bool = setting(
+        False,
+        "Train less often on images with a lower yaml `rating`: from the third epoch on, each "
+        "epoch keeps fewer images, drawn by rating (EveryDream2's rated dataset).",
+        group="data",
+    )
+    rated_dataset_target_dropout_percent: int = setting(
+        50,
+        "With rated_dataset: roughly the percentage of images the last epoch keeps.",
+        minimum=0,
+        maximum=100,
         group="data",
     )
 
@@ -378,10 +391,6 @@ class TrainConfig:
     wandb: bool = setting(False, "Weights & Biases logging.", status="unsupported", note=NOT_YET)
     validation_config: str | None = setting(
         None, "Validation settings file.", status="unsupported", note=NOT_YET
-    )
-    rated_dataset: bool = setting(False, "Rated image sets.", status="unsupported", note=NOT_YET)
-    rated_dataset_target_dropout_percent: int = setting(
-        50, "Rated image sets.", status="unsupported", note=NOT_YET
     )
     load_settings_every_epoch: bool = setting(
         False, "Reload train.json every epoch.", status="unsupported", note=NOT_YET

@@ -9,6 +9,7 @@ import torch
 
 from data.buckets import Size
 from data.plan import BatchPlan, PlanItem
+from data.transforms import DataTransforms, trained_caption
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,9 @@ class Batch:
     ``step`` is the batch's index in its ``epoch`` (for this process). The per-image lists run
     in the same order as the rows of ``pixel_values``, which is None when the pixels are not
     loaded (a latent cache supplies the latents instead). ``image_indices`` index
-    `TrainDataset.images`; with ``flipped`` they identify the pixels exactly.
+    `TrainDataset.images`; with ``flipped`` they identify the pixels exactly. ``captions`` are
+    what the text encoder gets: caption transforms applied, "" where conditional dropout
+    dropped the caption.
     """
 
     epoch: int
@@ -38,15 +41,17 @@ class Batch:
         plan: BatchPlan,
         items: tuple[PlanItem, ...] | None = None,
         pixel_values: torch.Tensor | None = None,
+        transforms: DataTransforms | None = None,
     ) -> Batch:
-        """The batch of ``plan`` in ``epoch``; ``items`` replace the plan's (substitutes)."""
+        """The batch of ``plan`` in ``epoch``; ``items`` replace the plan's (substitutes).
+        Captions get the caption transform of ``transforms``, then dropout."""
         items = plan.items if items is None else items
         return cls(
             epoch=epoch,
             step=plan.step,
             bucket=plan.bucket,
             paths=tuple(item.path for item in items),
-            captions=tuple(item.caption for item in items),
+            captions=tuple(trained_caption(item, transforms) for item in items),
             flipped=tuple(item.flipped for item in items),
             image_indices=tuple(item.image_index for item in items),
             loss_scales=tuple(item.loss_scale for item in items),

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data.buckets import Size, crop_box
+from data.transforms import DataTransforms, transform_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jfif"})
 # Images with a side below this are skipped: there is nothing to learn from them.
@@ -115,10 +116,8 @@ def fit_to_bucket(image: Image.Image, bucket: Size) -> Image.Image:
     return image.resize(bucket, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 
-def to_tensor(image: Image.Image, flipped: bool) -> torch.Tensor:
-    """Float tensor [3, H, W] in [-1, 1], mirrored left-right when `flipped`."""
-    if flipped:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """Float tensor [3, H, W] in [-1, 1]."""
     # NumPy, not torch: this runs per image, and torch's intra-op threads cost more than they
     # save on arrays this small (tens of ms per call measured on a 2-core VM, vs about 1 ms).
     pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
@@ -127,6 +126,24 @@ def to_tensor(image: Image.Image, flipped: bool) -> torch.Tensor:
     return torch.from_numpy(pixels)
 
 
-def decode_image(path: Path, bucket: Size, flipped: bool) -> torch.Tensor:
-    """Everything a training image goes through: load, orient, RGB, cover-resize, crop, flip."""
-    return to_tensor(fit_to_bucket(load_rgb(path, cover=bucket), bucket), flipped)
+def load_fitted(path: Path, bucket: Size) -> Image.Image:
+    """The file's pixels cropped and resized to the bucket: load, orient, RGB, cover-resize,
+    crop. Raises what Pillow raises for a file that cannot be read or decoded."""
+    return fit_to_bucket(load_rgb(path, cover=bucket), bucket)
+
+
+def finish_image(
+    image: Image.Image, bucket: Size, flipped: bool, transforms: DataTransforms | None = None
+) -> torch.Tensor:
+    """The rest of an image's way, in EveryDream2's order: flip, image transform, tensor."""
+    if flipped:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(transform_image(transforms, image, bucket))
+
+
+def decode_image(
+    path: Path, bucket: Size, flipped: bool, transforms: DataTransforms | None = None
+) -> torch.Tensor:
+    """Everything a training image goes through: load, orient, RGB, cover-resize, crop, flip,
+    image transform (when `transforms` are given), tensor."""
+    return finish_image(load_fitted(path, bucket), bucket, flipped, transforms)

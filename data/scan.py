@@ -3,36 +3,38 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from config.errors import UserError
 from data.buckets import Size, make_buckets, nearest_bucket
+from data.captions import CAPTION_EXTENSIONS, compose, read_own_sidecars
+from data.errors import is_valid_text, printable
 from data.folders import FOLDER_FILE_NAMES, FolderConfig, read_folder
 from data.images import IMAGE_EXTENSIONS, UnusableImageError, probe_image
 from data.settings import DataSettings, available_cpus
-from data.sidecars import (
-    SidecarError,
-    SidecarValues,
-    Tag,
-    filename_caption,
-    read_text,
-    read_yaml_file,
-    split_caption,
+from data.sidecars import SidecarError
+
+# Why a file or folder whose name is not valid UTF-8 is skipped.
+NOT_UTF8 = (
+    "name is not valid UTF-8 (it would break the tokenizer, the logs and the schedule file); "
+    "rename it"
 )
 
 logger = logging.getLogger(__name__)
 
-# Caption sidecars in the order they are looked for; the first one found is used.
-CAPTION_EXTENSIONS = (".yaml", ".yml", ".txt", ".caption")
 # Threads that decode images during the scan (Pillow releases the GIL while decoding).
 MAX_SCAN_THREADS = 8
-# Times each image is used per epoch when no multiply.txt / yaml says otherwise.
+# An image's settings when no file says otherwise (train.json gives flip_p and cond_dropout).
 DEFAULT_MULTIPLY = 1.0
+DEFAULT_LOSS_SCALE = 1.0
+DEFAULT_RATING = 1.0
+# Most image slots one epoch may have (after multiply): each epoch's plan is built in memory.
+MAX_IMAGES_PER_EPOCH = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class _Candidate:
     multiply: float
     flip_p: float
     cond_dropout: float
+    loss_scale: float
+    batch_id: str | None
+    shuffle_tags: bool
+    rating: float
+    max_caption_length: int | None
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,29 @@ class ImageRecord(_Candidate):
     """One usable image with everything decided about it at scan time.
 
     `index` is stable for a given data_root content (position in the sorted path list) and is
-    what a latent cache keys on, together with the flip. `parts` are the caption split at commas
-    (the first part is the main prompt, kept in place by tag shuffling), `weights` one per part.
+    what a latent cache keys on, together with the flip. `parts` are the caption's main prompt
+    and tags (kept in place / shuffled by tag shuffling), `weights` one per part. `shuffle_tags`
+    is train.json's or any of the image's files'; `batch_id` None is the common pool.
     """
 
     index: int
     size: Size
     bucket: Size
+
+
+class _Notes:
+    """Warnings about files that are still used, one line per kind with a count and an example."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[int, str]] = {}
+
+    def add(self, message: str, example: str) -> None:
+        count, first = self.seen.get(message, (0, example))
+        self.seen[message] = (count + 1, first)
+
+    def log(self) -> None:
+        for message, (count, example) in sorted(self.seen.items()):
+            logger.warning("%s (%d file(s), e.g. %s)", message, count, example)
 
 
 def _caption_files(names: set[str]) -> dict[tuple[str, str], str]:
@@ -75,92 +98,75 @@ def _caption_files(names: set[str]) -> dict[tuple[str, str], str]:
     return found
 
 
-def _own_caption(
-    image: Path, sidecars: dict[tuple[str, str], str]
-) -> tuple[SidecarValues, str | None, str]:
-    """The image's own sidecar: (values, raw caption text or None, source). No sidecar: empty
-    values and source "file name"."""
-    for extension in CAPTION_EXTENSIONS:
-        name = sidecars.get((image.stem, extension))
-        if name is None:
-            continue
-        path = image.with_name(name)
-        if extension in (".yaml", ".yml"):
-            return read_yaml_file(path), None, name
-        text = read_text(path)
-        if not text:
-            logger.warning("%s is empty; using the file name caption for %s", path, image.name)
-            return SidecarValues(), None, "file name"
-        return split_caption(text), text, name
-    return SidecarValues(), None, "file name"
-
-
-def _merge_tags(parts: list[str], weights: list[float], extra: tuple[Tag, ...]) -> list[str]:
-    """Append tags not already present; return the ones appended."""
-    added: list[str] = []
-    for text, weight in extra:
-        if text and text not in parts:
-            parts.append(text)
-            weights.append(weight)
-            added.append(text)
-    return added
-
-
 def _candidate(
     image: Path,
     sidecars: dict[tuple[str, str], str],
     folder: FolderConfig,
     settings: DataSettings,
-) -> tuple[_Candidate, tuple[str, ...]]:
+    notes: _Notes,
+) -> _Candidate:
     """The caption and settings of one image; raises SidecarError for an unusable sidecar."""
-    own, raw_text, source = _own_caption(image, sidecars)
-    main = own.main_prompt
-    if main is None and folder.main_prompt is not None:
-        main, source = folder.main_prompt, f"{source} + folder main_prompt"
-    if main is None:
-        main = filename_caption(image)
-    parts, weights = [main], [1.0]
-    own_tags = _merge_tags(parts, weights, own.tags)
-    folder_tags = _merge_tags(parts, weights, folder.tags)
-    if raw_text is not None:
-        caption = ", ".join([raw_text, *folder_tags])
-    else:
-        caption = ", ".join(part for part in [main, *own_tags, *folder_tags] if part)
+    own, own_names = read_own_sidecars(image, sidecars)
+    caption = compose(image, own, own_names, folder)
+    values = own.over(folder)
+    for note in own.notes:
+        notes.add(f"image yaml: {note}; the image is used without it", str(image))
+    if caption.unused_main_prompts:
+        notes.add(
+            "more than one main prompt: the first is used (order: .yaml, .yml, .caption, .txt, "
+            "local files, global.yaml)",
+            f"{image}: {caption.parts[0]!r}, not "
+            + ", ".join(map(repr, caption.unused_main_prompts)),
+        )
 
-    def pick(key: str, default: float) -> float:
-        """Nearest setting: the image's yaml, then the folder files, then `default`."""
-        for value in (getattr(own, key), getattr(folder, key)):
-            if value is not None:
-                return value
-        return default
+    def pick(value: float | None, default: float) -> float:
+        return default if value is None else value
 
-    candidate = _Candidate(
+    return _Candidate(
         path=image,
-        caption=caption,
-        caption_source=source,
-        parts=tuple(parts),
-        weights=tuple(weights),
-        multiply=pick("multiply", DEFAULT_MULTIPLY),
-        flip_p=pick("flip_p", settings.flip_p),
-        cond_dropout=pick("cond_dropout", settings.cond_dropout),
+        caption=caption.text,
+        caption_source=caption.source,
+        parts=caption.parts,
+        weights=caption.weights,
+        multiply=pick(values.multiply, DEFAULT_MULTIPLY),
+        flip_p=pick(values.flip_p, settings.flip_p),
+        cond_dropout=pick(values.cond_dropout, settings.cond_dropout),
+        loss_scale=pick(values.loss_scale, DEFAULT_LOSS_SCALE),
+        batch_id=values.batch_id,
+        shuffle_tags=settings.shuffle_tags or values.shuffle_tags is True,
+        rating=pick(values.rating, DEFAULT_RATING),
+        max_caption_length=values.max_caption_length,
     )
-    return candidate, own.ignored_keys
 
 
-def _walk(root: Path) -> list[tuple[Path, set[str]]]:
+def _walk(root: Path, skipped: list[dict[str, str]]) -> list[tuple[Path, set[str]]]:
     """Every folder under root (symlinks followed, each real folder once), sorted, with the
     names of the files it holds. Hidden files and folders (name starting with ".", such as
-    macOS "._x.jpg" resource forks or ".ipynb_checkpoints") are left out."""
+    macOS "._x.jpg" resource forks or ".ipynb_checkpoints") are left out. A folder that cannot
+    be read or whose name is not UTF-8 is listed in `skipped` with its reason."""
     folders: list[tuple[Path, set[str]]] = []
     seen: set[str] = set()
-    for directory, dirnames, filenames in os.walk(root, followlinks=True):
+    errors: list[OSError] = []
+    for directory, dirnames, filenames in os.walk(root, followlinks=True, onerror=errors.append):
         real = os.path.realpath(directory)
         if real in seen:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
+        kept: list[str] = []
+        for name in sorted(n for n in dirnames if not n.startswith(".")):
+            if is_valid_text(name):
+                kept.append(name)
+            else:
+                _skip(skipped, Path(directory, name), f"{NOT_UTF8}; its images are not used")
+        dirnames[:] = kept
         folders.append((Path(directory), {n for n in filenames if not n.startswith(".")}))
+    for error in errors:
+        where = Path(error.filename) if error.filename is not None else root
+        reason = error.strerror or str(error)
+        if where == root:
+            raise UserError(f"data_root: {printable(root)} cannot be read ({reason})")
+        _skip(skipped, where, f"folder cannot be read ({reason}); its images are not used")
     return folders
 
 
@@ -168,8 +174,8 @@ def _collect(settings: DataSettings, skipped: list[dict[str, str]]) -> list[_Can
     """Walk data_root, read folder files and caption sidecars; no image is decoded yet."""
     inherited: dict[Path, FolderConfig] = {}
     candidates: list[_Candidate] = []
-    ignored: Counter[str] = Counter()
-    for directory, names in _walk(settings.data_root):
+    notes = _Notes()
+    for directory, names in _walk(settings.data_root, skipped):
         parent = inherited.get(directory.parent, FolderConfig())
         for_images, inherited[directory] = read_folder(directory, names, parent)
         sidecars = _caption_files(names)
@@ -177,21 +183,42 @@ def _collect(settings: DataSettings, skipped: list[dict[str, str]]) -> list[_Can
             if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             image = directory / name
+            if not is_valid_text(name):
+                _skip(skipped, image, NOT_UTF8)
+                continue
             try:
-                candidate, ignored_keys = _candidate(image, sidecars, for_images, settings)
+                candidates.append(_candidate(image, sidecars, for_images, settings, notes))
             except SidecarError as error:
                 _skip(skipped, image, str(error))
-                continue
-            ignored.update(ignored_keys)
-            candidates.append(candidate)
-    for key, count in sorted(ignored.items()):
-        logger.warning("%d image yaml file(s) set '%s', which this trainer ignores", count, key)
+    _note_unused_settings(candidates, settings, notes)
+    notes.log()
     return candidates
 
 
+def _note_unused_settings(
+    candidates: list[_Candidate], settings: DataSettings, notes: _Notes
+) -> None:
+    """Settings that a file sets but that do nothing in this run are said, never ignored."""
+    for candidate in candidates:
+        if not settings.rated_dataset and candidate.rating != DEFAULT_RATING:
+            notes.add("rating is used only with rated_dataset: true", str(candidate.path))
+        if candidate.max_caption_length is not None and not candidate.shuffle_tags:
+            notes.add("max_caption_length applies to shuffled captions only", str(candidate.path))
+
+
+def _check_epoch_size(root: Path, candidates: list[_Candidate]) -> None:
+    """Refuse, before any image is decoded, an epoch too large to plan in memory."""
+    total = math.floor(math.fsum(candidate.multiply for candidate in candidates))
+    if total > MAX_IMAGES_PER_EPOCH:
+        raise UserError(
+            f"data_root: {root}: {total:,} images per epoch after multiply; at most "
+            f"{MAX_IMAGES_PER_EPOCH:,} (lower the multiply values)"
+        )
+
+
 def _skip(skipped: list[dict[str, str]], path: Path, reason: str) -> None:
-    logger.warning("skipping %s: %s", path, reason)
-    skipped.append({"path": str(path), "reason": reason})
+    logger.warning("skipping %s: %s", printable(path), reason)
+    skipped.append({"path": printable(path), "reason": reason})
 
 
 def _probe(path: Path) -> Size | str:
@@ -210,12 +237,15 @@ def scan(settings: DataSettings) -> tuple[list[ImageRecord], list[dict[str, str]
     folder files.
     """
     root = settings.data_root
+    if not is_valid_text(str(root)):
+        raise UserError(f"data_root: {printable(root)}: the path is not valid UTF-8")
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise UserError(f"data_root: {root} {what}")
     started = time.perf_counter()
     skipped: list[dict[str, str]] = []
     candidates = _collect(settings, skipped)
+    _check_epoch_size(root, candidates)
     threads = max(1, min(MAX_SCAN_THREADS, available_cpus()))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         probes = list(pool.map(_probe, (candidate.path for candidate in candidates)))
@@ -243,8 +273,8 @@ def scan(settings: DataSettings) -> tuple[list[ImageRecord], list[dict[str, str]
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         if skipped:
             raise UserError(
-                f"data_root: no usable image in {root}: all {len(skipped)} image files were "
-                f"skipped (first: {skipped[0]['path']}: {skipped[0]['reason']})"
+                f"data_root: no usable image in {root}: all {len(skipped)} image files or "
+                f"folders were skipped (first: {skipped[0]['path']}: {skipped[0]['reason']})"
             )
         raise UserError(f"data_root: no image files ({extensions}) found in {root}")
     return records, skipped

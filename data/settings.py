@@ -1,4 +1,4 @@
-"""What the dataset needs to know from train.json, and its checks."""
+"""What the dataset needs to know from train.json."""
 
 from __future__ import annotations
 
@@ -6,19 +6,24 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from config.errors import ConfigError
+from config.fields import defaults_of
+from config.train_config import TrainConfig
 
 # Upper bound for the default number of DataLoader workers.
 MAX_DEFAULT_WORKERS = 4
+_DEFAULTS = defaults_of(TrainConfig)
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """The train.json keys the dataset uses (same names), already resolved by the config layer.
+    """The train.json keys the dataset uses (same names), already validated by the config layer
+    (`config/`); the data layer only asserts them (`assert_valid`).
 
     `flip_p` and `cond_dropout` are the run-wide defaults; folder files and yaml sidecars may
     override them per image. `rank`/`world_size` describe multi-process training: each process
-    trains on its own share of every global batch.
+    trains on its own share of every global batch. `grad_accum` keeps the batches of one
+    batch_id in the same accumulation windows; `max_epochs` and the two `rated_dataset` keys
+    decide which images each epoch of a rated dataset keeps.
     """
 
     data_root: Path
@@ -33,34 +38,19 @@ class DataSettings:
     rank: int = 0
     world_size: int = 1
     device_type: str = "cpu"  # where training runs: decides the default number of workers
+    grad_accum: int = _DEFAULTS["grad_accum"]
+    max_epochs: int = _DEFAULTS["max_epochs"]
+    rated_dataset: bool = _DEFAULTS["rated_dataset"]
+    rated_dataset_target_dropout_percent: int = _DEFAULTS["rated_dataset_target_dropout_percent"]
 
-
-def check_settings(settings: DataSettings) -> None:
-    """Raise ConfigError listing every value the dataset cannot work with."""
-    problems: list[str] = []
-    if settings.resolution < 64 or settings.resolution % 64 != 0:
-        problems.append(
-            f"resolution: must be a multiple of 64 and at least 64 (e.g. 512), got "
-            f"{settings.resolution}"
-        )
-    if settings.batch_size < 1:
-        problems.append(f"batch_size: must be at least 1, got {settings.batch_size}")
-    for key in ("flip_p", "cond_dropout"):
-        value = getattr(settings, key)
-        if not 0.0 <= value <= 1.0:
-            problems.append(f"{key}: must be between 0 and 1, got {value}")
-    if settings.keep_tags < 0:
-        problems.append(f"keep_tags: must be 0 or more, got {settings.keep_tags}")
-    workers = settings.dataloader_num_workers
-    if workers is not None and workers < 0:
-        problems.append(f"dataloader_num_workers: must be 0 or more (or null), got {workers}")
-    if settings.world_size < 1 or not 0 <= settings.rank < settings.world_size:
-        problems.append(
-            f"rank/world_size: rank must be in 0..world_size-1, got rank {settings.rank} of "
-            f"world_size {settings.world_size}"
-        )
-    if problems:
-        raise ConfigError(problems)
+    def assert_valid(self) -> None:
+        """Internal invariants: config/ has already checked every user-facing rule."""
+        assert self.resolution >= 64 and self.batch_size >= 1 and self.keep_tags >= 0
+        assert 0.0 <= self.flip_p <= 1.0 and 0.0 <= self.cond_dropout <= 1.0
+        assert self.dataloader_num_workers is None or self.dataloader_num_workers >= 0
+        assert self.world_size >= 1 and 0 <= self.rank < self.world_size
+        assert self.grad_accum >= 1 and self.max_epochs >= 1
+        assert 0 <= self.rated_dataset_target_dropout_percent <= 100
 
 
 def available_cpus() -> int:

@@ -29,33 +29,85 @@ def test_each_caption_source(tmp_path):
         "plain name.png": "plain name",
         "b.png": "from txt, tag one",
         "c.png": "from caption file",
-        "d.png": "from yaml, red, big",
+        "d.png": "from yaml, big, red",  # heavier tags first, even without shuffling
         "e.png": "from yml",
     }
     d = record(dataset, "d.png")
-    assert d.parts == ("from yaml", "red", "big")
-    assert d.weights == (1.0, 1.0, 2.0)
+    assert d.parts == ("from yaml", "big", "red")
+    assert d.weights == (1.0, 2.0, 1.0)
     assert record(dataset, "b.png").caption_source == "b.txt"
     assert record(dataset, "plain name.png").caption_source == "file name"
 
 
-def test_first_sidecar_found_wins(tmp_path):
+def test_all_caption_files_merge_in_everydream2_order(tmp_path, caplog):
+    # EveryDream2 merges .yaml, .yml, .caption and .txt: the first main prompt in that order is
+    # the caption's, the tags of all of them follow in that order (the other main prompts are
+    # not used, with a warning)
     write_image(tmp_path / "x.png")
-    (tmp_path / "x.yaml").write_text("main_prompt: yaml wins\n", "utf-8")
-    (tmp_path / "x.txt").write_text("txt loses", "utf-8")
-    (tmp_path / "x.caption").write_text("caption loses", "utf-8")
+    (tmp_path / "x.txt").write_text("txt main, txt tag", "utf-8")
+    (tmp_path / "x.caption").write_text("caption main, caption tag", "utf-8")
+    (tmp_path / "x.yaml").write_text("main_prompt: yaml main\ntags: [yaml tag]\n", "utf-8")
     write_image(tmp_path / "y.png")
-    (tmp_path / "y.txt").write_text("txt wins", "utf-8")
-    (tmp_path / "y.caption").write_text("caption loses", "utf-8")
-    assert captions_by_name(load(tmp_path)) == {"x.png": "yaml wins", "y.png": "txt wins"}
+    (tmp_path / "y.txt").write_text("txt main, from txt", "utf-8")
+    (tmp_path / "y.caption").write_text("caption main, from caption", "utf-8")
+    write_image(tmp_path / "z.png")
+    (tmp_path / "z.yaml").write_text("tags: [only tags]\n", "utf-8")
+    (tmp_path / "z.txt").write_text("main from txt", "utf-8")
+    with caplog.at_level(logging.WARNING):
+        dataset = load(tmp_path)
+    assert captions_by_name(dataset) == {
+        "x.png": "yaml main, yaml tag, caption tag, txt tag",
+        "y.png": "caption main, from caption, from txt",
+        "z.png": "main from txt, only tags",
+    }
+    assert record(dataset, "x.png").caption_source == "x.yaml + x.caption + x.txt"
+    assert "more than one main prompt: the first is used" in caplog.text
+    assert "(2 file(s), e.g." in caplog.text
 
 
-def test_bom_dropped_and_raw_text_kept(tmp_path):
-    write_image(tmp_path / "x.png")
-    (tmp_path / "x.txt").write_bytes("\ufeffcafé,au lait\r\n".encode())
-    image = record(load(tmp_path), "x.png")
-    assert image.caption == "café,au lait"
-    assert image.parts == ("café", "au lait")
+def test_yaml_caption_as_text_or_mapping(tmp_path):
+    write_image(tmp_path / "text.png")
+    (tmp_path / "text.yaml").write_text("caption: a cat, sitting, indoors\n", "utf-8")
+    write_image(tmp_path / "mapping.png")
+    (tmp_path / "mapping.yaml").write_text(
+        "caption:\n  main_prompt: a dog\n  tags:\n    - running\n    - tag: happy\n"
+        "      weight: 3\n  flip_p: 1.0\ntags: [outer tag]\n",
+        "utf-8",
+    )
+    write_image(tmp_path / "both.png")
+    (tmp_path / "both.yaml").write_text(
+        "main_prompt: not used\ncaption: caption wins, c tag\ntags: [t]\n", "utf-8"
+    )
+    dataset = load(tmp_path)
+    assert captions_by_name(dataset) == {
+        "text.png": "a cat, sitting, indoors",
+        "mapping.png": "a dog, happy, running, outer tag",
+        "both.png": "caption wins, c tag, t",
+    }
+    assert record(dataset, "mapping.png").flip_p == 1.0
+
+
+def test_weighted_tags_come_first_without_shuffling(tmp_path):
+    # SHUFFLING_TAGS.md's example; equal weights keep their order (a stable sort)
+    write_image(tmp_path / "cloud.png")
+    (tmp_path / "cloud.yaml").write_text(
+        "main_prompt: A portrait of Cloud Strife\ntags:\n  - tag: low angle shot\n"
+        "  - tag: looking to the side\n  - tag: holding buster sword\n    weight: 1.5\n"
+        "  - tag: clouds in background\n    weight: 0.5\n  - tag: smiling\n    weight: 0.8\n",
+        "utf-8",
+    )
+    assert captions_by_name(load(tmp_path)) == {
+        "cloud.png": "A portrait of Cloud Strife, holding buster sword, low angle shot, "
+        "looking to the side, smiling, clouds in background"
+    }
+
+
+def test_file_name_caption_is_split_into_tags(tmp_path):
+    write_image(tmp_path / "a woman, red hair, smiling_3.png")
+    (tmp_path / "local.yaml").write_text("tags: [folder tag]\n", "utf-8")
+    image = record(load(tmp_path), "a woman, red hair, smiling_3.png")
+    assert image.parts == ("a woman", "red hair", "smiling", "folder tag")
+    assert image.caption == "a woman, red hair, smiling, folder tag"
 
 
 def test_empty_caption_file_falls_back_to_file_name(tmp_path, caplog):
@@ -82,16 +134,19 @@ def test_non_utf8_caption_skips_the_image(tmp_path):
     [
         ("main_prompt: [unclosed\n", "not valid YAML"),
         ("- just\n- a list\n", "must be a mapping"),
-        ("main_prompt: x\ntags: red\nmain_promt: y\n", "did you mean 'main_prompt'"),
         ("main_prompt: x\ntags: {tag: red}\n", "tags: must be a list"),
-        (
-            "main_prompt: x\ntags:\n  - tag: red\n    weight: -1\n",
-            "weight must be a number above 0",
-        ),
-        ("main_prompt: x\ntags:\n  - 3\n", "each tag must be a string"),
-        ("main_prompt: 5\n", "main_prompt: must be text"),
-        ("main_prompt: x\nmultiply: lots\n", "multiply: must be a number"),
-        ("main_prompt: x\nflip_p: 2\n", "flip_p: must be between 0 and 1"),
+        ("main_prompt: x\ntags:\n  - tag: red\n    weight: -1\n", "tags[0].weight: must be > 0"),
+        ("main_prompt: x\ntags:\n  - [3]\n", "each tag must be a string"),
+        ("main_prompt: 5\n", "main_prompt: expected a string, got 5"),
+        ("main_prompt: x\nmultiply: lots\n", 'multiply: expected a number, got "lots"'),
+        ("main_prompt: x\nflip_p: 2\n", "flip_p: must be <= 1, got 2"),
+        ("main_prompt: x\nloss_scale: -1\n", "loss_scale: must be >= 0, got -1"),
+        ("main_prompt: x\nmultiply: 1e12\n", "multiply: must be <= 10000, got 1e+12"),
+        ("main_prompt: x\nbatch_id: [a]\n", "batch_id: expected a string"),
+        ("main_prompt: x\nrating: -2\n", "rating: must be >= 0"),
+        ("main_prompt: x\nmax_caption_length: 0\n", "max_caption_length: must be >= 1"),
+        ("main_prompt: x\nshuffle_tags: maybe\n", "shuffle_tags: expected true or false"),
+        ('main_prompt: "\\ud800"\n', "not valid"),
     ],
 )
 def test_bad_yaml_sidecar_skips_the_image(tmp_path, text, expected):
@@ -105,7 +160,35 @@ def test_bad_yaml_sidecar_skips_the_image(tmp_path, text, expected):
     assert expected in skipped["reason"]
 
 
-def test_everydream2_keys_are_ignored_with_one_warning(tmp_path, caplog):
+def test_unknown_key_in_an_image_yaml_warns_with_the_closest_key_and_trains_it(tmp_path, caplog):
+    # DATA.md's own example has the typo cond_droput
+    for name in ("a", "b"):
+        write_image(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.yaml").write_text(
+            "main_prompt: a photo of ted bennet\ntags:\n  - sitting on a green armchair\n"
+            "multiply: 2\nflip_p: 0.5\ncond_droput: 0.05\n",
+            "utf-8",
+        )
+    write_image(tmp_path / "c.png")
+    (tmp_path / "c.yaml").write_text(
+        "main_prompt: c\ntags:\n  - tga: misspelt\n  - tag: kept\n    wieght: 2\n", "utf-8"
+    )
+    with caplog.at_level(logging.WARNING):
+        dataset = load(tmp_path, cond_dropout=0.1)
+    assert len(dataset.images) == 3 and dataset.skipped == []
+    a = record(dataset, "a.png")
+    assert (a.multiply, a.flip_p, a.cond_dropout) == (2.0, 0.5, 0.1)
+    assert a.caption == "a photo of ted bennet, sitting on a green armchair"
+    assert record(dataset, "c.png").caption == "c, kept"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    [typo] = [w for w in warnings if "cond_droput" in w]
+    assert "cond_droput: unknown key (did you mean 'cond_dropout'?)" in typo
+    assert "(2 file(s), e.g. " in typo
+    assert any("tags[0].tga: unknown key (did you mean 'tag'?)" in w for w in warnings)
+    assert any("tags[1].wieght: unknown key (did you mean 'weight'?)" in w for w in warnings)
+
+
+def test_rating_without_rated_dataset_is_said_not_ignored(tmp_path, caplog):
     for name in ("a", "b"):
         write_image(tmp_path / f"{name}.png")
         (tmp_path / f"{name}.yaml").write_text(f"main_prompt: {name}\nrating: 2\n", "utf-8")
@@ -113,7 +196,7 @@ def test_everydream2_keys_are_ignored_with_one_warning(tmp_path, caplog):
         dataset = load(tmp_path)
     assert len(dataset.images) == 2
     assert [r.getMessage() for r in caplog.records] == [
-        "2 image yaml file(s) set 'rating', which this trainer ignores"
+        f"rating is used only with rated_dataset: true (2 file(s), e.g. {tmp_path / 'a.png'})"
     ]
 
 
@@ -192,13 +275,21 @@ def test_precedence_image_yaml_over_local_over_global_over_settings(tmp_path):
     ("file_name", "text", "expected"),
     [
         ("multiply.txt", "abc", "multiply: must hold one number, got 'abc'"),
-        ("multiply.txt", "-1", "multiply: must be 0 or more"),
+        ("multiply.txt", "-1", "multiply: must be >= 0, got -1"),
+        ("multiply.txt", "1e12", "multiply: must be <= 10000, got 1e+12"),
+        ("multiply.txt", "inf", "multiply: must be <= 10000, got inf"),
         ("multiply.txt", "", "must hold one number"),
-        ("flip_p.txt", "1.5", "flip_p: must be between 0 and 1"),
-        ("cond_dropout.txt", "nan", "cond_dropout: must be a number"),
+        ("flip_p.txt", "1.5", "flip_p: must be <= 1, got 1.5"),
+        ("cond_dropout.txt", "nan", "cond_dropout: expected a number, got NaN"),
+        ("loss_scale.txt", "1e9", "loss_scale: must be <= 1000, got 1e+09"),
+        ("loss_scale.txt", "heavy", "loss_scale: must hold one number"),
+        ("batch_id.txt", "x" * 201, "batch_id: at most 200 characters, got 201"),
+        ("shuffle_tags.txt", "sometimes", "shuffle_tags: expected an empty file, true or false"),
         ("local.yaml", "tags: [a\n", "not valid YAML"),
         ("global.yaml", "multipy: 2\n", "did you mean 'multiply'"),
-        ("local.yaml", "multiply: -2\n", "multiply: must be 0 or more"),
+        ("local.yaml", "multiply: -2\n", "multiply: must be >= 0"),
+        ("local.yaml", "tags:\n  - tga: x\n", "tags[0].tga: unknown key"),
+        ("local.yaml", "rating: 1e7\n", "rating: must be <= 1e+06"),
     ],
 )
 def test_bad_folder_file_is_a_user_error_naming_it(tmp_path, file_name, text, expected):

@@ -10,7 +10,7 @@ import torch
 from data_fixtures import load, write_image
 
 import data.loader
-from data import decode_image, make_loader
+from data import DataRootChangedError, decode_image, make_loader
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_batches_match_the_plan(tmp_path):
         assert batch.pixel_values.dtype == torch.float32
         assert batch.pixel_values.min() >= -1.0 and batch.pixel_values.max() <= 1.0
         assert batch.paths == tuple(item.path for item in plan.items)
-        assert batch.captions == tuple(item.caption for item in plan.items)
+        assert batch.captions == tuple("" if i.dropped else i.caption for i in plan.items)
         assert batch.flipped == tuple(item.flipped for item in plan.items)
         assert batch.image_indices == tuple(item.image_index for item in plan.items)
         for pixels, item in zip(batch.pixel_values, plan.items, strict=True):
@@ -47,13 +47,13 @@ def test_start_batch_skips_without_decoding(tmp_path, monkeypatch):
     dataset = load(tmp_path, batch_size=1)
     full = list(make_loader(dataset, 3))
     decoded: list[str] = []
-    real_decode = data.loader.decode_image
+    real_load = data.loader.load_fitted
 
-    def counting_decode(path, bucket, flipped):
+    def counting_load(path, bucket):
         decoded.append(str(path))
-        return real_decode(path, bucket, flipped)
+        return real_load(path, bucket)
 
-    monkeypatch.setattr(data.loader, "decode_image", counting_decode)
+    monkeypatch.setattr(data.loader, "load_fitted", counting_load)
     resumed = list(make_loader(dataset, 3, start_batch=4))
     assert len(decoded) == len(full) - 4
     assert [b.paths for b in resumed] == [b.paths for b in full[4:]]
@@ -114,7 +114,7 @@ def test_every_file_of_a_bucket_gone_is_a_clear_error(tmp_path):
     write_image(tmp_path / "only.png")
     dataset = load(tmp_path, batch_size=1)
     (tmp_path / "only.png").unlink()
-    with pytest.raises(RuntimeError, match="no image of bucket 64x64 can be decoded"):
+    with pytest.raises(DataRootChangedError, match="no image of bucket 64x64 can be decoded"):
         list(make_loader(dataset, 0))
 
 
@@ -150,15 +150,23 @@ def test_in_process_loading_decodes_each_image_once(tmp_path, monkeypatch):
     _colourful_dataset(tmp_path, count=5)
     dataset = load(tmp_path, batch_size=2, flip_p=0.5, dataloader_num_workers=0)
     calls = []
-    real = data.loader.decode_image
+    real_load, real_finish = data.loader.load_fitted, data.loader.finish_image
 
-    def counting(path, bucket, flipped):
-        calls.append((path, flipped))
-        return real(path, bucket, flipped)
+    def counting_load(path, bucket):
+        calls.append([path])
+        return real_load(path, bucket)
 
-    monkeypatch.setattr(data.loader, "decode_image", counting)
+    def counting_finish(image, bucket, flipped, transforms):
+        calls[-1].append(flipped)
+        return real_finish(image, bucket, flipped, transforms)
+
+    monkeypatch.setattr(data.loader, "load_fitted", counting_load)
+    monkeypatch.setattr(data.loader, "finish_image", counting_finish)
     batches = list(make_loader(dataset, 0, end_epoch=4))
-    assert len(calls) == len(set(calls))  # each (image, flip) decoded once over 4 epochs
+    calls_as_tuples = [tuple(call) for call in calls]
+    assert len(calls_as_tuples) == len(
+        set(calls_as_tuples)
+    )  # each (image, flip) decoded once over 4 epochs
     fresh = list(make_loader(dataset, 3))
     assert all(torch.equal(a.pixel_values, b.pixel_values)
                for a, b in zip(batches[-len(fresh):], fresh, strict=True))  # fmt: skip

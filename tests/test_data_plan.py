@@ -93,16 +93,15 @@ def test_flip_and_dropout_draws(tmp_path):
     _mixed_dataset(tmp_path, squares=20, wides=0, talls=0)
     never = load(tmp_path, flip_p=0.0, cond_dropout=0.0)
     items = [item for batch in never.epoch_batches(0) for item in batch.items]
-    assert not any(item.flipped for item in items)
-    assert all(item.caption for item in items)
+    assert not any(item.flipped or item.dropped for item in items)
     always = load(tmp_path, flip_p=1.0, cond_dropout=1.0)
     items = [item for batch in always.epoch_batches(0) for item in batch.items]
-    assert all(item.flipped for item in items)
-    assert all(item.caption == "" for item in items)
+    assert all(item.flipped and item.dropped for item in items)
+    assert all(item.caption for item in items)  # the caption before dropout is kept
     half = load(tmp_path, flip_p=0.5, cond_dropout=0.5)
     items = [item for epoch in range(10) for b in half.epoch_batches(epoch) for item in b.items]
     flips = sum(item.flipped for item in items) / len(items)
-    drops = sum(item.caption == "" for item in items) / len(items)
+    drops = sum(item.dropped for item in items) / len(items)
     assert 0.35 < flips < 0.65 and 0.35 < drops < 0.65
 
 
@@ -116,9 +115,9 @@ def test_per_image_flip_and_dropout_from_folder_files(tmp_path):
     items = {
         item.path.rsplit("/", 1)[-1]: item for b in dataset.epoch_batches(0) for item in b.items
     }
-    assert (items["normal.png"].flipped, items["normal.png"].caption) == (False, "normal")
-    assert (items["x.png"].flipped, items["x.png"].caption) == (True, "x")
-    assert (items["y.png"].flipped, items["y.png"].caption) == (False, "")
+    assert (items["normal.png"].flipped, items["normal.png"].dropped) == (False, False)
+    assert (items["x.png"].flipped, items["x.png"].dropped) == (True, False)
+    assert (items["y.png"].flipped, items["y.png"].dropped) == (False, True)
 
 
 def test_whole_multiply_repeats_and_zero_leaves_out(tmp_path):
@@ -169,7 +168,8 @@ def test_shuffle_tags_keeps_the_first_part(tmp_path):
     for caption in captions:
         parts = caption.split(", ")
         assert parts[0] == "main" and sorted(parts[1:]) == ["a", "b", "c", "d", "e"]
-    kept = load(tmp_path, batch_size=1, shuffle_tags=True, keep_tags=3)
+    # keep_tags counts tags after the main prompt (EveryDream2's documented meaning)
+    kept = load(tmp_path, batch_size=1, shuffle_tags=True, keep_tags=2)
     captions = [kept.epoch_batches(e)[0].items[0].caption for e in range(20)]
     assert all(caption.startswith("main, a, b, ") for caption in captions)
     assert len(set(captions)) > 2

@@ -22,8 +22,9 @@ from optimizer.build import (
     freeze_plan,
 )
 from optimizer.config import OptimizerConfig, load_optimizer_config
-from optimizer.schedulers import total_optimizer_steps
+from optimizer.schedulers import optimizer_steps_per_epoch
 from plugins.loading import load_plugins
+from plugins.runner import PluginTransforms
 from training.checkpoint import restore_full_precision_weights
 from training.distributed import make_accelerator, training_device
 from training.names import check_output_names
@@ -92,6 +93,10 @@ def data_settings(
         rank=rank,
         world_size=world_size,
         device_type=device_type,
+        grad_accum=c.grad_accum,
+        max_epochs=c.max_epochs,
+        rated_dataset=c.rated_dataset,
+        rated_dataset_target_dropout_percent=c.rated_dataset_target_dropout_percent,
     )
 
 
@@ -153,8 +158,12 @@ def build_run(
     if resume_state is not None and c.seed not in (-1, seed):
         logger.warning("seed %d replaced by the resumed run's seed %d", c.seed, seed)
     samples = sample_settings(train, seed)
-    dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type))
-    total_steps = total_optimizer_steps(dataset.steps_per_epoch(), c.max_epochs, c.grad_accum)
+    transforms = PluginTransforms(plugins) if plugins else None
+    dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type), transforms)
+    total_steps = sum(
+        optimizer_steps_per_epoch(dataset.steps_in_epoch(epoch), c.grad_accum)
+        for epoch in range(c.max_epochs)
+    )  # epochs of a rated dataset differ in length
     check_output_names(c.project_name, checkpoint_dir_of(c), c.max_epochs, total_steps)
 
     models = load_models(c.resume_ckpt)

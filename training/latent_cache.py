@@ -3,7 +3,8 @@
 The cache holds the VAE's posterior (mean and standard deviation, scaled) for each image, and
 for its mirror image when the image can be flipped. The step still draws a fresh latent sample
 from it, so a cached run sees the same kind of noise as an uncached one, and the VAE, the image
-decoding and the data-loader workers leave the step altogether. The cache lives in CPU memory
+decoding and the data-loader workers leave the step altogether. Plugins' image transforms run
+once per image (and mirror) when the cache is built; caption transforms still run each time. The cache lives in CPU memory
 (about 2 × 4 × (H/8) × (W/8) × 4 bytes per entry: 128 KiB at 512×512); each batch is copied to
 the training device as it is used.
 """
@@ -13,11 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from data import Batch, TrainDataset, decode_image
+from data import Batch, TrainDataset
 from models.bundle import ModelBundle
 from training.precision import Precision
 from training.step import LatentDistribution, encode_latent_distribution
@@ -72,12 +72,10 @@ def build_latent_cache(
         by_bucket.setdefault(dataset.images[key[0]].bucket, []).append(key)
     means: dict[Key, torch.Tensor] = {}
     stds: dict[Key, torch.Tensor] = {}
-    for bucket, keys in by_bucket.items():
+    for keys in by_bucket.values():
         for start in range(0, len(keys), ENCODE_BATCH):
             chunk = keys[start : start + ENCODE_BATCH]
-            pixels = torch.stack(
-                [decode_image(Path(dataset.images[i].path), bucket, flip) for i, flip in chunk]
-            ).to(device)
+            pixels = torch.stack([dataset.decode(i, flip) for i, flip in chunk]).to(device)
             posterior = encode_latent_distribution(bundle, pixels, precision)
             for n, key in enumerate(chunk):
                 means[key] = posterior.mean[n].cpu()
@@ -93,8 +91,5 @@ def cached_batches(
     dataset: TrainDataset, epoch: int, start_batch: int, end_epoch: int
 ) -> Iterator[Batch]:
     """The batches from (epoch, start_batch) to the end of epoch end_epoch - 1, without pixels
-    (the latent cache supplies them)."""
-    for number in range(epoch, end_epoch):
-        plans = dataset.epoch_batches(number)
-        for plan in plans[start_batch if number == epoch else 0 :]:
-            yield Batch.of(number, plan)
+    (the latent cache supplies them); captions are made as the loader makes them."""
+    return dataset.batches_without_pixels(epoch, start_batch, end_epoch)

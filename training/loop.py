@@ -155,8 +155,8 @@ class Trainer:
         return False
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Batches in ``epoch`` for this process."""
-        return self.run.dataset.steps_per_epoch()
+        """Batches in ``epoch`` for this process (epochs of a rated dataset differ)."""
+        return self.run.dataset.steps_in_epoch(epoch)
 
     def _window_of(self, index: int, batches: int) -> tuple[int, bool]:
         """(length of the window that batch ``index`` is in, whether it is its last batch)."""
