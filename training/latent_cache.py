@@ -4,9 +4,9 @@ The cache holds the VAE's posterior (mean and standard deviation, scaled) for ea
 for its mirror image when the image can be flipped. The step still draws a fresh latent sample
 from it, so a cached run sees the same kind of noise as an uncached one, and the VAE, the image
 decoding and the data-loader workers leave the step altogether. Plugins' image transforms run
-once per image (and mirror) when the cache is built; caption transforms still run each time. The cache lives in CPU memory
-(about 2 × 4 × (H/8) × (W/8) × 4 bytes per entry: 128 KiB at 512×512); each batch is copied to
-the training device as it is used.
+once per image (and mirror) when the cache is built; caption transforms still run each time.
+The cache lives in CPU memory (about 2 × 4 × (H/8) × (W/8) × 4 bytes per entry: 128 KiB at
+512×512); each batch is copied to the training device as it is used.
 """
 
 from __future__ import annotations
