@@ -22,13 +22,12 @@ import yaml
 from config.errors import did_you_mean
 from config.fields import (
     InvalidValueError,
-    check_rule,
-    convert,
     field_types,
     parse_fields,
     rule_of,
     setting,
 )
+from config.fields import check_value as check_field_value
 from config.train_config import TrainConfig
 from data.errors import is_valid_text
 
@@ -191,10 +190,9 @@ def check_value(
     key's one rule; SidecarError naming the file (`where`) and the key otherwise."""
     field_type, rule = _CHECKS[keys][key]
     try:
-        typed = convert(value, field_type)
-        check_rule(typed, rule)
+        typed = check_field_value(value, field_type, rule)
     except InvalidValueError as error:
-        raise SidecarError(f"{where}: {prefix}{key}: {error}") from None
+        raise SidecarError(f"{where}: {prefix}{key}{error.index}: {error}") from None
     return typed
 
 
