@@ -15,6 +15,7 @@ from config.fields import setting
 
 LOSS_TYPES = ("mse", "huber", "mse_huber")
 ATTENTION_TYPES = ("sdp", "slice")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 NOT_YET = "not supported yet by this trainer"
 
 
@@ -32,7 +33,13 @@ class TrainConfig:
     resume_ckpt: str | None = setting(
         None,
         "Model to start from: a built-in name (tiny-sd15, tiny-sd21, sd15-random, sd21-random), "
-        "a local diffusers folder, a checkpoint of this trainer, or a hub id. Required.",
+        "a local diffusers folder, a checkpoint of this trainer, a .safetensors/.ckpt single "
+        "file, findlast (this project's newest checkpoint), or a hub id. Required.",
+    )
+    prediction_type: str | None = setting(
+        None,
+        "Prediction type of the model: epsilon or v_prediction; null uses the model's own.",
+        choices=PREDICTION_TYPES,
     )
     data_root: str = setting("input", "Folder of training images, searched recursively.")
     resolution: int = setting(
@@ -160,6 +167,9 @@ class TrainConfig:
     no_prepend_last: bool = setting(
         False, "Do not prefix the final checkpoint's folder name with 'last-'."
     )
+    no_save_ckpt: bool = setting(
+        False, "Do not write the single .safetensors file beside each checkpoint."
+    )
 
     # --- EveryDream2 keys that do nothing here ----------------------------------------------
     amp: bool = setting(
@@ -182,12 +192,6 @@ class TrainConfig:
     )
     notebook: bool = setting(
         False, "EveryDream2's notebook switch.", status="deprecated", note="it changed nothing"
-    )
-    no_save_ckpt: bool = setting(
-        False,
-        "EveryDream2's 'diffusers folders only' switch.",
-        status="deprecated",
-        note="checkpoints are always diffusers folders",
     )
 
     # --- EveryDream2 features this trainer does not have --------------------------------------

@@ -17,6 +17,7 @@ from config.load import LoadedTrainConfig, find_input_file, load_train_config
 from data import DataSettings, TrainDataset, load_dataset
 from models import ModelBundle, builtin_text_encoder_layers, classify_resume_ckpt, load_models
 from models.loading import SourceKind
+from models.single_file_load import single_file_text_encoder_layers
 from optimizer.build import (
     FreezeReport,
     ModelTraining,
@@ -34,6 +35,7 @@ from training.checkpoint import (
     restore_full_precision_weights,
 )
 from training.distributed import make_accelerator, training_device
+from training.find_last import resolve_findlast
 from training.samples import SampleSettings, load_sample_settings
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ def expected_text_encoder_layers(resume_ckpt: str) -> int | None:
             return int(json.loads(config_file.read_text())["num_hidden_layers"])
         except (OSError, ValueError, KeyError):
             return None  # from_pretrained will say what is wrong with the folder
+    if kind is SourceKind.SINGLE_FILE:
+        return single_file_text_encoder_layers(Path(resume_ckpt).expanduser())
     return None
 
 
@@ -158,6 +162,7 @@ def build_run(
     world_size: int = 1,
 ) -> Run:
     """Validate what needs the model's shape, scan the data, load models, build optimizers."""
+    train = resolve_findlast(train)
     c = train.config
     assert c.resume_ckpt is not None
     check_before_models(train, optim)
@@ -169,7 +174,7 @@ def build_run(
     dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type))
     total_steps = total_optimizer_steps(dataset.steps_per_epoch(), c.max_epochs, c.grad_accum)
 
-    models = load_models(c.resume_ckpt)
+    models = load_models(c.resume_ckpt, c.prediction_type)
     if resume_state is not None:
         restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
     models.vae.requires_grad_(False)

@@ -43,6 +43,8 @@ from safetensors import SafetensorError
 
 from config.errors import UserError
 from models import ModelBundle
+from models.single_file import write_single_file
+from models.text_keys import standardize_text_encoder_file
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +88,12 @@ def save_checkpoint(
     state: TrainingState | None,
     full_precision: bool,
     trained: tuple[str, ...] = TRAINABLE,
+    single_file: bool = False,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically; returns ``path``.
+
+    With ``single_file``, ``<path>.safetensors`` (LDM layout, see `models.single_file`) is
+    written beside the folder once the folder is in place.
 
     The pipeline weights are fp16 unless ``full_precision`` (then fp32). The models in ``bundle``
     are left as they are (dtype, device, values): fp16 weights are written from CPU copies.
@@ -122,6 +128,8 @@ def save_checkpoint(
         if isinstance(error, (OSError, SafetensorError)):
             raise _write_error(path, error) from error
         raise
+    if single_file:
+        write_single_file(path.with_name(f"{path.name}.safetensors"), bundle, full_precision)
     logger.info(
         "checkpoint written to %s in %.1f s (%s weights%s)",
         path, time.monotonic() - started, "fp32" if full_precision else "fp16",
@@ -227,6 +235,7 @@ def _write_pipeline(folder: Path, bundle: ModelBundle, full_precision: bool) -> 
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
+    standardize_text_encoder_file(pipeline.text_encoder, folder / "text_encoder")
     if dtype != torch.float32:
         _default_load_dtype_float32(folder / "text_encoder" / "config.json")
 

@@ -61,6 +61,7 @@ class LoopSettings:
     save_optimizer: bool
     save_full_precision: bool
     no_prepend_last: bool
+    no_save_ckpt: bool
     project_name: str
     clip_skip: int
     apply_grad_scaler_step_tweaks: bool
@@ -397,8 +398,9 @@ class Trainer:
             trained = tuple(t.model_name for t in self.trainings)
             state = self.training_state() if with_state else None
             save_checkpoint(
-                path, self.models.bundle, state, self.settings.save_full_precision, trained
-            )
+                path, self.models.bundle, state, self.settings.save_full_precision, trained,
+                single_file=not self.settings.no_save_ckpt,
+            )  # fmt: skip
             logger.info("saved checkpoint %s%s", path, " (resumable)" if with_state else "")
         self.last_checkpoint = path
         self._last_save = time.monotonic()

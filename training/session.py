@@ -49,6 +49,7 @@ def loop_settings(run: Run) -> LoopSettings:
         save_optimizer=c.save_optimizer,
         save_full_precision=c.save_full_precision,
         no_prepend_last=c.no_prepend_last,
+        no_save_ckpt=c.no_save_ckpt,
         project_name=c.project_name,
         clip_skip=c.clip_skip,
         apply_grad_scaler_step_tweaks=run.optim.apply_grad_scaler_step_tweaks,
