@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -121,6 +122,13 @@ def classify_resume_ckpt(resume_ckpt: str) -> SourceKind:
 def _load_components(source: str, local_files_only: bool) -> ModelBundle:
     """Each component of the diffusers folder or hub repo ``source`` via ``from_pretrained``."""
     options = {"local_files_only": local_files_only}
+    with warnings.catch_warnings():
+        # diffusers passes an argument huggingface_hub 2.x deprecates; not the user's concern.
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        return _from_pretrained(source, options)
+
+
+def _from_pretrained(source: str, options: dict[str, bool]) -> ModelBundle:
     return ModelBundle(
         unet=UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", torch_dtype=LOAD_DTYPE, **options
