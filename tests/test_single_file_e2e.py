@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from config.errors import UserError
 from models import load_models
 from models.single_file import write_single_file
 from tests.e2e import ADAMW, checkpoints, run, run_folders, scalars, write_config
+from training.checkpoint import save_checkpoint
 from training.find_last import find_last_checkpoint
 
 
@@ -49,7 +51,7 @@ def test_text_encoder_files_have_the_standard_keys(tmp_path: Path) -> None:
     assert run(config) == 0
     (last,) = checkpoints(tmp_path, "last-")
     with safe_open(str(last / "text_encoder" / "model.safetensors"), framework="pt") as file:
-        keys = list(file.keys())  # noqa: SIM118
+        keys = list(file.keys())
     assert keys and all(key.startswith("text_model.") for key in keys)
 
 
@@ -134,7 +136,7 @@ def test_findlast_picks_by_time_then_step(tmp_path: Path) -> None:
     make_checkpoint(elsewhere, "diverged-proj-ep04-gs00400", 4000)
     with pytest.raises(UserError, match="saved when training diverged"):
         find_last_checkpoint("proj", logs, elsewhere)
-    with pytest.raises(UserError, match="no checkpoint of project 'proj.x'"):
+    with pytest.raises(UserError, match=r"no checkpoint of project 'proj\.x'"):
         find_last_checkpoint("proj.x", logs, elsewhere)
 
 
@@ -142,13 +144,33 @@ def test_findlast_picks_by_time_then_step(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_lone_single_file_of_the_real_sd15_layout_dry_runs(capsys, tmp_path: Path) -> None:
-    source = tmp_path / "v1-5-like.safetensors"
-    write_single_file(source, load_models("sd15-random"), False)  # about 2 GB in fp16
-    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
-    config = write_config(tmp_path / "run", resume_ckpt=str(source), resolution=64)
+def test_sd15_random_single_file_loads_in_diffusers_and_alone_as_resume_ckpt(
+    capsys, tmp_path: Path
+) -> None:
+    bundle = load_models("sd15-random")
+    folder = save_checkpoint(tmp_path / "ck", bundle, None, False, single_file=True)
+    del bundle
+    file = tmp_path / "ck.safetensors"
+    for component in ("unet", "vae", "text_encoder"):
+        from_file = StableDiffusionPipeline.from_single_file(
+            str(file), config=str(folder), local_files_only=True
+        )
+        expected = getattr(StableDiffusionPipeline.from_pretrained(folder), component)
+        assert_same_weights(getattr(from_file, component), expected)
+        del from_file, expected
+    lone = tmp_path / "downloads" / "v1-5-like.safetensors"  # no folder, no .yaml beside it
+    lone.parent.mkdir()
+    file.rename(lone)
+    config = write_config(tmp_path / "run", resume_ckpt=str(lone), resolution=64)
     assert run(config, "--dry_run") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"]["prediction_type"] == "epsilon"
     assert report["model"]["text_encoder_layers"] == 12
     assert report["unet"]["trainable_parameters"] == 859_520_964
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key].float(), sb[key].float()), key
