@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -75,8 +76,11 @@ def write_single_file(path: Path, bundle: ModelBundle, full_precision: bool) -> 
         tensors = ldm_state_dict(
             bundle.unet, bundle.vae, bundle.text_encoder, lambda t: _for_file(t, dtype)
         )
+        temps[-1].touch()  # the mode a new file gets here (umask); safetensors would use 0600
+        mode = stat.S_IMODE(temps[-1].stat().st_mode)
         safetensors.torch.save_file(tensors, str(temps[-1]), metadata={"format": "pt"})
         del tensors
+        os.chmod(temps[-1], mode)
         for temp in temps:
             _fsync(temp)
         for temp in temps:  # the .yaml first: a new model file never sits beside no .yaml

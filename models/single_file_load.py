@@ -267,7 +267,7 @@ def load_single_file(path: Path) -> ModelBundle:
     name = match_layout(path, shapes)
     config = BUILTIN_CONFIGS[name]
     open_clip = OPEN_CLIP_PREFIX + "token_embedding.weight" in checkpoint
-    logger.info("%s holds a %s model", path, _DESCRIPTIONS[name])
+    logger.info("%s has the %s layout", path, _DESCRIPTIONS[name])
     if any(k.startswith("model_ema.") for k in checkpoint):
         logger.info("%s also holds EMA weights; training starts from the non-EMA ones", path)
     prediction = prediction_type_of(path, open_clip)

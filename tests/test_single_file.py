@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import stat
 from collections import OrderedDict
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def test_writing_leaves_the_models_as_they_were(
     write_single_file(tmp_path / "m.safetensors", bundle, False)
     after = bundle.text_encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == torch.float32 for k in after)
+
+
+def test_single_file_gets_the_usual_file_mode(tiny: dict[str, ModelBundle], tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        write_single_file(tmp_path / "m.safetensors", tiny["tiny-sd21"], False)
+    finally:
+        os.umask(previous)
+    for name in ("m.safetensors", "m.yaml"):  # readable by a UI running as another user
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
 
 
 def test_no_single_file_unless_asked(tiny: dict[str, ModelBundle], tmp_path: Path) -> None:
@@ -225,6 +236,33 @@ def test_unknown_layout_names_what_was_found(tiny: dict[str, ModelBundle], tmp_p
     assert "other keys under conditioner.*" in message
     assert "Closest known layout: tiny-sd15 (184 missing (first_stage_model." in message
     assert f"1 of another shape ({weight} is [32, 9, 3, 3], expected [32, 4, 3, 3])" in message
+
+
+def test_extra_keys_of_real_files_are_accepted(
+    tiny: dict[str, ModelBundle], tmp_path: Path
+) -> None:
+    """EMA copies, DDPM buffers, position ids, OpenCLIP's 24th layer and logit scale."""
+    extras = {
+        "betas": torch.zeros(1000),
+        "alphas_cumprod": torch.zeros(1000),
+        **{f"model_ema.diffusion_modelinput_blocks{i}": torch.zeros(1) for i in range(101)},
+        "first_stage_model.loss.logvar": torch.zeros(1),
+    }
+    for name, text_extras in (
+        ("tiny-sd15", {CLIP_POSITION_IDS: torch.arange(77)[None]}),
+        ("tiny-sd21", {f"{LAYER_23}.ln_1.weight": torch.ones(32), LOGIT_SCALE: torch.ones(())}),
+    ):
+        path = tmp_path / f"{name}.safetensors"
+        tensors = ldm_tensors(tiny[name], tmp_path) | extras | text_extras
+        safetensors.torch.save_file(tensors, str(path))
+        loaded = load_models(str(path))
+        for component in COMPONENTS:
+            assert_same_weights(getattr(loaded, component), getattr(tiny[name], component))
+
+
+CLIP_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+LAYER_23 = "cond_stage_model.model.transformer.resblocks.23"
+LOGIT_SCALE = "cond_stage_model.model.logit_scale"
 
 
 def test_files_that_are_not_single_files(tmp_path: Path) -> None:

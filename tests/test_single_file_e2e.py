@@ -151,13 +151,13 @@ def test_sd15_random_single_file_loads_in_diffusers_and_alone_as_resume_ckpt(
     folder = save_checkpoint(tmp_path / "ck", bundle, None, False, single_file=True)
     del bundle
     file = tmp_path / "ck.safetensors"
+    from_file = StableDiffusionPipeline.from_single_file(
+        str(file), config=str(folder), local_files_only=True
+    )
+    from_folder = StableDiffusionPipeline.from_pretrained(folder)
     for component in ("unet", "vae", "text_encoder"):
-        from_file = StableDiffusionPipeline.from_single_file(
-            str(file), config=str(folder), local_files_only=True
-        )
-        expected = getattr(StableDiffusionPipeline.from_pretrained(folder), component)
-        assert_same_weights(getattr(from_file, component), expected)
-        del from_file, expected
+        assert_same_weights(getattr(from_file, component), getattr(from_folder, component))
+    del from_file, from_folder
     lone = tmp_path / "downloads" / "v1-5-like.safetensors"  # no folder, no .yaml beside it
     lone.parent.mkdir()
     file.rename(lone)
