@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -48,6 +49,7 @@ from models.builtin import (
     load_builtin_tokenizer,
     load_clip_tokenizer,
 )
+from models.clip_tokenizer.make_clip_tokenizer import write_tokenizer as write_clip_tokenizer
 from models.loading import SourceKind
 from models.tokenizer.make_tokenizer import write_tokenizer
 
@@ -170,6 +172,18 @@ def test_clip_tokenizer_files_derive_from_the_bpe_merges() -> None:
     assert [t + "</w>" for t in tokens[:256]] == tokens[256:512]
     assert tokens[512:-2] == [line.replace(" ", "") for line in lines[1:]]
     assert tokens[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+
+
+def test_clip_tokenizer_script_writes_the_committed_files(tmp_path: Path) -> None:
+    """The script run on a BPE file of OpenAI's format (rebuilt here from merges.txt)."""
+    merges = (CLIP_TOKENIZER_DIR / "merges.txt").read_text("utf-8").splitlines()[1:]
+    # OpenAI's file: a header line, the merges CLIP uses, then more merges CLIP leaves out.
+    bpe = "\n".join(['"bpe_simple_vocab_16e6.txt#version: 0.2', *merges, "x y", "z w"])
+    bpe_file = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    bpe_file.write_bytes(gzip.compress(bpe.encode("utf-8")))
+    assert write_clip_tokenizer(bpe_file, tmp_path / "out") == CLIP_VOCAB_SIZE
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (CLIP_TOKENIZER_DIR / name).read_bytes()
 
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
