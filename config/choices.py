@@ -9,6 +9,8 @@ from __future__ import annotations
 LOSS_TYPES = ("mse", "huber", "mse_huber", "huber_mse")
 # EveryDream2's "xformers" is read as "sdp" (with a warning): PyTorch's SDPA does its job.
 ATTENTION_TYPES = ("sdp", "slice", "xformers")
+# What a Stable Diffusion 1.x/2.x UNet predicts, as diffusers names it.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 # EveryDream2's training noise schedulers; the training math is the same for all three.
 TRAIN_SAMPLERS = ("ddpm", "pndm", "ddim")
 # diffusers.optimization.SchedulerType without piecewise_constant (it needs step rules that

@@ -21,6 +21,7 @@ from config.choices import (
     GROUPS,
     LOSS_TYPES,
     LR_SCHEDULERS,
+    PREDICTION_TYPES,
     TRAIN_SAMPLERS,
 )
 from config.fields import setting
@@ -30,6 +31,7 @@ __all__ = [
     "GROUPS",
     "LOSS_TYPES",
     "LR_SCHEDULERS",
+    "PREDICTION_TYPES",
     "TRAIN_SAMPLERS",
     "TrainConfig",
 ]
@@ -51,8 +53,15 @@ class TrainConfig:
     resume_ckpt: str | None = setting(
         None,
         "Model to start from: a built-in name (tiny-sd15, tiny-sd21, sd15-random, sd21-random), "
-        "a local diffusers folder, a checkpoint of this trainer, or a hub id. Required.",
+        "a local diffusers folder, a checkpoint of this trainer, a .safetensors/.ckpt single "
+        "file, findlast (this project's newest checkpoint), or a hub id. Required.",
         text="path",
+        group="model",
+    )
+    prediction_type: str | None = setting(
+        None,
+        "Prediction type of the model: epsilon or v_prediction; null uses the model's own.",
+        choices=PREDICTION_TYPES,
         group="model",
     )
     data_root: str = setting(
@@ -349,6 +358,11 @@ class TrainConfig:
         "plugins.plugins.BasePlugin); see the README's Plugins section.",
         group="logging",
     )
+    no_save_ckpt: bool = setting(
+        False,
+        "Do not write the single .safetensors file beside each checkpoint.",
+        group="checkpoints",
+    )
 
     # --- EveryDream2 keys that do nothing here ----------------------------------------------
     amp: bool = _deprecated(
@@ -363,11 +377,6 @@ class TrainConfig:
         False, "EveryDream2's old AdamW8bit switch.", "choose the optimizer in optimizer.json"
     )
     notebook: bool = _deprecated(False, "EveryDream2's notebook switch.", "it changed nothing")
-    no_save_ckpt: bool = _deprecated(
-        False,
-        "EveryDream2's 'diffusers folders only' switch.",
-        "checkpoints are always diffusers folders",
-    )
     ed1_mode: bool = _deprecated(
         False, "EveryDream 1 compatibility switch of old EveryDream2 presets.", GONE
     )

@@ -1,8 +1,10 @@
 """The built-in models (SPEC §10): their configurations as plain data, and building them.
 
 Every built-in model is built in code from the configurations below after ``torch.manual_seed(0)``
-(the caller's RNG state is left as it was), with the tokenizer kept in ``models/tokenizer/``:
-nothing is downloaded and every build gives the same weights.
+(the caller's RNG state is left as it was), with tokenizer files kept in the repository: the tiny
+models use the small tokenizer of ``models/tokenizer/``, the full-size ones the real CLIP tokenizer
+of ``models/clip_tokenizer/`` (SD2.x's with ``!`` as its pad token, as in the SD2 diffusers
+folders). Nothing is downloaded and every build gives the same weights.
 
 - ``tiny-sd15`` / ``tiny-sd21``: tiny random models shaped like SD1.5 / SD2.1 (12 / 23 text-encoder
   layers, epsilon / v-prediction) that train on a CPU at 64×64 in well under a second a step;
@@ -26,6 +28,7 @@ from models.bundle import ModelBundle
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "clip_tokenizer"
 
 # Size and special-token ids of the tokenizer in models/tokenizer/ (tests check they match it).
 TINY_VOCAB_SIZE = 1152
@@ -36,6 +39,15 @@ TOKENIZER_TOKEN_IDS: dict[str, int] = {
 }
 # The real CLIP vocabulary size, so the full-size models have the real embedding table.
 CLIP_VOCAB_SIZE = 49408
+# Special-token ids of the real CLIP tokenizer in models/clip_tokenizer/ (SD1.x pads with eos).
+CLIP_TOKEN_IDS: dict[str, int] = {
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+# SD2.x's tokenizer pads with "!" (id 0), as the tokenizer/ folder of the SD2 diffusers repos does.
+OPEN_CLIP_PAD_TOKEN = "!"
+OPEN_CLIP_TOKEN_IDS: dict[str, int] = {**CLIP_TOKEN_IDS, "pad_token_id": 0}
 SEED = 0
 
 _SD_SCHEDULER: dict[str, Any] = {
@@ -94,7 +106,7 @@ _CLIP_VIT_L_TEXT: dict[str, Any] = {
     "hidden_act": "quick_gelu",
     "projection_dim": 768,
     "layer_norm_eps": 1e-5,
-    **TOKENIZER_TOKEN_IDS,
+    **CLIP_TOKEN_IDS,
 }
 
 _TINY_UNET: dict[str, Any] = {
@@ -121,6 +133,7 @@ _TINY_VAE: dict[str, Any] = {
 
 _TINY_TEXT: dict[str, Any] = {
     **_CLIP_VIT_L_TEXT,
+    **TOKENIZER_TOKEN_IDS,
     "vocab_size": TINY_VOCAB_SIZE,
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -163,6 +176,7 @@ BUILTIN_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             "num_hidden_layers": 23,
             "hidden_act": "gelu",
             "projection_dim": 512,
+            **OPEN_CLIP_TOKEN_IDS,
         },
         "unet": {
             **_SD_UNET,
@@ -204,6 +218,22 @@ def load_builtin_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
+def load_clip_tokenizer(open_clip: bool) -> CLIPTokenizer:
+    """The real CLIP tokenizer kept in ``models/clip_tokenizer/``; SD2.x's pads with ``!``."""
+    if open_clip:
+        return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR), pad_token=OPEN_CLIP_PAD_TOKEN)
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+
+
+def builtin_tokenizer(name: str) -> CLIPTokenizer:
+    """The tokenizer of built-in model ``name``: chosen by its embedding table's size."""
+    text = _config(name)["text_encoder"]
+    if text["vocab_size"] == CLIP_VOCAB_SIZE:
+        return load_clip_tokenizer(open_clip=text["hidden_act"] == "gelu")
+    assert text["vocab_size"] == TINY_VOCAB_SIZE, f"no tokenizer for {name}"
+    return load_builtin_tokenizer()
+
+
 def build_builtin(name: str) -> ModelBundle:
     """Build built-in model ``name`` (deterministic weights, no download).
 
@@ -219,7 +249,7 @@ def build_builtin(name: str) -> ModelBundle:
     return ModelBundle(
         unet=unet.eval(),
         text_encoder=text_encoder.eval(),
-        tokenizer=load_builtin_tokenizer(),
+        tokenizer=builtin_tokenizer(name),
         vae=vae.eval(),
         noise_scheduler=DDPMScheduler.from_config(config["scheduler"]),
         source=name,

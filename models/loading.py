@@ -1,30 +1,40 @@
-"""``resume_ckpt`` → `ModelBundle`: a built-in name, a local diffusers folder or a hub id.
+"""``resume_ckpt`` → `ModelBundle`: a built-in name, a local folder or single file, or a hub id.
 
 How a value is read:
 
 1. one of `BUILTIN_MODELS` → built in code (see `models.builtin`);
-2. an existing path → it must be a diffusers Stable Diffusion folder (what
+2. an existing file ending in ``.safetensors`` or ``.ckpt`` → a single-file checkpoint in the
+   original Stable Diffusion layout (see `models.single_file_load`);
+3. an existing folder → it must be a diffusers Stable Diffusion folder (what
    ``StableDiffusionPipeline.save_pretrained`` writes); each component is loaded with
    ``from_pretrained(folder, subfolder=...)``;
-3. ``owner/name`` (the shape of every hub id) → loaded the same way from the Hugging Face hub,
-   which needs a network;
-4. anything else (a missing path, a name with no ``/`` that is not built in) → `UserError`.
+4. ``owner/name`` (the shape of every hub id) → loaded the same way from the local Hugging Face
+   cache, else downloaded from the hub; without a network that fails at once with one line;
+5. anything else (a missing path, a name with no ``/`` that is not built in) → `UserError`.
+
+The prediction type of any of them can be overridden (train.json's ``prediction_type``).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 from enum import Enum
 from pathlib import Path
 
+import huggingface_hub
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from config.errors import UserError, did_you_mean
 from models.builtin import BUILTIN_MODELS, build_builtin, is_builtin
 from models.bundle import ModelBundle
+from models.single_file import SINGLE_FILE_SUFFIXES, is_single_file
+from models.single_file_load import load_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +52,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # Components are loaded in float32 whatever the files hold; mixed precision is the trainer's job.
 LOAD_DTYPE = torch.float32
+# Seconds to wait for the hub before saying it cannot be reached.
+HUB_TIMEOUT = 10.0
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class SourceKind(str, Enum):
@@ -49,14 +62,15 @@ class SourceKind(str, Enum):
 
     BUILTIN = "builtin"
     LOCAL = "local"
+    SINGLE_FILE = "single_file"
     HUB = "hub"
 
 
 def _alternatives(value: str) -> str:
     return (
         f"{did_you_mean(value, BUILTIN_MODELS)}. resume_ckpt takes a diffusers Stable Diffusion "
-        f"folder, a hub id (owner/name, needs a network) or a built-in model: "
-        f"{', '.join(BUILTIN_MODELS)}"
+        f"folder, a single file ({' or '.join(SINGLE_FILE_SUFFIXES)}), a hub id (owner/name, "
+        f"needs a network), findlast, or a built-in model: {', '.join(BUILTIN_MODELS)}"
     )
 
 
@@ -74,18 +88,20 @@ def missing_files(folder: Path) -> list[str]:
 def classify_resume_ckpt(resume_ckpt: str) -> SourceKind:
     """Which kind of source ``resume_ckpt`` is, checking what can be checked without loading.
 
-    Raises `UserError` for a local path that is missing or is not a diffusers Stable Diffusion
-    folder, and for a value that is neither a built-in name, a path nor a hub id. Config
-    validation can call this before any model is built.
+    Raises `UserError` for a local path that is missing, a file that is not a single-file
+    checkpoint, a folder that is not a diffusers Stable Diffusion folder, and a value that is
+    neither a built-in name, a path nor a hub id. Config validation can call this before any
+    model is built.
     """
     if is_builtin(resume_ckpt):
         return SourceKind.BUILTIN
     path = Path(resume_ckpt).expanduser()
     if path.is_file():
+        if is_single_file(path):
+            return SourceKind.SINGLE_FILE
         raise UserError(
-            f"resume_ckpt: '{resume_ckpt}' is a file; single-file checkpoints (.ckpt, "
-            f".safetensors) are not supported, convert it to a diffusers folder first"
-            f"{_alternatives(resume_ckpt)}"
+            f"resume_ckpt: '{resume_ckpt}' is a file but not a single-file checkpoint (its name "
+            f"must end in {' or '.join(SINGLE_FILE_SUFFIXES)}){_alternatives(resume_ckpt)}"
         )
     if path.is_dir():
         missing = missing_files(path)
@@ -106,6 +122,13 @@ def classify_resume_ckpt(resume_ckpt: str) -> SourceKind:
 def _load_components(source: str, local_files_only: bool) -> ModelBundle:
     """Each component of the diffusers folder or hub repo ``source`` via ``from_pretrained``."""
     options = {"local_files_only": local_files_only}
+    with warnings.catch_warnings():
+        # diffusers passes an argument huggingface_hub 2.x deprecates; not the user's concern.
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+        return _from_pretrained(source, options)
+
+
+def _from_pretrained(source: str, options: dict[str, bool]) -> ModelBundle:
     return ModelBundle(
         unet=UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", torch_dtype=LOAD_DTYPE, **options
@@ -122,15 +145,36 @@ def _load_components(source: str, local_files_only: bool) -> ModelBundle:
     )
 
 
-def load_models(resume_ckpt: str) -> ModelBundle:
+def load_models(resume_ckpt: str, prediction_type: str | None = None) -> ModelBundle:
     """Load (or build) the model named by ``resume_ckpt``; see the module docstring.
 
     The training noise scheduler is always a ``DDPMScheduler`` made from the source's scheduler
     configuration (betas, ``prediction_type``), whatever scheduler class the folder names.
+    ``prediction_type`` ("epsilon" or "v_prediction"), when given, replaces the model's own.
     """
+    bundle = _load(resume_ckpt)
+    if prediction_type is not None:
+        assert prediction_type in PREDICTION_TYPES, prediction_type
+        if prediction_type != bundle.prediction_type:
+            logger.info(
+                "prediction_type %s replaces the model's own %s",
+                prediction_type, bundle.prediction_type,
+            )  # fmt: skip
+        bundle.noise_scheduler = DDPMScheduler.from_config(
+            bundle.noise_scheduler.config, prediction_type=prediction_type
+        )
+    return bundle
+
+
+def _load(resume_ckpt: str) -> ModelBundle:
     kind = classify_resume_ckpt(resume_ckpt)
     if kind is SourceKind.BUILTIN:
         return build_builtin(resume_ckpt)
+    if kind is SourceKind.SINGLE_FILE:
+        logger.info("loading single-file checkpoint %s", resume_ckpt)
+        bundle = load_single_file(Path(resume_ckpt).expanduser())
+        bundle.source = resume_ckpt
+        return bundle
     if kind is SourceKind.LOCAL:
         folder = str(Path(resume_ckpt).expanduser())
         logger.info("loading diffusers model from folder %s", folder)
@@ -140,15 +184,54 @@ def load_models(resume_ckpt: str) -> ModelBundle:
             raise UserError(f"resume_ckpt: could not load '{resume_ckpt}': {error}") from error
         bundle.source = resume_ckpt
         return bundle
-    logger.info("loading diffusers model %s from the Hugging Face hub", resume_ckpt)
+    return _load_from_hub(resume_ckpt)
+
+
+def _load_from_hub(repo_id: str) -> ModelBundle:
+    """From the local Hugging Face cache, else downloaded once the hub answers quickly."""
     try:
-        return _load_components(resume_ckpt, local_files_only=False)
+        bundle = _load_components(repo_id, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    else:
+        logger.info("loaded %s from the local Hugging Face cache", repo_id)
+        return bundle
+    not_here = (
+        f"resume_ckpt: '{repo_id}' is not a folder here ({Path(repo_id).absolute()}) nor in the "
+        f"local Hugging Face cache ({hub_constants.HF_HUB_CACHE}), and"
+    )
+    if hub_constants.HF_HUB_OFFLINE:
+        raise UserError(f"{not_here} HF_HUB_OFFLINE is set{_alternatives(repo_id)}")
+    _check_hub(repo_id, not_here)
+    logger.info("downloading diffusers model %s from the Hugging Face hub", repo_id)
+    try:
+        return _load_components(repo_id, local_files_only=False)
     except OSError as error:
-        first_line = (
-            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        )
         raise UserError(
-            f"resume_ckpt: '{resume_ckpt}' could not be found locally (no folder "
-            f"{Path(resume_ckpt).absolute()}) nor downloaded from the Hugging Face hub "
-            f"({first_line}){_alternatives(resume_ckpt)}"
+            f"resume_ckpt: '{repo_id}' could not be downloaded from the Hugging Face hub "
+            f"({_first_line(error)}){_alternatives(repo_id)}"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_hub(repo_id: str, not_here: str) -> None:
+    """One request with a short timeout: `UserError` when the hub or the repo cannot be had.
+
+    Without it, an offline machine spends half a minute in retries before a misleading message.
+    """
+    api = huggingface_hub.HfApi(endpoint=hub_constants.ENDPOINT)
+    try:
+        api.model_info(repo_id, timeout=HUB_TIMEOUT)
+    except HfHubHTTPError as error:  # the hub answered: no such repo, gated, private, ...
+        raise UserError(
+            f"{not_here} the Hugging Face hub says: {_first_line(error)}{_alternatives(repo_id)}"
+        ) from error
+    except Exception as error:  # any transport failure means "no network"
+        raise UserError(
+            f"{not_here} the Hugging Face hub ({hub_constants.ENDPOINT}) cannot be reached "
+            f"({type(error).__name__}: {_first_line(error)}){_alternatives(repo_id)}"
         ) from error

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from models.text_keys import TEXT_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_DATA = REPO / "examples" / "data"
@@ -75,13 +76,19 @@ def checkpoints(folder: Path, prefix: str = "") -> list[Path]:
 
 
 def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of UNet and text encoder as saved (fp32 copies when files are fp16)."""
+    """The fp32 weights of UNet and text encoder as saved (fp32 copies when files are fp16).
+
+    Text-encoder keys are the standard ``text_model.…`` ones whichever file they come from.
+    """
     weights = {}
     for name, file in (("unet", "diffusion_pytorch_model.safetensors"),
                        ("text_encoder", "model.safetensors")):  # fmt: skip
         exact = checkpoint / "training_state" / f"{name}.safetensors"
         source = exact if exact.exists() else checkpoint / name / file
-        weights |= {f"{name}.{k}": v for k, v in load_file(source).items()}
+        for key, value in load_file(source).items():
+            if name == "text_encoder" and not key.startswith(TEXT_MODEL):
+                key = TEXT_MODEL + key
+            weights[f"{name}.{key}"] = value
     return weights
 
 

@@ -25,7 +25,9 @@ def test_multiply_of_1e12_stops_before_any_image_is_decoded(tmp_path, monkeypatc
     write_image(tmp_path / "x.png")
     (tmp_path / "multiply.txt").write_text("1e12", "utf-8")
     monkeypatch.setattr(data.scan, "probe_image", _must_not_run)
-    with pytest.raises(UserError, match=r"multiply\.txt: multiply: must be <= 10000, got 1000000000000"):
+    with pytest.raises(
+        UserError, match=r"multiply\.txt: multiply: must be <= 10000, got 1000000000000"
+    ):
         load(tmp_path)
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
 from pathlib import Path
 
 import accelerate
+import httpx2
+import huggingface_hub
 import pytest
 import torch
 from diffusers import (
@@ -15,9 +19,12 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HfHubHTTPError
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import models.loading as loading
 from config.errors import UserError
 from models import (
     BUILTIN_MODELS,
@@ -33,11 +40,16 @@ from models import (
 )
 from models.builtin import (
     BUILTIN_CONFIGS,
+    CLIP_TOKENIZER_DIR,
+    CLIP_VOCAB_SIZE,
     TINY_VOCAB_SIZE,
     TOKENIZER_DIR,
     TOKENIZER_TOKEN_IDS,
+    builtin_tokenizer,
     load_builtin_tokenizer,
+    load_clip_tokenizer,
 )
+from models.clip_tokenizer.make_clip_tokenizer import write_tokenizer as write_clip_tokenizer
 from models.loading import SourceKind
 from models.tokenizer.make_tokenizer import write_tokenizer
 
@@ -133,6 +145,55 @@ def test_tokenize_pads_and_truncates_to_77() -> None:
     assert ids.shape == (2, 77) and ids.dtype == torch.long
     assert ids[0, 8:].eq(tokenizer.pad_token_id).all()
     assert ids[1, 0] == tokenizer.bos_token_id and ids[1, -1] == tokenizer.eos_token_id
+
+
+def test_clip_tokenizer_gives_clips_token_ids() -> None:
+    tokenizer = load_clip_tokenizer(open_clip=False)
+    assert len(tokenizer) == CLIP_VOCAB_SIZE
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokenizer.convert_tokens_to_ids(["photo</w>", "cat</w>", "!"]) == [1125, 2368, 0]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (49406, 49407)
+    assert tokenizer.pad_token_id == 49407 and tokenizer.model_max_length == 77
+
+
+def test_sd2_tokenizer_pads_with_exclamation_mark() -> None:
+    tokenizer = load_clip_tokenizer(open_clip=True)
+    ids = tokenize(tokenizer, ["a photo of a cat"])[0].tolist()
+    assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407] and set(ids[7:]) == {0}
+
+
+def test_clip_tokenizer_files_derive_from_the_bpe_merges() -> None:
+    """vocab.json is exactly: bytes, bytes + </w>, one token per merge in order, specials."""
+    vocab = json.loads((CLIP_TOKENIZER_DIR / "vocab.json").read_text("utf-8"))
+    lines = (CLIP_TOKENIZER_DIR / "merges.txt").read_text("utf-8").splitlines()
+    assert lines[0] == "#version: 0.2" and len(lines) - 1 == 49152 - 256 - 2
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    assert list(vocab.values()) == list(range(CLIP_VOCAB_SIZE))
+    assert [t + "</w>" for t in tokens[:256]] == tokens[256:512]
+    assert tokens[512:-2] == [line.replace(" ", "") for line in lines[1:]]
+    assert tokens[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+
+
+def test_clip_tokenizer_script_writes_the_committed_files(tmp_path: Path) -> None:
+    """The script run on a BPE file of OpenAI's format (rebuilt here from merges.txt)."""
+    merges = (CLIP_TOKENIZER_DIR / "merges.txt").read_text("utf-8").splitlines()[1:]
+    # OpenAI's file: a header line, the merges CLIP uses, then more merges CLIP leaves out.
+    bpe = "\n".join(['"bpe_simple_vocab_16e6.txt#version: 0.2', *merges, "x y", "z w"])
+    bpe_file = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    bpe_file.write_bytes(gzip.compress(bpe.encode("utf-8")))
+    assert write_clip_tokenizer(bpe_file, tmp_path / "out") == CLIP_VOCAB_SIZE
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (CLIP_TOKENIZER_DIR / name).read_bytes()
+
+
+@pytest.mark.parametrize("name", BUILTIN_MODELS)
+def test_each_builtin_has_the_tokenizer_its_config_expects(name: str) -> None:
+    text = BUILTIN_CONFIGS[name]["text_encoder"]
+    tokenizer = builtin_tokenizer(name)
+    assert len(tokenizer) == text["vocab_size"]
+    assert tokenizer.bos_token_id == text["bos_token_id"]
+    assert tokenizer.eos_token_id == text["eos_token_id"]
+    assert tokenizer.pad_token_id == text["pad_token_id"]
 
 
 # --- built-in models -------------------------------------------------------------------------
@@ -393,13 +454,6 @@ def test_folder_without_weights(tiny: dict[str, ModelBundle], tmp_path: Path) ->
         load_models(str(tmp_path))
 
 
-def test_single_file_checkpoint(tmp_path: Path) -> None:
-    ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"")
-    with pytest.raises(UserError, match="is a file; single-file checkpoints"):
-        load_models(str(ckpt))
-
-
 @pytest.mark.parametrize(
     ("typo", "meant"), [("tiny-sd1.5", "tiny-sd15"), ("sd21_random", "sd21-random")]
 )
@@ -424,20 +478,69 @@ def test_hub_id_is_recognised_without_loading(
             classify_resume_ckpt(not_hub)
 
 
-def test_hub_download_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def unreachable_hub(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A hub endpoint that refuses connections at once; records the repos looked up."""
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    looked_up: list[str] = []
+    real_model_info = huggingface_hub.HfApi.model_info
+
+    def model_info(self: huggingface_hub.HfApi, repo_id: str, **kwargs: object) -> object:
+        looked_up.append(repo_id)
+        return real_model_info(self, repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    return looked_up
+
+
+def test_hub_id_without_network_fails_at_once_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable_hub: list[str]
+) -> None:
     monkeypatch.chdir(tmp_path)
-    requested: list[tuple[str, str]] = []
-
-    def offline(source: str, subfolder: str, **_kwargs: object) -> None:
-        requested.append((source, subfolder))
-        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
-
-    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", offline)
-    monkeypatch.setattr(CLIPTextModel, "from_pretrained", offline)
     with pytest.raises(UserError) as error:
-        load_models("someone/tiny-sd15")
+        load_models("someone/not-cached-model")
     message = str(error.value)
-    assert "'someone/tiny-sd15' could not be found locally" in message
-    assert "nor downloaded from the Hugging Face hub (We couldn't connect" in message
+    assert "\n" not in message
+    assert "'someone/not-cached-model' is not a folder here" in message
+    assert "nor in the local Hugging Face cache" in message
+    assert "the Hugging Face hub (http://127.0.0.1:9) cannot be reached (ConnectError" in message
     assert "tiny-sd15, tiny-sd21" in message
-    assert requested and requested[0][0] == "someone/tiny-sd15"
+    assert unreachable_hub == ["someone/not-cached-model"]  # one request, no retries
+
+
+def test_hub_id_with_hf_hub_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"local Hugging Face cache .*, and HF_HUB_OFFLINE is set"):
+        load_models("someone/not-cached-model")
+
+
+def test_hub_id_found_in_the_local_cache_needs_no_network(
+    tiny: dict[str, ModelBundle], monkeypatch: pytest.MonkeyPatch, unreachable_hub: list[str]
+) -> None:
+    sources: list[tuple[str, bool]] = []
+
+    def cached(source: str, local_files_only: bool) -> ModelBundle:
+        sources.append((source, local_files_only))
+        return tiny["tiny-sd15"]
+
+    monkeypatch.setattr(loading, "_load_components", cached)
+    assert load_models("someone/cached-model") is tiny["tiny-sd15"]
+    assert sources == [("someone/cached-model", True)] and unreachable_hub == []
+
+
+def test_hub_answering_that_the_repo_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+
+    def missing(self: huggingface_hub.HfApi, repo_id: str, **kwargs: object) -> None:
+        request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+        response = httpx2.Response(404, request=request)
+        raise HfHubHTTPError("404 Client Error: Repository Not Found", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", missing)
+    with pytest.raises(UserError, match="the Hugging Face hub says: 404 Client Error"):
+        load_models("someone/no-such-model")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from models import load_models
+from models.text_keys import standard_text_encoder_state_dict
 from tests.e2e import ADAMW, REPO, checkpoints, run, trained_weights, write_config
 
 pytestmark = pytest.mark.multiprocess
@@ -28,7 +29,8 @@ def relative_difference(a: dict, b: dict) -> float:
     """|a - b| over |a - initial weights|: how far apart two runs are, next to how far they went."""
     start = load_models("tiny-sd15")
     w0 = {f"unet.{k}": v for k, v in start.unet.state_dict().items()}
-    w0 |= {f"text_encoder.{k}": v for k, v in start.text_encoder.state_dict().items()}
+    text = standard_text_encoder_state_dict(start.text_encoder)
+    w0 |= {f"text_encoder.{k}": v for k, v in text.items()}
     difference = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
     change = sum((a[k] - w0[k]).norm() ** 2 for k in a) ** 0.5
     return float(difference / change)

@@ -13,6 +13,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from models.text_keys import standard_text_encoder_state_dict
 from tests.e2e import (
     ADAMW,
     REPO,
@@ -71,7 +72,7 @@ def test_training_changes_weights_but_not_frozen_layers(tmp_path):
 
     before = load_models("tiny-sd21")
     after = load_file(last / "text_encoder" / "model.safetensors")
-    original = before.text_encoder.state_dict()
+    original = standard_text_encoder_state_dict(before.text_encoder)  # the keys checkpoints have
     for key, value in after.items():
         layer = key.split("layers.")[1].split(".")[0] if "layers." in key else None
         frozen = "embeddings" in key or (layer is not None and int(layer) < 17)
@@ -88,7 +89,7 @@ def test_disable_textenc_training_leaves_text_encoder_unchanged(tmp_path):
     (last,) = checkpoints(tmp_path, "last-")
     from models import load_models
 
-    before = load_models("tiny-sd15").text_encoder.state_dict()
+    before = standard_text_encoder_state_dict(load_models("tiny-sd15").text_encoder)
     after = load_file(last / "text_encoder" / "model.safetensors")
     assert all(torch.equal(after[k], before[k]) for k in after)
     state = json.loads((last / "training_state" / "state.json").read_text())
@@ -202,7 +203,8 @@ def test_periodic_checkpoints_follow_the_keys(tmp_path):
 def test_save_ckpt_dir_and_unwritable_target(tmp_path):
     config = write_config(tmp_path, ADAMW, max_epochs=1, save_ckpt_dir=str(tmp_path / "ckpts"))
     assert run(config) == 0
-    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["last-myproj-ep01-gs00007"]
+    names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
+    assert names == ["last-myproj-ep01-gs00007", "last-myproj-ep01-gs00007.safetensors"]
     (tmp_path / "afile").write_text("x")
     config = write_config(tmp_path / "b", ADAMW, max_epochs=1,
                           save_ckpt_dir=str(tmp_path / "afile" / "ckpts"))  # fmt: skip
@@ -278,7 +280,8 @@ def test_cache_latents_skips_the_vae_and_trains_alike(tmp_path, monkeypatch):
 
     start = load_models("tiny-sd15")
     w0 = {f"unet.{k}": v for k, v in start.unet.state_dict().items()}
-    w0 |= {f"text_encoder.{k}": v for k, v in start.text_encoder.state_dict().items()}
+    text = standard_text_encoder_state_dict(start.text_encoder)
+    w0 |= {f"text_encoder.{k}": v for k, v in text.items()}
     wa, wb = trained_weights(a), trained_weights(b)
     difference = sum((wa[k] - wb[k]).norm() ** 2 for k in wa) ** 0.5
     change = sum((wa[k] - w0[k]).norm() ** 2 for k in wa) ** 0.5

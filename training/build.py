@@ -16,6 +16,7 @@ from config.train_config import TrainConfig
 from data import DataSettings, load_dataset
 from models import builtin_text_encoder_layers, classify_resume_ckpt, load_models
 from models.loading import SourceKind
+from models.single_file_load import single_file_text_encoder_layers
 from optimizer.build import (
     apply_text_encoder_freezing,
     build_model_training,
@@ -27,6 +28,7 @@ from plugins.loading import load_plugins
 from plugins.runner import PluginTransforms
 from training.checkpoint import restore_full_precision_weights
 from training.distributed import make_accelerator, training_device
+from training.find_last import resolve_findlast
 from training.names import check_output_names
 from training.run import Run
 from training.samples import SampleSettings, load_sample_settings
@@ -60,6 +62,8 @@ def expected_text_encoder_layers(resume_ckpt: str) -> int | None:
             return int(json.loads(config_file.read_text())["num_hidden_layers"])
         except (OSError, ValueError, KeyError):
             return None  # from_pretrained will say what is wrong with the folder
+    if kind is SourceKind.SINGLE_FILE:
+        return single_file_text_encoder_layers(Path(resume_ckpt).expanduser())
     return None
 
 
@@ -149,6 +153,7 @@ def build_run(
     world_size: int = 1,
 ) -> Run:
     """Validate what needs the model's shape, scan the data, load models, build optimizers."""
+    train = resolve_findlast(train)
     c = train.config
     assert c.resume_ckpt is not None
     plugins = load_plugins(c.plugins, train.folder)
@@ -166,7 +171,7 @@ def build_run(
     )  # epochs of a rated dataset differ in length
     check_output_names(c.project_name, checkpoint_dir_of(c), c.max_epochs, total_steps)
 
-    models = load_models(c.resume_ckpt)
+    models = load_models(c.resume_ckpt, c.prediction_type)
     if resume_state is not None:
         restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
     models.vae.requires_grad_(False)

@@ -29,6 +29,8 @@ from safetensors import SafetensorError
 
 from config.errors import UserError
 from models import ModelBundle
+from models.single_file import write_single_file
+from models.text_keys import standardize_text_encoder_file
 from training.atomic import atomic_folder, write_error
 from training.state import (
     STATE_DIR,
@@ -57,8 +59,12 @@ def save_checkpoint(
     full_precision: bool,
     trained: tuple[str, ...] = TRAINABLE,
     note: dict[str, Any] | None = None,
+    single_file: bool = False,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically; returns ``path``.
+
+    With ``single_file``, ``<path>.safetensors`` (LDM layout, see `models.single_file`) is
+    written beside the folder once the folder is in place.
 
     The pipeline weights are fp16 unless ``full_precision`` (then fp32). The models in ``bundle``
     are left as they are (dtype, device, values): fp16 weights are written from CPU copies.
@@ -85,6 +91,8 @@ def save_checkpoint(
                 _write_training_state(temp / STATE_DIR, bundle, state, full_precision, trained)
     except SafetensorError as error:
         raise write_error(path, error, WHAT) from error
+    if single_file:
+        write_single_file(path.with_name(f"{path.name}.safetensors"), bundle, full_precision)
     logger.info(
         "checkpoint written to %s in %.1f s (%s weights%s)",
         path, time.monotonic() - started, "fp32" if full_precision else "fp16",
@@ -128,6 +136,7 @@ def _write_pipeline(folder: Path, bundle: ModelBundle, full_precision: bool) -> 
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
+    standardize_text_encoder_file(pipeline.text_encoder, folder / "text_encoder")
     if dtype != torch.float32:
         _default_load_dtype_float32(folder / "text_encoder" / "config.json")
 

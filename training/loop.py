@@ -363,7 +363,7 @@ class Trainer:
                     "global_step": position.global_step}  # fmt: skip
             save_checkpoint(
                 path, self.models.bundle, state, self.config.save_full_precision,
-                self.trained_names(), note,
+                self.trained_names(), note, single_file=not self.config.no_save_ckpt,
             )  # fmt: skip
             self.last_checkpoint = path
             self._call("on_checkpoint", path, kind)

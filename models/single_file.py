@@ -1,0 +1,233 @@
+"""Single-file checkpoints (``.safetensors``, ``.ckpt``) in the original Stable Diffusion layout.
+
+Writing: `write_single_file` puts every weight of a `ModelBundle` into one ``.safetensors`` in
+the LDM key layout (`models.ldm_layout`), fp16 unless full precision, plus for v-prediction
+models a ``.yaml`` of the same name (`models.ldm_config`) so that UIs use v-parameterization.
+Both are written atomically: into hidden temporary files in the same folder, flushed to disk,
+then renamed over the targets, so a crash never leaves a file that looks whole, and an older file
+of the same name stays until the new one is complete.
+
+Reading: `read_single_file` gives the tensors of a file. ``.ckpt`` files are read with
+``torch.load(weights_only=True)``: tensors and plain containers only; a file that needs code to
+unpickle is refused (no code from a checkpoint ever runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import secrets
+import stat
+import time
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from config.errors import UserError
+from models.bundle import ModelBundle
+from models.ldm_config import V_PREDICTION, original_config_yaml
+from models.ldm_layout import ldm_state_dict
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS = ".safetensors"
+CKPT = ".ckpt"
+SINGLE_FILE_SUFFIXES = (SAFETENSORS, CKPT)
+YAML = ".yaml"
+_PARTIAL = "partial"
+# Where torch.load(weights_only=True) puts the reason in its long message.
+_UNPICKLER_REASON = "WeightsUnpickler error:"
+
+
+def yaml_beside(path: Path) -> Path:
+    """The ``.yaml`` that UIs read beside a single file: same name, ``.yaml`` suffix."""
+    return Path(path).with_suffix(YAML)
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def write_single_file(path: Path, bundle: ModelBundle, full_precision: bool) -> Path:
+    """Write the bundle's UNet, VAE and text encoder to ``path`` as one LDM-layout safetensors.
+
+    fp16 unless ``full_precision``. For a v-prediction model ``<path stem>.yaml`` is written too
+    (a stale one of another model is removed otherwise). The models are left as they are. At
+    most one converted copy of the weights is held at a time (none for fp32 models on the CPU
+    written in fp32). An OS error (unwritable folder, full disk) is a `UserError` naming the
+    file; the temporary files are removed and an older file at ``path`` stays intact.
+    """
+    path = Path(path)
+    assert path.suffix == SAFETENSORS, f"{path}: a single file must end in {SAFETENSORS}"
+    started = time.monotonic()
+    dtype = torch.float32 if full_precision else torch.float16
+    yaml_file = yaml_beside(path)
+    temps: list[Path] = []
+    try:
+        _remove_leftovers(path)
+        _remove_leftovers(yaml_file)
+        if bundle.prediction_type == V_PREDICTION:
+            temps.append(_temp_beside(yaml_file))
+            temps[-1].write_text(original_config_yaml(bundle), encoding="utf-8")
+        temps.append(_temp_beside(path))
+        tensors = ldm_state_dict(
+            bundle.unet, bundle.vae, bundle.text_encoder, lambda t: _for_file(t, dtype)
+        )
+        temps[-1].touch()  # the mode a new file gets here (umask); safetensors would use 0600
+        mode = stat.S_IMODE(temps[-1].stat().st_mode)
+        safetensors.torch.save_file(tensors, str(temps[-1]), metadata={"format": "pt"})
+        del tensors
+        os.chmod(temps[-1], mode)
+        for temp in temps:
+            _fsync(temp)
+        for temp in temps:  # the .yaml first: a new model file never sits beside no .yaml
+            os.replace(temp, _target_of(temp, path, yaml_file))
+        if bundle.prediction_type != V_PREDICTION and yaml_file.exists():
+            logger.info("removing %s: the model at %s predicts epsilon", yaml_file, path)
+            yaml_file.unlink()
+        _fsync(path.parent)
+    except (OSError, SafetensorError) as error:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise _write_error(path, error) from error
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
+    logger.info(
+        "single file written to %s in %.1f s (%s)",
+        path, time.monotonic() - started, "fp32" if full_precision else "fp16",
+    )  # fmt: skip
+    return path
+
+
+def _for_file(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor in ``dtype`` (floating point only); the tensor itself when it already is."""
+    target = dtype if tensor.is_floating_point() else tensor.dtype
+    return tensor.detach().to("cpu", target).contiguous()
+
+
+def _temp_beside(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{_PARTIAL}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _target_of(temp: Path, path: Path, yaml_file: Path) -> Path:
+    return yaml_file if temp.name.startswith(f".{yaml_file.name}.") else path
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete temporary files a killed write of ``target`` left (not those of live processes)."""
+    if not target.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.{_PARTIAL}-(\d+)-[0-9a-f]+")
+    for sibling in target.parent.iterdir():
+        match = pattern.fullmatch(sibling.name)
+        if match is not None and not _process_alive(int(match.group(1))):
+            logger.warning("removing %s, left by an interrupted write", sibling)
+            sibling.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes one file at a time: anything of ours is left over
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_error(path: Path, error: BaseException) -> UserError:
+    if isinstance(error, OSError) and error.strerror is not None:
+        reason = error.strerror + (f" ({error.filename})" if error.filename is not None else "")
+    else:
+        reason = str(error)
+    return UserError(
+        f"cannot write the single file {path}: {reason}. Check that the folder is writable and "
+        f"the disk has room, or set no_save_ckpt to skip single files; an earlier file there is "
+        f"unchanged"
+    )
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def is_single_file(path: Path) -> bool:
+    """Whether ``path`` names a single-file checkpoint by its suffix (any case)."""
+    return Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
+
+
+def read_single_file(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` or ``.ckpt`` file, on the CPU.
+
+    A ``.ckpt`` may wrap its weights in ``state_dict`` (Lightning checkpoints, several levels
+    deep); other entries that are not tensors (epoch, global_step) are dropped.
+    """
+    path = Path(path)
+    if path.suffix.lower() == SAFETENSORS:
+        try:
+            return safetensors.torch.load_file(str(path), device="cpu")
+        except (OSError, SafetensorError) as error:
+            raise UserError(
+                f"resume_ckpt: {path} cannot be read as safetensors: {error}"
+            ) from error
+    return _read_ckpt(path)
+
+
+def _read_ckpt(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        needed = _globals_needed(path)
+        if needed:
+            raise _needs_code(path, needed) from error
+        raise UserError(
+            f"resume_ckpt: {path} cannot be read as a .ckpt: {_reason(error)}"
+        ) from error
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise UserError(f"resume_ckpt: {path} cannot be read as a .ckpt: {error}") from error
+    while isinstance(content, dict) and isinstance(content.get("state_dict"), dict):
+        content = content["state_dict"]
+    if not isinstance(content, dict):
+        raise UserError(
+            f"resume_ckpt: {path} holds a {type(content).__name__}, not a dictionary of weights"
+        )
+    return {k: v for k, v in content.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def _globals_needed(path: Path) -> list[str]:
+    """The Python objects (module.name) a .ckpt's pickle names beyond what is safe to load."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        return []
+
+
+def _reason(error: BaseException) -> str:
+    """The reason of a weights-only unpickling error, without torch's advice to unpickle code."""
+    text = str(error)
+    if _UNPICKLER_REASON in text:
+        text = text.split(_UNPICKLER_REASON, 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _needs_code(path: Path, needed: list[str]) -> UserError:
+    return UserError(
+        f"resume_ckpt: {path} holds pickled Python objects ({', '.join(needed)}) that need code "
+        f"to load; this trainer never runs code from a checkpoint. Convert it to .safetensors "
+        f"(only if you trust where it came from) and set resume_ckpt to the .safetensors file"
+    )

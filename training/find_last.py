@@ -1,0 +1,82 @@
+"""``resume_ckpt: "findlast"``: continue from the newest checkpoint of this project (EveryDream2).
+
+Checkpoint folders are named ``[last-|interrupted-|diverged-|crashed-]<project_name>-epNN-gsNNNNN``
+and hold ``model_index.json``. They are looked for in every run folder under ``logdir`` (run
+folders are ``<project_name>_<timestamp>[_<run_name>]``, but any folder there is searched) and
+directly in ``save_ckpt_dir`` when it is set. The newest is the one whose ``model_index.json`` was
+written last (its modification time, as EveryDream2 decides); equal times go to the higher
+global step. A newest checkpoint that is ``diverged-`` is refused (it holds the weights from
+before the run diverged; name it explicitly to continue from it anyway), like EveryDream2 refuses
+an errored one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+from config.errors import UserError
+from config.load import LoadedTrainConfig
+
+logger = logging.getLogger(__name__)
+
+FINDLAST = "findlast"
+PIPELINE_MARKER = "model_index.json"
+_KINDS = ("last", "interrupted", "diverged", "crashed")
+
+
+def _pattern(project_name: str) -> re.Pattern[str]:
+    kinds = "|".join(_KINDS)
+    return re.compile(rf"(?:(?:{kinds})-)?{re.escape(project_name)}-ep(\d+)-gs(\d+)")
+
+
+def _candidates(folder: Path, pattern: re.Pattern[str]) -> list[tuple[float, int, Path]]:
+    """(mtime, global step, path) of the checkpoints directly in ``folder``."""
+    found = []
+    if not folder.is_dir():
+        return found
+    for child in folder.iterdir():
+        match = pattern.fullmatch(child.name)
+        marker = child / PIPELINE_MARKER
+        if match is not None and child.is_dir() and marker.is_file():
+            found.append((marker.stat().st_mtime, int(match.group(2)), child))
+    return found
+
+
+def find_last_checkpoint(project_name: str, logdir: Path, save_ckpt_dir: Path | None) -> Path:
+    """The newest checkpoint of ``project_name`` (see the module docstring); `UserError` if none."""
+    pattern = _pattern(project_name)
+    found = []
+    if logdir.is_dir():
+        for run_folder in sorted(logdir.iterdir()):
+            found += _candidates(run_folder, pattern)
+    if save_ckpt_dir is not None:
+        found += _candidates(save_ckpt_dir, pattern)
+    where = f"{logdir}/*/" + ("" if save_ckpt_dir is None else f" or {save_ckpt_dir}/")
+    if not found:
+        raise UserError(
+            f"resume_ckpt: findlast found no checkpoint of project '{project_name}' (folders "
+            f"named [last-]{project_name}-epNN-gsNNNNN with {PIPELINE_MARKER}) in {where}; "
+            f"check project_name, logdir and save_ckpt_dir, or name a model to start from"
+        )
+    _mtime, _step, newest = max(found, key=lambda item: (item[0], item[1]))
+    if newest.name.startswith("diverged-"):
+        raise UserError(
+            f"resume_ckpt: findlast: the newest checkpoint of '{project_name}' is {newest}, saved "
+            f"when training diverged; set resume_ckpt to it explicitly to continue from it"
+        )
+    return newest
+
+
+def resolve_findlast(train: LoadedTrainConfig) -> LoadedTrainConfig:
+    """``train`` with ``resume_ckpt: findlast`` replaced by the checkpoint found (logged)."""
+    c = train.config
+    if c.resume_ckpt != FINDLAST:
+        return train
+    save_ckpt_dir = None if c.save_ckpt_dir is None else Path(c.save_ckpt_dir).expanduser()
+    found = find_last_checkpoint(c.project_name, Path(c.logdir).expanduser(), save_ckpt_dir)
+    logger.info("resume_ckpt findlast: resuming from %s", found)
+    config = dataclasses.replace(c, resume_ckpt=str(found))
+    return dataclasses.replace(train, config=config)
