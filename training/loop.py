@@ -13,7 +13,6 @@ a crash or a divergence mid-window is an exact resume point.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -24,17 +23,11 @@ from typing import Any
 import torch
 
 from data import Batch
-from training.checkpoint import (
-    TRAINABLE,
-    checkpoint_note,
-    frozen_weights_reference,
-    save_checkpoint,
-)
+from training.checkpointing import Checkpointer, Counters, ResumePoint
 from training.components.base import Component, OptimizerStep
 from training.distributed import any_process
 from training.environment import Environment
 from training.interrupt import StopRequest
-from training.names import checkpoint_name, free_path
 from training.precision import make_grad_scaler, tweak_grad_scaler
 from training.run import Run
 from training.state import TrainingState
@@ -43,7 +36,6 @@ from training.step import StepModels, batch_loss
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_NONFINITE = 10
-UNSET: Any = object()
 
 
 class TrainingDivergedError(RuntimeError):
@@ -52,25 +44,6 @@ class TrainingDivergedError(RuntimeError):
 
 class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by a component to end the run at once, without a checkpoint (benchmarks)."""
-
-
-@dataclass
-class Counters:
-    """Where the run is (the next batch) and what it has done; saved in checkpoints."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    global_step: int = 0
-    nonfinite_losses: int = 0
-    images_seen: int = 0
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """The counters and RNG states at the start of an accumulation window."""
-
-    counters: Counters
-    rng: dict[str, Any]
 
 
 @dataclass
@@ -100,12 +73,12 @@ class Trainer:
         self.generator = torch.Generator(device=env.device).manual_seed(run.seed)
         self.last_captions: list[str] = []
         self.last_checkpoint: Path | None = None
+        self.checkpoints = Checkpointer(self)
         self._window = _Window()
         self._consecutive_nonfinite = 0
         self._steps_this_session = 0
         self._stepping = False
-        self._resume_point = self._current_point()
-        self._frozen_reference: Any = UNSET
+        self._resume_point = self.checkpoints.point()
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -123,7 +96,8 @@ class Trainer:
             self.save("diverged", with_state=True, point=self._resume_point)
             raise
         except Exception:
-            self._save_after_crash()
+            if self._steps_this_session > 0:
+                self.checkpoints.save_after_crash(self._resume_point, self._stepping)
             raise
         finally:
             for component in self.components:
@@ -235,7 +209,7 @@ class Trainer:
         self._steps_this_session += 1
         if self.run.optim.apply_grad_scaler_step_tweaks:
             tweak_grad_scaler(self.scaler, self.counters.global_step)
-        self._resume_point = self._current_point()
+        self._resume_point = self.checkpoints.point()
         loss = sum(window.losses) / len(window.losses) if window.losses else None
         lrs = {t.model_name: t.scheduler.get_last_lr()[0] for t in self.trainings}
         return OptimizerStep(
@@ -255,142 +229,15 @@ class Trainer:
         for component in self.components:
             getattr(component, hook)(self, *args)
 
-    # --- state ------------------------------------------------------------------------------
-
-    def _current_point(self) -> ResumePoint:
-        rng = {
-            "generator": self.generator.get_state(),
-            "torch_cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        return ResumePoint(copy.copy(self.counters), rng)
-
-    def training_state(self, point: ResumePoint | None = None) -> TrainingState:
-        """Everything needed to continue exactly from ``point`` (default: here)."""
-        point = self._current_point() if point is None else point
-        c = point.counters
-        components = {
-            component.name: state
-            for component in self.components
-            if component.name and (state := component.state_dict()) is not None
-        }
-        return TrainingState(
-            epoch=c.epoch,
-            batch_in_epoch=c.batch_in_epoch,
-            global_step=c.global_step,
-            seed=self.run.seed,
-            optimizers={t.model_name: t.optimizer.state_dict() for t in self.trainings},
-            schedulers={t.model_name: t.scheduler.state_dict() for t in self.trainings},
-            grad_scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            rng=point.rng,
-            fingerprint=self.run.fingerprint(),
-            counters={
-                "nonfinite_losses": c.nonfinite_losses,
-                "images_seen": c.images_seen,
-                "grad_accum": self.grad_accum,
-                "data_fingerprint": self.run.dataset.fingerprint(),
-            },
-            components=components,
-            frozen_weights=self._frozen_weights(),
-        )
-
-    def restore(self, state: TrainingState) -> None:
-        """Continue from a checkpoint's training state (weights are restored by the caller)."""
-        for training in self.trainings:
-            training.optimizer.load_state_dict(state.optimizers[training.model_name])
-            training.scheduler.load_state_dict(state.schedulers[training.model_name])
-        if state.grad_scaler is not None and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state.grad_scaler)
-        self.generator.set_state(state.rng["generator"])
-        torch.set_rng_state(state.rng["torch_cpu"])
-        if state.rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state.rng["cuda"])
-        saved = state.counters
-        self.counters = Counters(
-            state.epoch, state.batch_in_epoch, state.global_step,
-            int(saved.get("nonfinite_losses", 0)), int(saved.get("images_seen", 0)),
-        )  # fmt: skip
-        self.grad_accum = int(saved.get("grad_accum", self.grad_accum))
-        for component in self.components:
-            if component.name and component.name in state.components:
-                component.load_state_dict(state.components[component.name])
-        self._resume_point = self._current_point()
-        if saved.get("data_fingerprint") != self.run.dataset.fingerprint():
-            logger.warning(
-                "the training data or its settings changed since the checkpoint was saved: "
-                "the run continues, but not with the batches it would have had"
-            )
-        logger.info(
-            "resuming at epoch %d, batch %d, optimizer step %d",
-            state.epoch + 1, state.batch_in_epoch, state.global_step,
-        )  # fmt: skip
-
-    def _frozen_weights(self) -> dict[str, Any] | None:
-        """Where the exact weights of frozen, fp16-rounded models are (computed once)."""
-        if self._frozen_reference is UNSET:
-            self._frozen_reference = None
-            if not self.config.save_full_precision:
-                self._frozen_reference = frozen_weights_reference(
-                    self.models.bundle, self.trained_names(), self.run.base_model
-                )
-        return self._frozen_reference
-
-    def trained_names(self) -> tuple[str, ...]:
-        return tuple(t.model_name for t in self.trainings if t.model_name in TRAINABLE)
-
-    # --- checkpoints ------------------------------------------------------------------------
+    # --- checkpoints (see training.checkpointing) ------------------------------------------
 
     def save(
         self, kind: str, with_state: bool, point: ResumePoint | None = None, sync: bool = True
     ) -> Path | None:
-        """Save a checkpoint (main process) at ``point`` (default: here); every process waits.
+        """Save a checkpoint of ``kind`` (main process); see `Checkpointer.save`."""
+        return self.checkpoints.save(kind, with_state, point, sync)
 
-        ``kind``: one of `training.names.KINDS`; it prefixes the name. A name taken by another
-        run's checkpoint gets a number. Returns the path (None in other processes).
-        """
-        if sync:
-            self.env.barrier()
-        path = None
-        if self.env.is_main_process:
-            position = (point or self._current_point()).counters
-            name = checkpoint_name(
-                self.config.project_name, kind, position.epoch, position.global_step,
-                self.config.no_prepend_last,
-            )  # fmt: skip
-            path = free_path(self.env.checkpoint_dir, name, self._is_ours)
-            state = self.training_state(point) if with_state else None
-            note = {"run": self.env.run_id, "kind": kind, "epoch": position.epoch,
-                    "global_step": position.global_step}  # fmt: skip
-            save_checkpoint(
-                path, self.models.bundle, state, self.config.save_full_precision,
-                self.trained_names(), note, single_file=not self.config.no_save_ckpt,
-            )  # fmt: skip
-            self.last_checkpoint = path
-            self._call("on_checkpoint", path, kind)
-        if sync:
-            self.env.barrier()
-        return path
-
-    def _is_ours(self, path: Path) -> bool:
-        note = checkpoint_note(path)
-        return note is not None and note.get("run") == self.env.run_id
-
-    def _save_after_crash(self) -> None:
-        """A resumable ``crashed-`` checkpoint after an unexpected error, when it makes sense."""
-        if self._steps_this_session == 0 or not self.env.is_main_process:
-            return
-        finite = all(torch.isfinite(p).all() for t in self.trainings for p in t.parameters)
-        if not finite:
-            logger.error("the weights are not finite: no crashed- checkpoint is written")
-            return
-        stepping = self._stepping  # a crash inside an optimizer step: no exact resume point
-        try:
-            path = self.save("crashed", with_state=not stepping, point=self._resume_point,
-                             sync=False)  # fmt: skip
-        except Exception as error:
-            logger.error("could not write a crashed- checkpoint: %s", error)
-            return
-        logger.error(
-            "training crashed; %s checkpoint saved: %s",
-            "a" if stepping else "a resumable", path,
-        )  # fmt: skip
+    def restore(self, state: TrainingState) -> None:
+        """Continue from a checkpoint's training state (weights are restored by the caller)."""
+        self.checkpoints.restore(state)
+        self._resume_point = self.checkpoints.point()
