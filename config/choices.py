@@ -9,6 +9,8 @@ from __future__ import annotations
 LOSS_TYPES = ("mse", "huber", "mse_huber", "huber_mse")
 # EveryDream2's "xformers" is read as "sdp" (with a warning): PyTorch's SDPA does its job.
 ATTENTION_TYPES = ("sdp", "slice", "xformers")
+# Autocast choices: "auto" picks bf16/fp16/none for the device; "no" is fp32.
+MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 # What a Stable Diffusion 1.x/2.x UNet predicts, as diffusers names it.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # EveryDream2's training noise schedulers; the training math is the same for all three.

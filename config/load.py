@@ -125,6 +125,11 @@ def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
             f"{loaded.where('timestep_start')}: must be below timestep_end "
             f"({c.timestep_start} >= {c.timestep_end})"
         )
+    if c.disable_amp and c.mixed_precision not in ("auto", "no"):
+        problems.append(
+            f"{loaded.where('disable_amp')}: true contradicts mixed_precision "
+            f"'{c.mixed_precision}'; give only one of them"
+        )
     if c.disable_unet_training and c.disable_textenc_training:
         problems.append(
             f"{loaded.where('disable_unet_training')}: "

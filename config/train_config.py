@@ -21,6 +21,7 @@ from config.choices import (
     GROUPS,
     LOSS_TYPES,
     LR_SCHEDULERS,
+    MIXED_PRECISIONS,
     PREDICTION_TYPES,
     TRAIN_SAMPLERS,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "GROUPS",
     "LOSS_TYPES",
     "LR_SCHEDULERS",
+    "MIXED_PRECISIONS",
     "PREDICTION_TYPES",
     "TRAIN_SAMPLERS",
     "TrainConfig",
@@ -198,8 +200,15 @@ class TrainConfig:
     gradient_checkpointing: bool = setting(
         False, "Recompute activations to save memory.", group="model"
     )
+    mixed_precision: str = setting(
+        "auto",
+        "Autocast dtype: auto (bf16 on GPUs with native bf16, fp16 with a grad scaler on older "
+        "GPUs, none on the CPU), bf16, fp16 (with a grad scaler) or no (fp32); on the CPU too.",
+        choices=MIXED_PRECISIONS,
+        group="model",
+    )
     disable_amp: bool = setting(
-        False, "Train in full fp32 instead of mixed precision.", group="model"
+        False, "Train in full fp32 (the same as mixed_precision: no).", group="model"
     )
     disable_textenc_training: bool = setting(False, "Do not train the text encoder.", group="model")
     disable_unet_training: bool = setting(False, "Do not train the UNet.", group="model")
@@ -366,7 +375,7 @@ class TrainConfig:
 
     # --- EveryDream2 keys that do nothing here ----------------------------------------------
     amp: bool = _deprecated(
-        True, "EveryDream2's AMP switch.", "mixed precision is on unless disable_amp is true"
+        True, "EveryDream2's AMP switch.", "mixed_precision (or disable_amp) decides"
     )
     disable_xformers: bool = _deprecated(
         False,

@@ -17,6 +17,10 @@ INITIAL_GROWTH_INTERVAL = 25
 # ...and, with apply_grad_scaler_step_tweaks, grows ever more slowly as the run settles:
 # at optimizer step -> (growth factor, growth interval); the backoff factor is 1/growth.
 SCALER_TWEAKS = {500: (1.8, 100), 1000: (1.6, 200), 2000: (1.3, 500), 4000: (1.15, 2000)}
+# GPUs compute in bf16 natively from compute capability 8.0 (Ampere); older ones (T4, V100,
+# RTX 20xx) only emulate it, slowly, though torch.cuda.is_bf16_supported() may say True.
+NATIVE_BF16_CAPABILITY = (8, 0)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,27 @@ class Precision:
         return "fp32" if self.dtype is None else f"{self.dtype} autocast".replace("torch.", "")
 
 
-def choose_precision(device: torch.device, disable_amp: bool) -> Precision:
-    """bf16 autocast on CUDA GPUs that support it, fp16 (with a grad scaler) on older ones,
-    fp32 with disable_amp or on the CPU (CPU autocast is slower than fp32 on most CPUs)."""
-    if device.type != "cuda" or disable_amp:
-        return Precision(device.type, None)
-    if torch.cuda.is_bf16_supported():
-        return Precision("cuda", torch.bfloat16)
-    return Precision("cuda", torch.float16)
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes in bf16 natively (not by emulation)."""
+    return torch.cuda.get_device_capability(device) >= NATIVE_BF16_CAPABILITY
+
+
+def choose_precision(device: torch.device, mixed_precision: str, disable_amp: bool) -> Precision:
+    """The autocast of ``mixed_precision`` on ``device``.
+
+    "auto": bf16 on CUDA GPUs with native bf16, fp16 (with the grad scaler) on older GPUs, fp32
+    on the CPU (CPU autocast is slower than fp32 on most CPUs). "bf16"/"fp16" are used as asked,
+    on the CPU too; "no" or ``disable_amp`` is fp32.
+    """
+    if disable_amp:
+        mixed_precision = "no"
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return Precision(device.type, None)
+        mixed_precision = "bf16" if native_bf16(device) else "fp16"
+    if mixed_precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        logger.warning("mixed_precision bf16: this GPU only emulates bf16 (slow); fp16 is faster")
+    return Precision(device.type, DTYPES[mixed_precision])
 
 
 def make_grad_scaler(precision: Precision) -> torch.amp.GradScaler:

@@ -134,7 +134,7 @@ def run_training(
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    precision = choose_precision(run.device, c.disable_amp)
+    precision = choose_precision(run.device, c.mixed_precision, c.disable_amp)
     models = prepare_models(run, accelerator)
     folder = create_run_folder(c.logdir, c.project_name, c.run_name) if main else None
     with ExitStack() as stack:

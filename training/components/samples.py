@@ -64,6 +64,7 @@ class Samples(Component):
                 captions=trainer.last_captions,
                 show_progress_bars=self.settings.show_progress_bars,
                 noise_scheduler_config=trainer.models.noise_scheduler.config,
+                autocast=env.precision.autocast,
             )  # fmt: skip
         env.barrier()
         return paths

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,6 +161,7 @@ def generate_samples(
     captions: Sequence[str] = (),
     show_progress_bars: bool = False,
     noise_scheduler_config: Mapping[str, Any] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> list[Path]:
     """Make one image per request with the model being trained; return the PNG paths.
 
@@ -168,6 +169,9 @@ def generate_samples(
     prompt on the first line, then the settings used) and, with a ``writer``, the TensorBoard
     image ``samples/{index}`` at ``step``. The bundle's modules must already be on ``device``.
     ``captions`` are the training captions that ``random_caption`` samples draw from.
+
+    ``autocast`` makes the context the models run in (the run's mixed precision); None: bf16
+    or fp16 autocast on CUDA, none elsewhere.
 
     ``noise_scheduler_config`` is the config of the noise scheduler that trained (None: the
     bundle's own, as loaded). The sampling scheduler is built from it; a zero-terminal-SNR
@@ -197,7 +201,7 @@ def generate_samples(
         _sampling_mode(modules),
         torch.random.fork_rng(devices=_forked_devices(device)),
         torch.no_grad(),
-        _autocast(device),
+        _autocast(device) if autocast is None else autocast(),
     ):
         for index, request in enumerate(requests):
             path = out_dir / f"step-{step:06d}-{index:02d}.png"
