@@ -1,4 +1,4 @@
-"""Mixed precision (issue 8): the choice per device and key, and every path end to end on the CPU."""
+"""Mixed precision (issue 8): the choice per device and key; every path end to end on the CPU."""
 
 from __future__ import annotations
 
@@ -17,9 +17,7 @@ CPU = torch.device("cpu")
     [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
      ((9, 0), torch.bfloat16)],
 )  # fmt: skip
-def test_auto_picks_bf16_only_where_the_gpu_computes_it_natively(
-    monkeypatch, capability, expected
-):
+def test_auto_picks_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, expected):
     """T4/V100/RTX 20xx emulate bf16 (torch's is_bf16_supported may say yes): they get fp16."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)

@@ -19,7 +19,7 @@ class Environment:
     """What the trainer and its components need to know about this process and run.
 
     ``run_folder`` and ``metrics`` exist in the main process only (None elsewhere).
-    ``run_id`` names the run (its folder's name) in every checkpoint it writes.
+    ``run_id`` (the run folder's name and a random part) is written in every checkpoint.
     """
 
     device: torch.device

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -155,7 +156,7 @@ def run_training(
             precision=precision,
             source=batch_source(run, precision),
             is_main_process=main,
-            run_id=folder.name if folder is not None else "",
+            run_id="" if folder is None else f"{folder.name}.{uuid.uuid4().hex[:12]}",
             run_folder=folder,
             checkpoint_dir=checkpoint_dir,
             metrics=metrics,
