@@ -61,3 +61,58 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
     (c,) = checkpoints(tmp_path / "resumed", "last-")
     wa, wc = trained_weights(a), trained_weights(c)
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+PATCHED_TRAIN = """
+import hashlib, sys
+sys.path.insert(0, {repo!r})
+import torch
+import torch.distributed as dist
+import training.loop as loop
+
+real_loss, calls = loop.batch_loss, {{"n": 0}}
+
+
+def batch_loss(*args, **kwargs):
+    calls["n"] += 1
+    loss = real_loss(*args, **kwargs)
+    # rank 1 only: a non-finite loss on the last batch of the second accumulation window
+    return loss * float("nan") if dist.get_rank() == 1 and calls["n"] == 4 else loss
+
+
+real_train = loop.Trainer.train
+
+
+def train(self, stop):
+    outcome = real_train(self, stop)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(self.models.bundle.unet.state_dict().items()):
+        digest.update(tensor.numpy().tobytes())
+    print(f"RANK {{dist.get_rank()}} UNET {{digest.hexdigest()}}", file=sys.stderr)
+    return outcome
+
+
+loop.batch_loss, loop.Trainer.train = batch_loss, train
+import train as entry
+sys.exit(entry.main())
+"""
+
+
+def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_path):
+    """The last batch of a window is the only one that all-reduces gradients: when it is skipped
+    in one process, every process must skip the optimizer step, or their weights drift apart."""
+    script = tmp_path / "patched_train.py"
+    script.write_text(PATCHED_TRAIN.format(repo=str(REPO)))
+    config = write_config(tmp_path, ADAMW, max_epochs=1, grad_accum=2)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), "--config", str(config),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "non-finite loss at epoch 1 batch 3" in result.stderr
+    digests = {line.split()[1]: line.split()[3] for line in result.stderr.splitlines()
+               if line.startswith("RANK ")}  # fmt: skip
+    assert set(digests) == {"0", "1"}
+    assert digests["0"] == digests["1"], "the processes' weights drifted apart"
