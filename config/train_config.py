@@ -361,6 +361,12 @@ class TrainConfig:
     no_prepend_last: bool = setting(
         False, "Do not prefix the final checkpoint's folder name with 'last-'.", group="checkpoints"
     )
+    wandb: bool = setting(
+        False,
+        "Also log scalars and sample images to Weights & Biases (project: project_name, run: "
+        "run_name); WANDB_MODE=offline works without a network.",
+        group="logging",
+    )
     plugins: list[str] | None = setting(
         None,
         "EveryDream2 plugins to load, each 'module.Class' (a subclass of "
@@ -406,7 +412,6 @@ class TrainConfig:
     )
 
     # --- EveryDream2 features this trainer does not have --------------------------------------
-    wandb: bool = setting(False, "Weights & Biases logging.", status="unsupported", note=NOT_YET)
     validation_config: str | None = setting(
         None, "Validation settings file.", status="unsupported", note=NOT_YET
     )

@@ -37,9 +37,12 @@ def log_file(folder: Path | None) -> Iterator[Path | None]:
     for other in others:
         other.addFilter(screen_filter)
     root.addHandler(handler)
+    level = root.level
+    root.setLevel(min(level, logging.INFO))  # the file keeps INFO records whatever the screen
     try:
         yield path
     finally:
+        root.setLevel(level)
         root.removeHandler(handler)
         handler.close()
         for other in others:

@@ -48,6 +48,43 @@ class TensorBoardSink:
         self.writer.close()
 
 
+class WandbSink:
+    """A Weights & Biases run (``wandb: true``): project = project_name, name = run_name.
+
+    ``WANDB_MODE=offline`` works without a network (``wandb sync`` uploads the run later);
+    online mode needs ``wandb login`` or ``WANDB_API_KEY``.
+    """
+
+    def __init__(self, folder: Path, project: str, name: str | None, config: dict[str, Any]):
+        import wandb
+
+        from config.errors import UserError
+
+        self.wandb = wandb
+        try:
+            self.run = wandb.init(
+                project=project, name=name, dir=str(folder), config=config,
+                settings=wandb.Settings(init_timeout=60, console="off"),
+            )  # fmt: skip
+        except Exception as error:
+            raise UserError(
+                f"wandb: cannot start a Weights & Biases run ({type(error).__name__}: {error}); "
+                "log in with `wandb login` or set WANDB_API_KEY, or set WANDB_MODE=offline"
+            ) from error
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.run.log({tag: value}, step=step)
+
+    def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
+        self.run.log({tag: self.wandb.Image(image, caption=caption or None)}, step=step)
+
+    def flush(self) -> None:
+        """W&B writes as it goes."""
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class Metrics:
     """Fans scalars and images out to every sink."""
 

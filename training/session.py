@@ -19,7 +19,7 @@ from training.interrupt import stop_on_signals
 from training.latent_cache import build_latent_cache
 from training.logfile import FILE_ONLY, log_file
 from training.loop import StopTraining, Trainer, TrainingDivergedError
-from training.metrics import Metrics, TensorBoardSink
+from training.metrics import Metrics, Sink, TensorBoardSink, WandbSink
 from training.noise import make_noise_scheduler
 from training.outputs import create_run_folder, write_json
 from training.precision import Precision, choose_precision
@@ -114,6 +114,15 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
         )  # fmt: skip
 
 
+def make_metrics(run: Run, folder: Path) -> Metrics:
+    """TensorBoard in the run folder, plus Weights & Biases with ``wandb: true``."""
+    c = run.train.config
+    sinks: list[Sink] = [TensorBoardSink(folder)]
+    if c.wandb:
+        sinks.append(WandbSink(folder, c.project_name, c.run_name, dry_run_report(run)))
+    return Metrics(sinks)
+
+
 def batch_source(run: Run, precision: Precision) -> BatchSource:
     """Images through the loader and the VAE in the step, or a latent cache built now."""
     if run.train.config.cache_latents:
@@ -145,7 +154,7 @@ def run_training(
             write_json(folder / "config.json", dry_run_report(run))
             logger.info("run folder: %s", folder)
             log_summary(run, precision.describe(), accelerator.num_processes)
-            metrics = Metrics([TensorBoardSink(folder)])
+            metrics = make_metrics(run, folder)
             stack.callback(metrics.close)
         checkpoint_dir = folder if folder is not None else Path(c.logdir)
         if c.save_ckpt_dir is not None:

@@ -1,0 +1,98 @@
+"""What a run shows and logs: the progress bar, TensorBoard's tags (EveryDream2's too), the log
+file, and Weights & Biases offline (issues 8, 9, 12)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from tqdm import tqdm
+
+from tests.e2e import ADAMW, run, run_folders, run_subprocess, scalars, write_config
+from training.components.progress import BAR_FORMAT, WIDTH, postfix_text, rate_text
+
+
+@pytest.mark.parametrize(
+    ("step", "total", "elapsed", "rate"),
+    [(1, 7, 0.5, 0.0123), (123_456, 999_999, 3600 * 99, 1234.5), (10**8 - 1, 10**8, 1e6, 55.5)],
+)
+def test_the_progress_bar_fits_80_columns(step, total, elapsed, rate):
+    postfix = postfix_text(epoch=99_999, max_epochs=100_000, loss=12345.678, lr=1.2345e-6,
+                           images_per_second=rate)  # fmt: skip
+    line = tqdm.format_meter(step, total, elapsed, ncols=WIDTH, bar_format=BAR_FORMAT,
+                             postfix=postfix, unit="step")  # fmt: skip
+    assert len(line) <= WIDTH, line
+    assert "0.0 img/s" not in line
+
+
+def test_images_per_second_is_never_shown_as_zero():
+    assert rate_text(0.0123) == "0.0123"
+    assert rate_text(0.000456) == "0.000456"
+    assert rate_text(7.0) == "7"
+    assert rate_text(78.94) == "78.9"
+    assert rate_text(1234.5) == "1234"
+    assert "img/s" not in postfix_text(0, 1, None, None, 0.0)  # nothing measured yet: not shown
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """One epoch logging every step, with samples, shared by the tests that read it."""
+    folder = tmp_path_factory.mktemp("logged")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    config = write_config(folder, ADAMW, max_epochs=1, log_step=1, sample_prompts=str(prompts),
+                          sample_steps=7)  # fmt: skip
+    assert run(config) == 0
+    (run_folder,) = run_folders(folder)
+    return run_folder
+
+
+@pytest.mark.parametrize(
+    "tag",
+    ["loss/log_step", "loss/epoch", "hyperparameter/lr unet", "hyperparameter/lr text encoder",
+     "performance/images per second", "performance/minutes per epoch", "loss/train", "lr/unet"],
+)  # fmt: skip
+def test_tensorboard_has_everydream2s_tags_and_ours(logged_run, tag):
+    assert scalars(logged_run, tag)
+
+
+def test_the_log_file_holds_the_run_log(logged_run):
+    text = (logged_run / "train.log").read_text()
+    assert "run folder:" in text and "checkpoint written to" in text
+
+
+def test_log_lines_never_glue_onto_the_progress_bar(tmp_path):
+    result = run_subprocess(write_config(tmp_path, ADAMW, max_epochs=1, save_every_n_epochs=1))
+    assert result.returncode == 0
+    segments = re.split(r"[\r\n]", result.stderr)
+    logged = [s for s in segments if re.search(r"\b(INFO|WARNING|ERROR) [a-z_.]+:", s)]
+    assert logged
+    assert all(re.match(r"\s*(INFO|WARNING|ERROR) ", s) for s in logged), logged
+
+
+def test_wandb_logs_the_same_scalars_and_samples_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb.sdk.wandb_run
+
+    logged: dict[str, list[int]] = {}
+    real_log = wandb.sdk.wandb_run.Run.log
+
+    def spy(self, data, step=None, **kwargs):
+        for key in data:
+            logged.setdefault(key, []).append(step)
+        return real_log(self, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    config = write_config(tmp_path, ADAMW, max_epochs=1, log_step=1, wandb=True,
+                          sample_prompts=str(prompts), sample_steps=7)  # fmt: skip
+    assert run(config) == 0
+    for tag in ("loss/train", "loss/log_step", "hyperparameter/lr unet", "loss/epoch",
+                "samples/0"):  # fmt: skip
+        assert tag in logged, sorted(logged)
+    assert logged["loss/train"] == list(range(1, 8))
+    (run_folder,) = run_folders(tmp_path)
+    (offline,) = (run_folder / "wandb").glob("offline-run-*")
+    assert list((offline / "files" / "media" / "images").rglob("*.png"))
