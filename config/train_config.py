@@ -361,6 +361,12 @@ class TrainConfig:
     no_prepend_last: bool = setting(
         False, "Do not prefix the final checkpoint's folder name with 'last-'.", group="checkpoints"
     )
+    load_settings_every_epoch: bool = setting(
+        False,
+        "Read train.json again before each epoch; the keys the loop reads as it goes change "
+        "(see the README's list).",
+        group="logging",
+    )
     wandb: bool = setting(
         False,
         "Also log scalars and sample images to Weights & Biases (project: project_name, run: "
@@ -414,9 +420,6 @@ class TrainConfig:
     # --- EveryDream2 features this trainer does not have --------------------------------------
     validation_config: str | None = setting(
         None, "Validation settings file.", status="unsupported", note=NOT_YET
-    )
-    load_settings_every_epoch: bool = setting(
-        False, "Reload train.json every epoch.", status="unsupported", note=NOT_YET
     )
     ema_decay_rate: float | None = setting(None, "EMA.", status="unsupported", note=NOT_YET)
     ema_strength_target: float | None = setting(None, "EMA.", status="unsupported", note=NOT_YET)

@@ -11,6 +11,7 @@ from training.components.base import Component, OptimizerStep
 from training.components.checkpoints import PeriodicCheckpoints
 from training.components.plugins import PluginHooks
 from training.components.progress import ProgressBar
+from training.components.reload import SettingsReloader
 from training.components.samples import Samples
 from training.components.scalars import TrainingScalars
 from training.components.schedule import ScheduleWriter
@@ -21,10 +22,13 @@ __all__ = ["Component", "OptimizerStep", "build_components"]
 
 def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Component]:
     """The run's components (building them has no side effects); ``extra`` come last."""
+    c = run.train.config
+    reload = c.load_settings_every_epoch and run.train.path is not None
     components: list[Component | None] = [
+        SettingsReloader(run.train) if reload else None,
         Samples(run.samples) if run.samples is not None else None,
         PluginHooks(run.plugins) if run.plugins else None,
-        ScheduleWriter() if run.train.config.write_schedule else None,
+        ScheduleWriter() if c.write_schedule else None,
         PeriodicCheckpoints(),
         TrainingScalars(),
         ProgressBar(run.total_optimizer_steps),
