@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from training.components.base import Component, OptimizerStep
 from training.components.checkpoints import PeriodicCheckpoints
+from training.components.ema import EMA
 from training.components.plugins import PluginHooks
 from training.components.progress import ProgressBar
 from training.components.samples import Samples
@@ -21,8 +22,10 @@ __all__ = ["Component", "OptimizerStep", "build_components"]
 
 def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Component]:
     """The run's components (building them has no side effects); ``extra`` come last."""
+    ema = EMA(run.ema) if run.ema is not None else None
     components: list[Component | None] = [
-        Samples(run.samples) if run.samples is not None else None,
+        ema,  # before samples and checkpoints: they see the EMA of the same step
+        Samples(run.samples, ema) if run.samples is not None else None,
         PluginHooks(run.plugins) if run.plugins else None,
         ScheduleWriter() if run.train.config.write_schedule else None,
         PeriodicCheckpoints(),
