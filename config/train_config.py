@@ -408,7 +408,7 @@ class TrainConfig:
     )
     ema_sample_ema_model: bool = setting(
         False,
-        "With EMA: make samples with the EMA weights (what happens when neither ema_sample_* "
+        "With EMA: make samples with the EMA weights (also what happens when neither ema_sample_* "
         "key is true).",
         group="ema",
     )

@@ -181,9 +181,9 @@ def test_top_level_must_be_an_object(tmp_path):
 
 def test_unsupported_feature_set_is_an_error_not_ignored(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, {**BASE, "wandb": True, "ema_decay_rate": 0.99})
+        load(tmp_path, {**BASE, "wandb": True, "load_settings_every_epoch": True})
     assert "wandb: not supported yet" in str(info.value)
-    assert "ema_decay_rate: not supported yet" in str(info.value)
+    assert "load_settings_every_epoch: not supported yet" in str(info.value)
 
 
 def test_unsupported_feature_at_default_is_fine(tmp_path):
