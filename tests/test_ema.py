@@ -130,13 +130,14 @@ def test_start_weights_are_used_and_must_match():
     bundle = tiny_bundle()
     parameters = tracked_parameters(bundle, ["unet"])
     start = {name: torch.full_like(p, 2.0) for name, p in parameters}
-    ema = ParameterEMA(parameters, torch.device("cpu"), start, "other")
+    ema = ParameterEMA(parameters, torch.device("cpu"), start, "ema_resume_model: other")
     assert all(torch.equal(ema.state_dict()[n], start[n]) for n in start)
     assert ema.state_dict()["unet.weight"].data_ptr() == start["unet.weight"].data_ptr()  # no copy
     wrong = {**start, "unet.weight": torch.zeros(5, 3)}
-    with pytest.raises(UserError, match=r"unet\.weight is \[5, 3\] there, \[2, 3\] here"):
-        ParameterEMA(parameters, torch.device("cpu"), wrong, "other")
-    with pytest.raises(UserError, match=r"no unet\.bias"):
+    message = r"^ema_resume_model: other: not the architecture being trained: unet\.weight is "
+    with pytest.raises(UserError, match=message + r"\[5, 3\] there, \[2, 3\] here"):
+        ParameterEMA(parameters, torch.device("cpu"), wrong, "ema_resume_model: other")
+    with pytest.raises(UserError, match=r"it has no unet\.bias"):
         ParameterEMA(parameters, torch.device("cpu"), {"unet.weight": start["unet.weight"]}, "x")
 
 
@@ -222,3 +223,13 @@ def test_dry_run_shows_the_ema_and_counts_its_memory(tmp_path, capsys):
     assert memory["ema"]["device"] == "cpu" and memory["ema"]["counted_in_total"]
     parts = ("unet", "text_encoder", "vae", "ema")
     assert memory["total_bytes"] == sum(memory[m]["total_bytes"] for m in parts)
+
+
+def test_ema_resume_model_of_another_architecture_stops_before_the_first_step(tmp_path, caplog):
+    config = write_config(tmp_path, ema_decay_rate=0.9, ema_resume_model="tiny-sd21")
+    with caplog.at_level(logging.ERROR):
+        assert run(config) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith("ema_resume_model: tiny-sd21: not the architecture being trained")
+    assert not list((tmp_path / "logs").glob("*/*-gs*"))  # no checkpoint: nothing trained

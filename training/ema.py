@@ -97,6 +97,11 @@ def ema_settings(
     its weights are loaded when training starts (`load_start_weights`).
     """
     if not ema_enabled(config):
+        if resumed_ema:
+            logger.warning(
+                "the training state being resumed holds an EMA; EMA is off now (neither "
+                "ema_decay_rate nor ema_strength_target is set), so it is dropped"
+            )
         return None
     interval = config.ema_update_interval
     target = config.ema_strength_target
@@ -203,29 +208,31 @@ def load_start_weights(source: str, names: list[str]) -> dict[str, torch.Tensor]
     for model in dict.fromkeys(name.split(".", 1)[0] for name in names):
         for name, parameter in getattr(bundle, model).named_parameters():
             found[f"{model}.{name}"] = parameter.detach()
-    _check_same_shapes(source, names, found, None)
+    _check_same_shapes(f"{KEY}: {source}", names, found, None)
     return {name: found[name] for name in names}
 
 
 def _check_same_shapes(
-    source: str,
+    origin: str,
     names: list[str],
     found: Mapping[str, torch.Tensor],
     shapes: Mapping[str, torch.Size] | None,
 ) -> None:
+    """`UserError` naming the first weight of ``names`` that ``found`` lacks or has in another
+    shape than ``shapes`` says; ``origin`` starts the message (the key and where it points)."""
     missing = [name for name in names if name not in found]
     if missing:
         raise UserError(
-            f"{KEY}: {source} is not the same architecture as the model being trained: it has "
-            f"no {missing[0]} ({len(missing)} weight(s) missing)"
+            f"{origin}: not the architecture being trained: it has no {missing[0]} "
+            f"({len(missing)} weight(s) missing)"
         )
     if shapes is not None:
         different = [name for name in names if found[name].shape != shapes[name]]
         if different:
             name = different[0]
             raise UserError(
-                f"{KEY}: {source} is not the same architecture as the model being trained: "
-                f"{name} is {list(found[name].shape)} there, {list(shapes[name])} here "
+                f"{origin}: not the architecture being trained: {name} is "
+                f"{list(found[name].shape)} there, {list(shapes[name])} here "
                 f"({len(different)} weight(s) differ)"
             )
 
@@ -243,9 +250,9 @@ class ParameterEMA:
         start: Mapping[str, torch.Tensor] | None = None,
         origin: str = "",
     ) -> None:
-        """The copies start as ``start`` (by name; ``origin`` names it in errors) or the live
-        values. Tensors of ``start`` already on ``device`` in the right dtype are taken as they
-        are (not copied)."""
+        """The copies start as ``start`` (by name; ``origin``, "<key>: <where>", starts the
+        messages about it) or the live values. Tensors of ``start`` already on ``device`` in
+        the right dtype are taken as they are (not copied)."""
         self.names = [name for name, _ in parameters]
         self.live = [parameter for _, parameter in parameters]
         self.device = torch.device(device)

@@ -55,19 +55,19 @@ class EMA(Component):
         names = [name for name, _ in parameters]
         s = self.settings
         if saved is not None:
-            origin = f"the training state of {trainer.config.resume_ckpt}"
-            start = saved["weights"]
+            where = f"the training state of {trainer.config.resume_ckpt}"
+            origin, start = f"resume_ckpt: the EMA in {where}", saved["weights"]
             self.updates = int(saved["updates"])
         elif s.start_model is not None:
-            origin = s.start_model
+            where, origin = s.start_model, f"ema_resume_model: {s.start_model}"
             start = load_start_weights(s.start_model, names)
         else:
-            origin, start = "the weights training starts from", None
+            where, origin, start = "the weights training starts from", "", None
         self.weights = ParameterEMA(parameters, s.device, start, origin)
         logger.info(
             "EMA of %s: decay %.10g every %d optimizer steps (%d updates in the run), in %s "
             "memory, from %s", " and ".join(trained), s.decay, s.interval, s.updates_in_run,
-            s.device, origin,
+            s.device, where,
         )  # fmt: skip
 
     def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
