@@ -15,6 +15,8 @@ MIXED_PRECISIONS = ("auto", "bf16", "fp16", "no")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # EveryDream2's training noise schedulers; the training math is the same for all three.
 TRAIN_SAMPLERS = ("ddpm", "pndm", "ddim")
+# Where EveryDream2 keeps the EMA copy: system memory, or the device the run trains on.
+EMA_DEVICES = ("cpu", "cuda")
 # diffusers.optimization.SchedulerType without piecewise_constant (it needs step rules that
 # have no key here). A test checks this against diffusers, which is not imported here.
 LR_SCHEDULERS = (
@@ -34,6 +36,7 @@ GROUPS = {
     "schedule": "run length and LR schedule",
     "training": "noise, timesteps and loss",
     "checkpoints": "checkpoints",
+    "ema": "EMA (exponential moving average of the weights)",
     "samples": "sample images",
     "logging": "run folder and logging",
     "everydream2": "EveryDream2 keys that are deprecated or not supported",

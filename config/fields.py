@@ -56,6 +56,7 @@ class Rule:
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     status: Status = "supported"
     note: str = ""  # why a key is deprecated or not supported
@@ -80,6 +81,7 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     exclusive_minimum: bool = False,
+    exclusive_maximum: bool = False,
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
     status: Status = "supported",
     note: str = "",
@@ -96,6 +98,7 @@ def setting(
         minimum=minimum,
         maximum=maximum,
         exclusive_minimum=exclusive_minimum,
+        exclusive_maximum=exclusive_maximum,
         choices=choices,
         status=status,
         note=note,
@@ -135,7 +138,7 @@ def allowed_text(rule: Rule) -> str:
     if rule.minimum is not None:
         parts.append(f"{'>' if rule.exclusive_minimum else '>='} {number_text(rule.minimum)}")
     if rule.maximum is not None:
-        parts.append(f"<= {number_text(rule.maximum)}")
+        parts.append(f"{'<' if rule.exclusive_maximum else '<='} {number_text(rule.maximum)}")
     if rule.allow_infinity:
         parts[-1] += " or Infinity"  # a rule that allows Infinity has a minimum
     if rule.multiple_of is not None:
@@ -238,8 +241,13 @@ def _check_rule(value: Any, rule: Rule) -> None:
             raise InvalidValueError(
                 f"must be {op} {number_text(rule.minimum)}, got {number_text(value)}"
             )
-    if rule.maximum is not None and value > rule.maximum and value != math.inf:
-        raise InvalidValueError(f"must be <= {number_text(rule.maximum)}, got {number_text(value)}")
+    if rule.maximum is not None and value != math.inf:
+        too_large = value >= rule.maximum if rule.exclusive_maximum else value > rule.maximum
+        if too_large:
+            op = "<" if rule.exclusive_maximum else "<="
+            raise InvalidValueError(
+                f"must be {op} {number_text(rule.maximum)}, got {number_text(value)}"
+            )
     if rule.multiple_of is not None and value % rule.multiple_of != 0:
         raise InvalidValueError(
             f"must be a multiple of {rule.multiple_of}, got {number_text(value)}"

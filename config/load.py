@@ -11,6 +11,7 @@ from typing import Any
 
 from config import limits
 from config.cli import CLI, CommandLine
+from config.ema import ema_problems
 from config.errors import ConfigError, UserError
 from config.fields import defaults_of, parse_fields, rule_of
 from config.jsonfile import read_json_object
@@ -135,7 +136,7 @@ def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
             f"{loaded.where('disable_unet_training')}: "
             "both models are disabled; nothing would train"
         )
-    return problems + _check_output_names(loaded)
+    return problems + ema_problems(loaded) + _check_output_names(loaded)
 
 
 def _check_output_names(loaded: LoadedTrainConfig) -> list[str]:

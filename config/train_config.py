@@ -18,6 +18,7 @@ from typing import Any
 from config import limits as lim
 from config.choices import (
     ATTENTION_TYPES,
+    EMA_DEVICES,
     GROUPS,
     LOSS_TYPES,
     LR_SCHEDULERS,
@@ -29,6 +30,7 @@ from config.fields import setting
 
 __all__ = [
     "ATTENTION_TYPES",
+    "EMA_DEVICES",
     "GROUPS",
     "LOSS_TYPES",
     "LR_SCHEDULERS",
@@ -385,6 +387,61 @@ class TrainConfig:
         group="checkpoints",
     )
 
+    # --- EMA: an exponential moving average of the trained weights (training/ema.py) ------
+    ema_decay_rate: float | None = setting(
+        None,
+        "Enables EMA: every ema_update_interval optimizer steps, ema = ema x rate + weights x "
+        "(1 - rate). Close to 1 (0.99 .. 0.9999).",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
+        exclusive_maximum=True,
+        group="ema",
+    )
+    ema_strength_target: float | None = setting(
+        None,
+        "Enables EMA with the decay rate for which the starting weights keep this share of the "
+        "EMA at the end of the run: rate = target ^ (1 / (run steps / ema_update_interval)).",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1.0,
+        exclusive_maximum=True,
+        group="ema",
+    )
+    ema_update_interval: int = setting(
+        500,
+        "Update the EMA every n optimizer steps.",
+        minimum=1,
+        maximum=lim.MAX_STEPS,
+        group="ema",
+    )
+    ema_device: str = setting(
+        "cpu",
+        "Where the EMA copy lives: cpu (system memory) or cuda (the training device; on a "
+        "machine without CUDA that is the CPU).",
+        choices=EMA_DEVICES,
+        group="ema",
+    )
+    ema_sample_nonema_model: bool = setting(
+        False,
+        "With EMA: also make samples with the trained (non-EMA) weights.",
+        group="ema",
+    )
+    ema_sample_ema_model: bool = setting(
+        False,
+        "With EMA: make samples with the EMA weights (also what happens when neither ema_sample_* "
+        "key is true).",
+        group="ema",
+    )
+    ema_resume_model: str | None = setting(
+        None,
+        "With EMA: the model whose UNet/text encoder weights start the EMA (anything "
+        "resume_ckpt takes; findlast: this project's newest _ema checkpoint); null: the "
+        "weights training starts from.",
+        text="path",
+        group="ema",
+    )
+
     # --- EveryDream2 keys that do nothing here ----------------------------------------------
     amp: bool = _deprecated(
         True, "EveryDream2's AMP switch.", "mixed_precision (or disable_amp) decides"
@@ -421,10 +478,3 @@ class TrainConfig:
     validation_config: str | None = setting(
         None, "Validation settings file.", status="unsupported", note=NOT_YET
     )
-    ema_decay_rate: float | None = setting(None, "EMA.", status="unsupported", note=NOT_YET)
-    ema_strength_target: float | None = setting(None, "EMA.", status="unsupported", note=NOT_YET)
-    ema_update_interval: int = setting(500, "EMA.", status="unsupported", note=NOT_YET)
-    ema_device: str = setting("cpu", "EMA.", status="unsupported", note=NOT_YET)
-    ema_sample_nonema_model: bool = setting(False, "EMA.", status="unsupported", note=NOT_YET)
-    ema_sample_ema_model: bool = setting(False, "EMA.", status="unsupported", note=NOT_YET)
-    ema_resume_model: str | None = setting(None, "EMA.", status="unsupported", note=NOT_YET)

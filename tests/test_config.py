@@ -181,8 +181,8 @@ def test_top_level_must_be_an_object(tmp_path):
 
 def test_unsupported_feature_set_is_an_error_not_ignored(tmp_path):
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, {**BASE, "ema_decay_rate": 0.99})
-    assert "ema_decay_rate: not supported yet" in str(info.value)
+        load(tmp_path, {**BASE, "validation_config": "validation.json"})
+    assert "validation_config: not supported yet" in str(info.value)
 
 
 def test_unsupported_feature_at_default_is_fine(tmp_path):

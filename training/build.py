@@ -28,6 +28,7 @@ from plugins.loading import load_plugins
 from plugins.runner import PluginTransforms
 from training.checkpoint import restore_full_precision_weights
 from training.distributed import make_accelerator, training_device
+from training.ema import ema_settings
 from training.find_last import resolve_findlast
 from training.names import check_output_names
 from training.run import Run
@@ -170,6 +171,8 @@ def build_run(
         for epoch in range(c.max_epochs)
     )  # epochs of a rated dataset differ in length
     check_output_names(c.project_name, checkpoint_dir_of(c), c.max_epochs, total_steps)
+    resumed_ema = resume_state is not None and "ema" in resume_state.components
+    ema = ema_settings(c, total_steps, device, resumed_ema)
 
     models = load_models(c.resume_ckpt, c.prediction_type)
     if resume_state is not None:
@@ -202,6 +205,7 @@ def build_run(
         resume_state=resume_state,
         base_model=base_model_of(c.resume_ckpt, resume_state),
         plugins=plugins,
+        ema=ema,
     )
     if resume_state is not None:
         check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())

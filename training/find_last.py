@@ -27,9 +27,10 @@ PIPELINE_MARKER = "model_index.json"
 _KINDS = ("last", "interrupted", "diverged", "crashed")
 
 
-def _pattern(project_name: str) -> re.Pattern[str]:
+def _pattern(project_name: str, suffix: str = "") -> re.Pattern[str]:
     kinds = "|".join(_KINDS)
-    return re.compile(rf"(?:(?:{kinds})-)?{re.escape(project_name)}-ep(\d+)-gs(\d+)")
+    name = rf"(?:(?:{kinds})-)?{re.escape(project_name)}-ep(\d+)-gs(\d+)"
+    return re.compile(name + re.escape(suffix))
 
 
 def _candidates(folder: Path, pattern: re.Pattern[str]) -> list[tuple[float, int, Path]]:
@@ -45,9 +46,19 @@ def _candidates(folder: Path, pattern: re.Pattern[str]) -> list[tuple[float, int
     return found
 
 
-def find_last_checkpoint(project_name: str, logdir: Path, save_ckpt_dir: Path | None) -> Path:
-    """The newest checkpoint of ``project_name`` (see the module docstring); `UserError` if none."""
-    pattern = _pattern(project_name)
+def find_last_checkpoint(
+    project_name: str,
+    logdir: Path,
+    save_ckpt_dir: Path | None,
+    suffix: str = "",
+    key: str = "resume_ckpt",
+) -> Path:
+    """The newest checkpoint of ``project_name`` (see the module docstring); `UserError` if none.
+
+    ``suffix`` ("_ema") looks for the folders written beside the checkpoints instead; ``key``
+    names the setting in messages.
+    """
+    pattern = _pattern(project_name, suffix)
     found = []
     if logdir.is_dir():
         for run_folder in sorted(logdir.iterdir()):
@@ -57,15 +68,15 @@ def find_last_checkpoint(project_name: str, logdir: Path, save_ckpt_dir: Path | 
     where = f"{logdir}/*/" + ("" if save_ckpt_dir is None else f" or {save_ckpt_dir}/")
     if not found:
         raise UserError(
-            f"resume_ckpt: findlast found no checkpoint of project '{project_name}' (folders "
-            f"named [last-]{project_name}-epNN-gsNNNNN with {PIPELINE_MARKER}) in {where}; "
+            f"{key}: findlast found no checkpoint of project '{project_name}' (folders "
+            f"named [last-]{project_name}-epNN-gsNNNNN{suffix} with {PIPELINE_MARKER}) in {where}; "
             f"check project_name, logdir and save_ckpt_dir, or name a model to start from"
         )
     _mtime, _step, newest = max(found, key=lambda item: (item[0], item[1]))
     if newest.name.startswith("diverged-"):
         raise UserError(
-            f"resume_ckpt: findlast: the newest checkpoint of '{project_name}' is {newest}, saved "
-            f"when training diverged; set resume_ckpt to it explicitly to continue from it"
+            f"{key}: findlast: the newest checkpoint of '{project_name}' is {newest}, saved "
+            f"when training diverged; set {key} to it explicitly to continue from it"
         )
     return newest
 

@@ -10,6 +10,7 @@ from optimizer.build import ModelTraining
 from optimizer.config import ModelOptimizer
 from optimizer.memory import model_memory
 from training.build import Run
+from training.ema import ema_memory
 
 REPORTED_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay", "lr_scheduler")
 
@@ -52,6 +53,10 @@ def memory_report(run: Run) -> dict[str, Any]:
             out[name] = model_memory(model, training.settings.name, slice_p)
     out["vae"] = model_memory(run.models.vae, None)
     total = sum(part["total_bytes"] for part in out.values())
+    if run.ema is not None:  # counted in the total when it lives on the training device
+        out["ema"] = ema_memory(run.ema, run.models, [t.model_name for t in run.trainings])
+        out["ema"]["counted_in_total"] = run.ema.device == run.device
+        total += out["ema"]["total_bytes"] if out["ema"]["counted_in_total"] else 0
     out["total_bytes"] = total
     out["total_gib"] = round(total / 2**30, 3)
     out["not_counted"] = "activations (depend on resolution, batch size and checkpointing)"
@@ -87,4 +92,5 @@ def dry_run_report(run: Run) -> dict[str, Any]:
         },
         "train": jsonable(dataclasses.asdict(c)),
         "optimizer_config": None if run.optim.path is None else str(run.optim.path),
+        "ema": None if run.ema is None else run.ema.describe(),
     }

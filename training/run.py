@@ -13,6 +13,7 @@ from models import ModelBundle
 from optimizer.build import FreezeReport, ModelTraining
 from optimizer.config import OptimizerConfig
 from plugins.plugins import BasePlugin
+from training.ema import EmaSettings
 from training.samples import SampleSettings
 from training.state import TrainingState
 
@@ -35,6 +36,7 @@ class Run:
     resume_state: TrainingState | None
     base_model: str  # where the weights the run started from are (for frozen models' exactness)
     plugins: list[BasePlugin] = field(default_factory=list)
+    ema: EmaSettings | None = None  # the EMA of the trained weights; None: off
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint's training state must match to be resumed by this run."""

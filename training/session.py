@@ -78,7 +78,7 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
 
 
 def log_summary(run: Run, precision_name: str, world_size: int) -> None:
-    """The start-up summary: model, data, batch, steps, optimizers, trainable parameters."""
+    """The start-up summary: model, data, batch, steps, optimizers, trainable parameters, EMA."""
     c = run.train.config
     data = run.dataset.summary()
     logger.info("model: %s (%s prediction)", c.resume_ckpt, run.models.prediction_type)
@@ -102,6 +102,12 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
         memory["total_gib"], memory["unet"]["total_gib"], memory["text_encoder"]["total_gib"],
         memory["vae"]["total_gib"],
     )  # fmt: skip
+    if "ema" in memory:
+        ema = memory["ema"]
+        logger.info(
+            "EMA copy of the trained weights: %.2f GiB in %s memory%s", ema["total_gib"],
+            ema["device"], "" if ema["counted_in_total"] else " (not in the total above)",
+        )  # fmt: skip
     for name, training in (("unet", run.unet), ("text_encoder", run.text_encoder)):
         if training is None:
             logger.info("%s: not trained", name)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from training.components.base import Component, OptimizerStep
 from training.components.checkpoints import PeriodicCheckpoints
+from training.components.ema import EMA
 from training.components.plugins import PluginHooks
 from training.components.progress import ProgressBar
 from training.components.reload import SettingsReloader
@@ -24,9 +25,11 @@ def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Componen
     """The run's components (building them has no side effects); ``extra`` come last."""
     c = run.train.config
     reload = c.load_settings_every_epoch and run.train.path is not None
+    ema = EMA(run.ema) if run.ema is not None else None
     components: list[Component | None] = [
         SettingsReloader(run.train) if reload else None,
-        Samples(run.samples) if run.samples is not None else None,
+        ema,  # before samples and checkpoints: they see the EMA of the same step
+        Samples(run.samples, ema) if run.samples is not None else None,
         PluginHooks(run.plugins) if run.plugins else None,
         ScheduleWriter() if c.write_schedule else None,
         PeriodicCheckpoints(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from training.components.base import Component, OptimizerStep
 from training.samples import SampleSettings, generate_samples
 
 if TYPE_CHECKING:
+    from training.components.ema import EMA
     from training.loop import Trainer
 
 
@@ -30,10 +32,15 @@ class _MetricsImages:
 
 
 class Samples(Component):
-    """Before training (when asked), every n optimizer steps and every n epochs."""
+    """Before training (when asked), every n optimizer steps and every n epochs.
 
-    def __init__(self, settings: SampleSettings) -> None:
+    With an ``ema``, samples are drawn with the weights it names (the EMA's are named
+    ``..._ema.png`` and tagged ``samples/N_ema``, as EveryDream2 tags them).
+    """
+
+    def __init__(self, settings: SampleSettings, ema: EMA | None = None) -> None:
         self.settings = settings
+        self.ema = ema
 
     def every_n_steps(self, trainer: Trainer) -> int:
         file_value = self.settings.every_n_steps
@@ -57,17 +64,24 @@ class Samples(Component):
         paths: list[Path] = []
         env = trainer.env
         if env.is_main_process and env.run_folder is not None:
-            paths = generate_samples(
-                trainer.models.bundle, list(self.settings.requests), trainer.config.clip_skip,
-                env.device, env.run_folder / "samples", trainer.counters.global_step,
-                writer=_MetricsImages(trainer), scheduler_name=self.settings.scheduler,
-                captions=trainer.last_captions,
-                show_progress_bars=self.settings.show_progress_bars,
-                noise_scheduler_config=trainer.models.noise_scheduler.config,
-                autocast=env.precision.autocast,
-            )  # fmt: skip
+            for suffix, weights in self._weights():
+                with weights:
+                    paths += generate_samples(
+                        trainer.models.bundle, list(self.settings.requests),
+                        trainer.config.clip_skip, env.device, env.run_folder / "samples",
+                        trainer.counters.global_step, writer=_MetricsImages(trainer),
+                        scheduler_name=self.settings.scheduler, captions=trainer.last_captions,
+                        show_progress_bars=self.settings.show_progress_bars,
+                        noise_scheduler_config=trainer.models.noise_scheduler.config,
+                        autocast=env.precision.autocast, name_suffix=suffix,
+                    )  # fmt: skip
         env.barrier()
         return paths
+
+    def _weights(self) -> list[tuple[str, contextlib.AbstractContextManager[Any]]]:
+        if self.ema is None:
+            return [("", contextlib.nullcontext())]
+        return self.ema.sample_weights()
 
     def describe(self) -> dict[str, Any] | None:
         return {"images": len(self.settings.requests), "scheduler": self.settings.scheduler}

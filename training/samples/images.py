@@ -162,13 +162,15 @@ def generate_samples(
     show_progress_bars: bool = False,
     noise_scheduler_config: Mapping[str, Any] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    name_suffix: str = "",
 ) -> list[Path]:
     """Make one image per request with the model being trained; return the PNG paths.
 
-    Each image is ``out_dir/step-{step:06d}-{index:02d}.png`` with a ``.txt`` beside it (the
-    prompt on the first line, then the settings used) and, with a ``writer``, the TensorBoard
-    image ``samples/{index}`` at ``step``. The bundle's modules must already be on ``device``.
-    ``captions`` are the training captions that ``random_caption`` samples draw from.
+    Each image is ``out_dir/step-{step:06d}-{index:02d}{name_suffix}.png`` with a ``.txt``
+    beside it (the prompt on the first line, then the settings used) and, with a ``writer``,
+    the TensorBoard image ``samples/{index}{name_suffix}`` at ``step``. The bundle's modules
+    must already be on ``device``. ``captions`` are the training captions that
+    ``random_caption`` samples draw from.
 
     ``autocast`` makes the context the models run in (the run's mixed precision); None: bf16
     or fp16 autocast on CUDA, none elsewhere.
@@ -194,7 +196,10 @@ def generate_samples(
     )
     drawing.pipe.set_progress_bar_config(disable=not show_progress_bars, leave=False)
     out_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("making %d sample images at step %d in %s", len(requests), step, out_dir)
+    logger.info(
+        "making %d sample images%s at step %d in %s",
+        len(requests), f" ({name_suffix})" if name_suffix else "", step, out_dir,
+    )  # fmt: skip
     modules = [bundle.unet, bundle.text_encoder, bundle.vae]
     paths: list[Path] = []
     with (
@@ -204,10 +209,11 @@ def generate_samples(
         _autocast(device) if autocast is None else autocast(),
     ):
         for index, request in enumerate(requests):
-            path = out_dir / f"step-{step:06d}-{index:02d}.png"
+            path = out_dir / f"step-{step:06d}-{index:02d}{name_suffix}.png"
             image = _save_image(drawing, request, captions, path)
             if writer is not None:
-                writer.add_image(f"samples/{index}", np.asarray(image), step, dataformats="HWC")
+                tag = f"samples/{index}{name_suffix}"
+                writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
             paths.append(path)
     if writer is not None:
         writer.flush()
