@@ -180,6 +180,7 @@ def run_training(
         trainer = Trainer(run, models, env, build_components(run, extra_components))
         if run.resume_state is not None:
             trainer.restore(run.resume_state)
+            run.resume_state = None  # its tensors (optimizer and EMA states) are copied now
         return _train(trainer, log_path)
 
 
