@@ -399,7 +399,11 @@ class TrainConfig:
     # --- EveryDream2 features this trainer does not have --------------------------------------
     wandb: bool = setting(False, "Weights & Biases logging.", status="unsupported", note=NOT_YET)
     validation_config: str | None = setting(
-        None, "Validation settings file.", status="unsupported", note=NOT_YET
+        None,
+        "EveryDream2's validation settings file (validation_default.json); null disables "
+        "validation. See the README's Validation section.",
+        text="path",
+        group="logging",
     )
     load_settings_every_epoch: bool = setting(
         False, "Reload train.json every epoch.", status="unsupported", note=NOT_YET

@@ -15,6 +15,7 @@ from optimizer.config import OptimizerConfig
 from plugins.plugins import BasePlugin
 from training.samples import SampleSettings
 from training.state import TrainingState
+from training.validation.sets import ValidationData
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Run:
     resume_state: TrainingState | None
     base_model: str  # where the weights the run started from are (for frozen models' exactness)
     plugins: list[BasePlugin] = field(default_factory=list)
+    validation: ValidationData | None = None  # the validation_config's sets
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint's training state must match to be resumed by this run."""

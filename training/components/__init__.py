@@ -14,6 +14,7 @@ from training.components.progress import ProgressBar
 from training.components.samples import Samples
 from training.components.scalars import TrainingScalars
 from training.components.schedule import ScheduleWriter
+from training.components.validation import Validation
 from training.run import Run
 
 __all__ = ["Component", "OptimizerStep", "build_components"]
@@ -22,6 +23,7 @@ __all__ = ["Component", "OptimizerStep", "build_components"]
 def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Component]:
     """The run's components (building them has no side effects); ``extra`` come last."""
     components: list[Component | None] = [
+        Validation(run.validation) if run.validation is not None else None,
         Samples(run.samples) if run.samples is not None else None,
         PluginHooks(run.plugins) if run.plugins else None,
         ScheduleWriter() if run.train.config.write_schedule else None,
