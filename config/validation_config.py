@@ -54,11 +54,11 @@ class ValidationFile:
     documentation: Any = setting(None, "Free text or an object; ignored.")
     validate_training: bool = setting(
         True,
-        "Evaluate a set of images that is never trained on and log it as loss/val.",
+        "Evaluate a set of images that is never trained on and log it as `loss/val`.",
     )
     val_split_mode: str = setting(
         "automatic",
-        "Where loss/val's images come from: automatic (held out of data_root), manual "
+        "Where `loss/val`'s images come from: automatic (held out of data_root), manual "
         "(manual_data_root) or none.",
         choices=SPLIT_MODES,
     )
@@ -76,16 +76,16 @@ class ValidationFile:
     )
     extra_manual_datasets: Any = setting(
         None,
-        'More validation folders, {"name": "folder"}; each is logged as loss/<name>.',
+        'More validation folders, {"name": "folder"}; each is logged as `loss/<name>`.',
     )
     stabilize_training_loss: bool = setting(
         False,
         "Also evaluate a fixed share of the training images the same way, logged as "
-        "loss/train-stabilized.",
+        "`loss/train-stabilized`.",
     )
     stabilize_split_proportion: float = setting(
         0.15,
-        "The share of the training images evaluated for loss/train-stabilized (at least one).",
+        "The share of the training images evaluated for `loss/train-stabilized` (at least one).",
         **_PROPORTION,
     )
     every_n_epochs: float = setting(
