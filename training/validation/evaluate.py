@@ -116,7 +116,7 @@ class Evaluator:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         images = 0
         bar = tqdm(
-            total=len(mine), desc=f"validate {eval_set.name}"[:24], unit="batch", leave=False,
+            total=len(mine), desc=f"validate {eval_set.name}"[:30], unit="batch", leave=False,
             ncols=BAR_WIDTH, dynamic_ncols=False, disable=not self.show_progress,
         )  # fmt: skip
         with bar, evaluation_mode(modules, self.device):
