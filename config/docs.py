@@ -150,12 +150,24 @@ def sample_tables() -> tuple[str, str]:
     )
 
 
+def validation_table() -> str:
+    """The keys of a validation settings file (EveryDream2's validation_default.json)."""
+    from config.validation_config import ValidationFile
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ValidationFile)} | {
+        "extra_manual_datasets": Words("`{}`"),
+        "batch_size": Words("train.json's batch_size"),
+    }
+    return "\n".join(HEADER + _rows(ValidationFile, defaults))
+
+
 TABLES = {
     "train": train_table,
     "optimizer": optimizer_table,
     "optimizer-top": top_level_table,
     "samples": lambda: sample_tables()[0],
     "samples-entry": lambda: sample_tables()[1],
+    "validation": validation_table,
 }
 
 

@@ -476,5 +476,9 @@ class TrainConfig:
 
     # --- EveryDream2 features this trainer does not have --------------------------------------
     validation_config: str | None = setting(
-        None, "Validation settings file.", status="unsupported", note=NOT_YET
+        None,
+        "EveryDream2's validation settings file (validation_default.json); null disables "
+        "validation. See the README's Validation section.",
+        text="path",
+        group="logging",
     )

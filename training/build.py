@@ -39,6 +39,7 @@ from training.state import (
     has_training_state,
     load_training_state,
 )
+from training.validation.sets import load_validation_settings, prepare_validation
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,10 @@ def build_run(
     if resume_state is not None and c.seed not in (-1, seed):
         logger.warning("seed %d replaced by the resumed run's seed %d", c.seed, seed)
     samples = sample_settings(train, seed)
+    validation = load_validation_settings(train)
     transforms = PluginTransforms(plugins) if plugins else None
     dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type), transforms)
+    dataset, validation_data = prepare_validation(validation, dataset)  # held-out images leave
     total_steps = sum(
         optimizer_steps_per_epoch(dataset.steps_in_epoch(epoch), c.grad_accum)
         for epoch in range(c.max_epochs)
@@ -206,6 +209,7 @@ def build_run(
         base_model=base_model_of(c.resume_ckpt, resume_state),
         plugins=plugins,
         ema=ema,
+        validation=validation_data,
     )
     if resume_state is not None:
         check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())

@@ -67,3 +67,12 @@ def training_device(accelerator: Accelerator, gpuid: int) -> torch.device:
         return torch.device("cuda", gpuid)
     logger.info("no CUDA device found: training on the CPU")
     return torch.device("cpu")
+
+
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over every process (``values`` itself with a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    summed = values.clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed

@@ -74,6 +74,7 @@ def dry_run_report(run: Run) -> dict[str, Any]:
         "text_encoder_freezing": run.freezing.as_dict(),
         "sources": sources,
         "data": run.dataset.summary(),
+        "validation": None if run.validation is None else run.validation.describe(),
         "memory": memory_report(run),
         "model": {
             "resume_ckpt": c.resume_ckpt,

@@ -16,6 +16,7 @@ from plugins.plugins import BasePlugin
 from training.ema import EmaSettings
 from training.samples import SampleSettings
 from training.state import TrainingState
+from training.validation.sets import ValidationData
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Run:
     base_model: str  # where the weights the run started from are (for frozen models' exactness)
     plugins: list[BasePlugin] = field(default_factory=list)
     ema: EmaSettings | None = None  # the EMA of the trained weights; None: off
+    validation: ValidationData | None = None  # the validation_config's sets
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint's training state must match to be resumed by this run."""

@@ -16,6 +16,7 @@ from training.components.reload import SettingsReloader
 from training.components.samples import Samples
 from training.components.scalars import TrainingScalars
 from training.components.schedule import ScheduleWriter
+from training.components.validation import Validation
 from training.run import Run
 
 __all__ = ["Component", "OptimizerStep", "build_components"]
@@ -29,6 +30,7 @@ def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Componen
     components: list[Component | None] = [
         SettingsReloader(run.train) if reload else None,
         ema,  # before samples and checkpoints: they see the EMA of the same step
+        Validation(run.validation) if run.validation is not None else None,
         Samples(run.samples, ema) if run.samples is not None else None,
         PluginHooks(run.plugins) if run.plugins else None,
         ScheduleWriter() if c.write_schedule else None,

@@ -1,0 +1,149 @@
+"""One validation pass over a set: the mean loss of its images, the same every time.
+
+Each batch's draws (VAE sample, noise, timesteps) come from a generator seeded by (validation
+seed, set, batch index) alone, so a pass on unchanged weights gives the same number, whatever
+the number of processes and however many passes ran before. The pass runs without gradients,
+with the unwrapped models in eval mode (their modes restored after), and never touches the
+training generator, torch's global RNG or the data order: exact resume and the equivalence of
+N processes with one are kept.
+
+The loss is EveryDream2's validation loss: plain MSE against the target, without offset noise,
+embedding perturbation, Min-SNR weighting or loss_scale (pyramid noise and the timestep range
+are the training's). It is the mean over the set's images; with several processes each takes
+batches i ≡ rank (mod processes) and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from config.train_config import TrainConfig
+from data import Batch, BatchPlan
+from data.fixed_loader import fixed_batch_loader
+from models.bundle import ModelBundle
+from training.distributed import sum_over_processes
+from training.latent_cache import LatentCache, build_latent_cache
+from training.precision import Precision
+from training.step import (
+    LatentDistribution,
+    PromptEncoder,
+    Shard,
+    StepModels,
+    batch_loss,
+    encode_latent_distribution,
+)
+from training.validation.sets import EvalSet
+
+BAR_WIDTH = 80
+
+
+def batch_seed(seed: int, set_name: str, index: int) -> int:
+    """The seed of batch ``index`` of a set's every pass."""
+    text = f"dreamtrainer-validation:{seed}:{set_name}:{index}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def evaluation_config(config: TrainConfig) -> TrainConfig:
+    """The training settings with what EveryDream2's validation step leaves out turned off."""
+    return dataclasses.replace(
+        config, zero_frequency_noise_ratio=0.0, embedding_perturbation=0.0, loss_type="mse",
+        min_snr_gamma=None,
+    )  # fmt: skip
+
+
+def evaluation_models(models: StepModels, clip_skip: int) -> StepModels:
+    """The step's models unwrapped (no DDP, not compiled) and not training."""
+    bundle = models.bundle
+    return StepModels(
+        bundle=bundle, unet=bundle.unet,
+        prompt_encoder=PromptEncoder(bundle.text_encoder, clip_skip),
+        noise_scheduler=models.noise_scheduler, train_text_encoder=False, tokens=models.tokens,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def evaluation_mode(modules: Iterable[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """No gradients, eval mode (every submodule's mode restored after), RNG states restored."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            for module, _ in saved:
+                module.eval()
+            yield
+    finally:
+        for module, training in saved:
+            module.train(training)
+
+
+class Evaluator:
+    """Runs passes over sets with one run's models, precision and processes."""
+
+    def __init__(
+        self, models: StepModels, config: TrainConfig, precision: Precision,
+        device: torch.device, shard: Shard, show_progress: bool,
+    ) -> None:  # fmt: skip
+        self.models = evaluation_models(models, config.clip_skip)
+        self.config = evaluation_config(config)
+        self.precision = precision
+        self.device = device
+        self.shard = shard
+        self.show_progress = show_progress
+        self.caches: dict[str, LatentCache] = {}
+
+    @property
+    def bundle(self) -> ModelBundle:
+        return self.models.bundle
+
+    def cache_latents(self, sets: Iterable[EvalSet]) -> None:
+        """Encode every image of the sets once (``cache_latents``); passes then reuse them."""
+        with evaluation_mode([self.bundle.vae], self.device):
+            for eval_set in sets:
+                self.caches[eval_set.name] = build_latent_cache(
+                    eval_set.dataset, self.bundle, self.precision, self.device
+                )
+
+    def loss(self, eval_set: EvalSet) -> float:
+        """The mean loss over the set's images (every process gets the same value)."""
+        mine = eval_set.plans[self.shard.rank :: self.shard.world_size]
+        modules = [self.bundle.unet, self.bundle.text_encoder, self.bundle.vae]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        images = 0
+        bar = tqdm(
+            total=len(mine), desc=f"validate {eval_set.name}"[:30], unit="batch", leave=False,
+            ncols=BAR_WIDTH, dynamic_ncols=False, disable=not self.show_progress,
+        )  # fmt: skip
+        with bar, evaluation_mode(modules, self.device):
+            for batch, latents in self._batches(eval_set, mine):
+                seed = batch_seed(eval_set.dataset.settings.seed, eval_set.name, batch.step)
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+                loss = batch_loss(
+                    self.models, latents, batch, self.config, generator, self.precision, Shard()
+                )
+                total += loss.double() * len(batch)
+                images += len(batch)
+                bar.update(1)
+        sums = sum_over_processes(torch.stack([total, total.new_tensor(float(images))]))
+        return float(sums[0] / sums[1])
+
+    def _batches(
+        self, eval_set: EvalSet, plans: tuple[BatchPlan, ...]
+    ) -> Iterator[tuple[Batch, LatentDistribution]]:
+        """This process's batches of the set and their latents (cached or encoded now)."""
+        cache = self.caches.get(eval_set.name)
+        if cache is not None:
+            for plan in plans:
+                batch = Batch.of(0, plan)
+                yield batch, cache.latents(batch)
+            return
+        pin = self.device.type == "cuda"
+        for batch in fixed_batch_loader(eval_set.dataset, plans, pin_memory=pin):
+            assert batch.pixel_values is not None
+            pixels = batch.pixel_values.to(self.device, non_blocking=pin)
+            yield batch, encode_latent_distribution(self.bundle, pixels, self.precision)
