@@ -41,7 +41,7 @@ __all__ = [
     "strip_optional",
 ]
 
-Status = Literal["supported", "deprecated", "unsupported"]
+Status = Literal["supported", "deprecated"]
 
 
 @dataclass(frozen=True)

@@ -97,19 +97,14 @@ def _apply_legacy_conventions(loaded: LoadedTrainConfig) -> LoadedTrainConfig:
 
 
 def _check_feature_status(loaded: LoadedTrainConfig) -> list[str]:
-    """Warn about deprecated keys that are set; reject unsupported ones that are set."""
-    problems = []
+    """Warn about deprecated keys that are set (they do nothing here)."""
     for f in dataclasses.fields(TrainConfig):
         rule = rule_of(f)
-        if rule.status == "supported" or getattr(loaded.config, f.name) == f.default:
-            continue
-        if rule.status == "deprecated":
+        if rule.status == "deprecated" and getattr(loaded.config, f.name) != f.default:
             logger.warning(
                 "%s is deprecated and has no effect: %s", loaded.where(f.name), rule.note
             )
-        else:
-            problems.append(f"{loaded.where(f.name)}: {rule.note}")
-    return problems
+    return []
 
 
 def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:

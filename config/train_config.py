@@ -2,9 +2,8 @@
 
 Each field is a train.json key and a command-line flag of the same name. The keys are
 EveryDream2's (so its train.json files keep working) plus a few of this trainer's own.
-Keys EveryDream2 had that do nothing here are ``deprecated`` (a warning when set);
-keys whose feature this trainer does not have are ``unsupported`` (an error when set to
-anything but their default, never silently ignored). Every number has a minimum and a
+Keys EveryDream2 had that do nothing here are ``deprecated`` (a warning when set, never
+silently ignored). Every number has a minimum and a
 maximum (`config.limits`), every path and name the file system's limits.
 
 This module imports nothing heavy: ``train.py --help`` is built from it alone.
@@ -40,7 +39,6 @@ __all__ = [
     "TrainConfig",
 ]
 
-NOT_YET = "not supported yet by this trainer"
 GONE = "EveryDream2 itself no longer has it"
 
 

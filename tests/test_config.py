@@ -179,16 +179,6 @@ def test_top_level_must_be_an_object(tmp_path):
         load(tmp_path, [1, 2])  # type: ignore[arg-type]
 
 
-def test_unsupported_feature_set_is_an_error_not_ignored(tmp_path):
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, {**BASE, "validation_config": "validation.json"})
-    assert "validation_config: not supported yet" in str(info.value)
-
-
-def test_unsupported_feature_at_default_is_fine(tmp_path):
-    assert load(tmp_path, {**BASE, "wandb": False, "validation_config": None}).config.wandb is False
-
-
 def test_deprecated_key_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load(tmp_path, {**BASE, "disable_xformers": True})

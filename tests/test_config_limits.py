@@ -60,7 +60,7 @@ def _numeric_fields(cls: type) -> list[tuple[str, Rule]]:
     for f in dataclasses.fields(cls):
         tp = strip_optional(hints[f.name])
         items = typing.get_args(tp) if typing.get_origin(tp) in (list, tuple) else (tp,)
-        if any(t in NUMERIC for t in items) and rule_of(f).status != "unsupported":
+        if any(t in NUMERIC for t in items):
             found.append((f.name, rule_of(f)))
     return found
 
