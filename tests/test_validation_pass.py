@@ -30,7 +30,7 @@ def built(tmp_path_factory):
                           min_snr_gamma=5.0, embedding_perturbation=0.1)  # fmt: skip
     run, accelerator = build_from_command_line(parse_command_line(["--config", str(config)]))
     models = prepare_models(run, accelerator)
-    precision = choose_precision(run.device, True)
+    precision = choose_precision(run.device, "no", disable_amp=True)
     assert run.validation is not None
     return run, models, precision
 
