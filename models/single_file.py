@@ -15,11 +15,7 @@ unpickle is refused (no code from a checkpoint ever runs).
 from __future__ import annotations
 
 import logging
-import os
 import pickle
-import re
-import secrets
-import stat
 import time
 from pathlib import Path
 
@@ -31,6 +27,7 @@ from config.errors import UserError
 from models.bundle import ModelBundle
 from models.ldm_config import V_PREDICTION, original_config_yaml
 from models.ldm_layout import ldm_state_dict
+from storage.atomic import atomic_file, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +35,7 @@ SAFETENSORS = ".safetensors"
 CKPT = ".ckpt"
 SINGLE_FILE_SUFFIXES = (SAFETENSORS, CKPT)
 YAML = ".yaml"
-_PARTIAL = "partial"
+WHAT = "single file"
 # Where torch.load(weights_only=True) puts the reason in its long message.
 _UNPICKLER_REASON = "WeightsUnpickler error:"
 
@@ -54,49 +51,34 @@ def yaml_beside(path: Path) -> Path:
 def write_single_file(path: Path, bundle: ModelBundle, full_precision: bool) -> Path:
     """Write the bundle's UNet, VAE and text encoder to ``path`` as one LDM-layout safetensors.
 
-    fp16 unless ``full_precision``. For a v-prediction model ``<path stem>.yaml`` is written too
-    (a stale one of another model is removed otherwise). The models are left as they are. At
-    most one converted copy of the weights is held at a time (none for fp32 models on the CPU
-    written in fp32). An OS error (unwritable folder, full disk) is a `UserError` naming the
-    file; the temporary files are removed and an older file at ``path`` stays intact.
+    fp16 unless ``full_precision``. For a v-prediction model ``<path stem>.yaml`` is written
+    first (a stale one of another model is removed after the model file). The models are left
+    as they are. At most one converted copy of the weights is held at a time (none for fp32
+    models on the CPU written in fp32). An OS error (unwritable folder, full disk) is a
+    `UserError` naming the file; an older file at ``path`` stays intact.
     """
     path = Path(path)
     assert path.suffix == SAFETENSORS, f"{path}: a single file must end in {SAFETENSORS}"
     started = time.monotonic()
     dtype = torch.float32 if full_precision else torch.float16
     yaml_file = yaml_beside(path)
-    temps: list[Path] = []
-    try:
-        _remove_leftovers(path)
-        _remove_leftovers(yaml_file)
-        if bundle.prediction_type == V_PREDICTION:
-            temps.append(_temp_beside(yaml_file))
-            temps[-1].write_text(original_config_yaml(bundle), encoding="utf-8")
-        temps.append(_temp_beside(path))
+    if bundle.prediction_type == V_PREDICTION:
+        text = original_config_yaml(bundle)
+        atomic_file(yaml_file, lambda temp: temp.write_text(text, encoding="utf-8"), WHAT)
+
+    def write(temp: Path) -> None:
         tensors = ldm_state_dict(
             bundle.unet, bundle.vae, bundle.text_encoder, lambda t: _for_file(t, dtype)
         )
-        temps[-1].touch()  # the mode a new file gets here (umask); safetensors would use 0600
-        mode = stat.S_IMODE(temps[-1].stat().st_mode)
-        safetensors.torch.save_file(tensors, str(temps[-1]), metadata={"format": "pt"})
-        del tensors
-        os.chmod(temps[-1], mode)
-        for temp in temps:
-            _fsync(temp)
-        for temp in temps:  # the .yaml first: a new model file never sits beside no .yaml
-            os.replace(temp, _target_of(temp, path, yaml_file))
-        if bundle.prediction_type != V_PREDICTION and yaml_file.exists():
-            logger.info("removing %s: the model at %s predicts epsilon", yaml_file, path)
-            yaml_file.unlink()
-        _fsync(path.parent)
-    except (OSError, SafetensorError) as error:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise _write_error(path, error) from error
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise
+        safetensors.torch.save_file(tensors, str(temp), metadata={"format": "pt"})
+
+    try:
+        atomic_file(path, write, WHAT)
+    except SafetensorError as error:
+        raise write_error(path, error, WHAT) from error
+    if bundle.prediction_type != V_PREDICTION and yaml_file.exists():
+        logger.info("removing %s: the model at %s predicts epsilon", yaml_file, path)
+        yaml_file.unlink()
     logger.info(
         "single file written to %s in %.1f s (%s)",
         path, time.monotonic() - started, "fp32" if full_precision else "fp16",
@@ -108,58 +90,6 @@ def _for_file(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor in ``dtype`` (floating point only); the tensor itself when it already is."""
     target = dtype if tensor.is_floating_point() else tensor.dtype
     return tensor.detach().to("cpu", target).contiguous()
-
-
-def _temp_beside(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{_PARTIAL}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _target_of(temp: Path, path: Path, yaml_file: Path) -> Path:
-    return yaml_file if temp.name.startswith(f".{yaml_file.name}.") else path
-
-
-def _remove_leftovers(target: Path) -> None:
-    """Delete temporary files a killed write of ``target`` left (not those of live processes)."""
-    if not target.parent.is_dir():
-        return
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.{_PARTIAL}-(\d+)-[0-9a-f]+")
-    for sibling in target.parent.iterdir():
-        match = pattern.fullmatch(sibling.name)
-        if match is not None and not _process_alive(int(match.group(1))):
-            logger.warning("removing %s, left by an interrupted write", sibling)
-            sibling.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process writes one file at a time: anything of ours is left over
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_error(path: Path, error: BaseException) -> UserError:
-    if isinstance(error, OSError) and error.strerror is not None:
-        reason = error.strerror + (f" ({error.filename})" if error.filename is not None else "")
-    else:
-        reason = str(error)
-    return UserError(
-        f"cannot write the single file {path}: {reason}. Check that the folder is writable and "
-        f"the disk has room, or set no_save_ckpt to skip single files; an earlier file there is "
-        f"unchanged"
-    )
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
-import training.atomic as atomic
+import storage.atomic as atomic
 import training.checkpoint as checkpoint
 from config.errors import UserError
 from models import ModelBundle, load_models

@@ -15,7 +15,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-import models.single_file as single_file
 from config.errors import UserError
 from models import ModelBundle, classify_resume_ckpt, load_models
 from models.loading import SourceKind
@@ -321,8 +320,3 @@ def test_text_encoder_layers_read_from_the_header(
         path = tmp_path / f"{name}.safetensors"
         write_single_file(path, tiny[name], False)
         assert expected_text_encoder_layers(str(path)) == layers
-
-
-def test_module_names_the_write_helpers() -> None:
-    # The temporary files start with a dot, so nothing lists them as checkpoints.
-    assert single_file._temp_beside(Path("/x/m.safetensors")).name.startswith(".m.safetensors.")

@@ -13,11 +13,17 @@ from accelerate import Accelerator
 from config.cli import CommandLine
 from config.load import LoadedTrainConfig, find_input_file, load_train_config
 from config.train_config import TrainConfig
-from data import DataSettings, load_dataset
-from models import builtin_text_encoder_layers, classify_resume_ckpt, load_models
+from data import DataSettings, TrainDataset, load_dataset
+from models import (
+    ModelBundle,
+    builtin_text_encoder_layers,
+    classify_resume_ckpt,
+    load_models,
+)
 from models.loading import SourceKind
 from models.single_file_load import single_file_text_encoder_layers
 from optimizer.build import (
+    FreezeReport,
     apply_text_encoder_freezing,
     build_model_training,
     freeze_plan,
@@ -147,36 +153,34 @@ def sample_settings(train: LoadedTrainConfig, seed: int) -> SampleSettings | Non
     return load_sample_settings(path, c.resolution, seed, batch_size=c.batch_size)
 
 
-def build_run(
+def seed_of(configured: int, resume_state: TrainingState | None) -> int:
+    """The run's seed: a resumed run keeps its own; ``-1`` picks one at random."""
+    if resume_state is None:
+        return resolve_seed(configured)
+    if configured not in (-1, resume_state.seed):
+        logger.warning(
+            "seed %d replaced by the resumed run's seed %d", configured, resume_state.seed
+        )
+    return resume_state.seed
+
+
+def run_length(dataset: TrainDataset, config: TrainConfig) -> int:
+    """Optimizer steps of the whole run (epochs of a rated dataset differ in length)."""
+    return sum(
+        optimizer_steps_per_epoch(dataset.steps_in_epoch(epoch), config.grad_accum)
+        for epoch in range(config.max_epochs)
+    )
+
+
+def load_trainable_models(
     train: LoadedTrainConfig,
     optim: OptimizerConfig,
+    resume_state: TrainingState | None,
     device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Run:
-    """Validate what needs the model's shape, scan the data, load models, build optimizers."""
-    train = resolve_findlast(train)
+) -> tuple[ModelBundle, FreezeReport]:
+    """The models, exactly as a resumed checkpoint left them, frozen as configured, on device."""
     c = train.config
     assert c.resume_ckpt is not None
-    plugins = load_plugins(c.plugins, train.folder)
-    check_before_models(train, optim)
-    resume_state = resume_state_of(c.resume_ckpt)
-    seed = resolve_seed(c.seed) if resume_state is None else resume_state.seed
-    if resume_state is not None and c.seed not in (-1, seed):
-        logger.warning("seed %d replaced by the resumed run's seed %d", c.seed, seed)
-    samples = sample_settings(train, seed)
-    validation = load_validation_settings(train)
-    transforms = PluginTransforms(plugins) if plugins else None
-    dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type), transforms)
-    dataset, validation_data = prepare_validation(validation, dataset)  # held-out images leave
-    total_steps = sum(
-        optimizer_steps_per_epoch(dataset.steps_in_epoch(epoch), c.grad_accum)
-        for epoch in range(c.max_epochs)
-    )  # epochs of a rated dataset differ in length
-    check_output_names(c.project_name, checkpoint_dir_of(c), c.max_epochs, total_steps)
-    resumed_ema = resume_state is not None and "ema" in resume_state.components
-    ema = ema_settings(c, total_steps, device, resumed_ema)
-
     models = load_models(c.resume_ckpt, c.prediction_type)
     if resume_state is not None:
         restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
@@ -190,27 +194,52 @@ def build_run(
     )
     for module in (models.unet, models.text_encoder, models.vae):
         module.to(device)
+    return models, freezing
+
+
+def build_run(
+    train: LoadedTrainConfig,
+    optim: OptimizerConfig,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Run:
+    """Validate what needs the model's shape, scan the data, load models, build optimizers.
+
+    Everything that can be checked without the models (plugins, files, data, names) is
+    checked before they load.
+    """
+    train = resolve_findlast(train)
+    c = train.config
+    assert c.resume_ckpt is not None
+    plugins = load_plugins(c.plugins, train.folder)
+    check_before_models(train, optim)
+    resume_state = resume_state_of(c.resume_ckpt)
+    seed = seed_of(c.seed, resume_state)
+    samples = sample_settings(train, seed)
+    validation = load_validation_settings(train)
+    transforms = PluginTransforms(plugins) if plugins else None
+    dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type), transforms)
+    dataset, validation_data = prepare_validation(validation, dataset)  # held-out images leave
+    total = run_length(dataset, c)
+    check_output_names(c.project_name, checkpoint_dir_of(c), c.max_epochs, total)
+    ema = ema_settings(
+        c, total, device, resume_state is not None and "ema" in resume_state.components
+    )
+
+    models, freezing = load_trainable_models(train, optim, resume_state, device)
     on_cuda = device.type == "cuda"
     run = Run(
-        train=train,
-        optim=optim,
-        seed=seed,
-        device=device,
-        dataset=dataset,
-        models=models,
+        train=train, optim=optim, seed=seed, device=device, dataset=dataset, models=models,
         freezing=freezing,
-        unet=build_model_training("unet", models.unet, optim.unet, total_steps, on_cuda),
+        unet=build_model_training("unet", models.unet, optim.unet, total, on_cuda),
         text_encoder=build_model_training(
-            "text_encoder", models.text_encoder, optim.text_encoder, total_steps, on_cuda
+            "text_encoder", models.text_encoder, optim.text_encoder, total, on_cuda
         ),
-        total_optimizer_steps=total_steps,
-        samples=samples,
-        resume_state=resume_state,
-        base_model=base_model_of(c.resume_ckpt, resume_state),
-        plugins=plugins,
-        ema=ema,
+        total_optimizer_steps=total, samples=samples, resume_state=resume_state,
+        base_model=base_model_of(c.resume_ckpt, resume_state), plugins=plugins, ema=ema,
         validation=validation_data,
-    )
+    )  # fmt: skip
     if resume_state is not None:
         check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
     return run

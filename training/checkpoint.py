@@ -9,7 +9,7 @@ the models that train when the pipeline files are fp16. Frozen models are never 
 fp16 would round them, the state records where their exact weights are (the run's base model,
 with a SHA-256 of the weights) and resuming loads them from there.
 
-Saving is atomic (`training.atomic`).
+Saving is atomic (`storage.atomic`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from config.errors import UserError
 from models import ModelBundle
 from models.single_file import write_single_file
 from models.text_keys import standardize_text_encoder_file
-from training.atomic import atomic_folder, write_error
+from storage.atomic import atomic_folder, write_error
 from training.state import (
     STATE_DIR,
     TrainingState,

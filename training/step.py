@@ -107,6 +107,45 @@ def _global_like(local: torch.Tensor, shard: Shard) -> torch.Tensor:
     return local.new_empty((local.shape[0] * shard.world_size, *local.shape[1:]))
 
 
+@dataclass(frozen=True)
+class Noised:
+    """The noisy latents of a batch, their timesteps and what the UNet should predict."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+
+
+def noise_latents(
+    scheduler: DDPMScheduler,
+    latents_dist: LatentDistribution,
+    config: TrainConfig,
+    generator: torch.Generator,
+    shard: Shard,
+) -> Noised:
+    """A VAE sample, noise and timesteps (drawn for the global batch, sliced), noised."""
+    device = latents_dist.mean.device
+    global_shape = _global_like(latents_dist.mean, shard)
+    eps = torch.randn(
+        global_shape.shape, generator=generator, device=device, dtype=global_shape.dtype
+    )
+    latents = latents_dist.mean + latents_dist.std * shard.take(eps)
+    noise = shard.take(
+        sample_noise(
+            global_shape, generator, config.zero_frequency_noise_ratio,
+            config.pyramid_noise_discount,
+        )
+    )  # fmt: skip
+    timesteps = shard.take(
+        sample_timesteps(
+            global_shape.shape[0], config.timestep_start, config.timestep_end,
+            generator, device, num_train_timesteps=scheduler.config.num_train_timesteps,
+        )
+    )  # fmt: skip
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    return Noised(noisy, timesteps, training_target(scheduler, latents, noise, timesteps))
+
+
 def batch_loss(
     models: StepModels,
     latents_dist: LatentDistribution,
@@ -122,29 +161,9 @@ def batch_loss(
     UNet → prediction; loss against the target per image, times each image's loss scale,
     averaged over the batch. ``config`` supplies the train.json keys that shape the step.
     """
-    device = latents_dist.mean.device
-    global_shape = _global_like(latents_dist.mean, shard)
-    eps = torch.randn(
-        global_shape.shape, generator=generator, device=device, dtype=global_shape.dtype
-    )
-    latents = latents_dist.mean + latents_dist.std * shard.take(eps)
     scheduler = models.noise_scheduler
-    noise = shard.take(
-        sample_noise(
-            global_shape, generator, config.zero_frequency_noise_ratio,
-            config.pyramid_noise_discount,
-        )
-    )  # fmt: skip
-    timesteps = shard.take(
-        sample_timesteps(
-            global_shape.shape[0], config.timestep_start, config.timestep_end,
-            generator, device, num_train_timesteps=scheduler.config.num_train_timesteps,
-        )
-    )  # fmt: skip
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(scheduler, latents, noise, timesteps)
-
-    ids = models.tokens(list(batch.captions)).to(device)
+    noised = noise_latents(scheduler, latents_dist, config, generator, shard)
+    ids = models.tokens(list(batch.captions)).to(noised.latents.device)
     grad = contextlib.nullcontext() if models.train_text_encoder else torch.no_grad()
     with precision.autocast():
         with grad:
@@ -153,9 +172,11 @@ def batch_loss(
             zeros = _global_like(embeddings, shard).zero_()
             strength = config.embedding_perturbation
             embeddings = embeddings + shard.take(perturb_embeddings(zeros, strength, generator))
-        prediction = models.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
+        prediction = models.unet(
+            noised.latents, noised.timesteps, encoder_hidden_states=embeddings
+        ).sample
     losses = per_sample_loss(
-        prediction.float(), target.float(), timesteps, scheduler,
+        prediction.float(), noised.target.float(), noised.timesteps, scheduler,
         config.loss_type, config.min_snr_gamma,
     )  # fmt: skip
     scales = torch.tensor(batch.loss_scales, dtype=losses.dtype, device=losses.device)

@@ -184,30 +184,15 @@ def generate_samples(
     """
     if not requests:
         return []
-    config = (
-        bundle.noise_scheduler.config if noise_scheduler_config is None else noise_scheduler_config
-    )
-    drawing = _Drawing(
-        pipe=_build_pipeline(bundle, scheduler_name, config),
-        bundle=bundle,
-        scheduler_name=scheduler_name,
-        clip_skip=clip_skip,
-        guidance_rescale=ZERO_SNR_GUIDANCE_RESCALE if is_zero_terminal_snr(config) else 0.0,
-    )
+    drawing = _drawing(bundle, scheduler_name, clip_skip, noise_scheduler_config)
     drawing.pipe.set_progress_bar_config(disable=not show_progress_bars, leave=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "making %d sample images%s at step %d in %s",
         len(requests), f" ({name_suffix})" if name_suffix else "", step, out_dir,
     )  # fmt: skip
-    modules = [bundle.unet, bundle.text_encoder, bundle.vae]
     paths: list[Path] = []
-    with (
-        _sampling_mode(modules),
-        torch.random.fork_rng(devices=_forked_devices(device)),
-        torch.no_grad(),
-        _autocast(device) if autocast is None else autocast(),
-    ):
+    with _sampling_context(bundle, device, autocast):
         for index, request in enumerate(requests):
             path = out_dir / f"step-{step:06d}-{index:02d}{name_suffix}.png"
             image = _save_image(drawing, request, captions, path)
@@ -218,6 +203,42 @@ def generate_samples(
     if writer is not None:
         writer.flush()
     return paths
+
+
+def _drawing(
+    bundle: ModelBundle,
+    scheduler_name: str,
+    clip_skip: int,
+    noise_scheduler_config: Mapping[str, Any] | None,
+) -> _Drawing:
+    """The pipeline around the bundle's modules and what each image is drawn with."""
+    config = (
+        bundle.noise_scheduler.config if noise_scheduler_config is None else noise_scheduler_config
+    )
+    return _Drawing(
+        pipe=_build_pipeline(bundle, scheduler_name, config),
+        bundle=bundle,
+        scheduler_name=scheduler_name,
+        clip_skip=clip_skip,
+        guidance_rescale=ZERO_SNR_GUIDANCE_RESCALE if is_zero_terminal_snr(config) else 0.0,
+    )
+
+
+@contextlib.contextmanager
+def _sampling_context(
+    bundle: ModelBundle,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None,
+) -> Iterator[None]:
+    """Eval mode, a forked RNG, no gradients and the autocast, all undone afterwards."""
+    modules = [bundle.unet, bundle.text_encoder, bundle.vae]
+    with (
+        _sampling_mode(modules),
+        torch.random.fork_rng(devices=_forked_devices(device)),
+        torch.no_grad(),
+        _autocast(device) if autocast is None else autocast(),
+    ):
+        yield
 
 
 def _save_image(
