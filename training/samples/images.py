@@ -172,12 +172,9 @@ def generate_samples(
     must already be on ``device``. ``captions`` are the training captions that
     ``random_caption`` samples draw from.
 
-    ``autocast`` makes the context the models run in (the run's mixed precision); None: bf16
-    or fp16 autocast on CUDA, none elsewhere.
-
-    ``noise_scheduler_config`` is the config of the noise scheduler that trained (None: the
-    bundle's own, as loaded). The sampling scheduler is built from it; a zero-terminal-SNR
-    config samples with trailing timesteps and guidance rescale 0.7 (as EveryDream2).
+    ``autocast`` makes the models' autocast (None: bf16/fp16 on CUDA, none elsewhere);
+    ``noise_scheduler_config`` is the training noise scheduler's (None: the bundle's): a
+    zero-terminal-SNR one samples with trailing timesteps and guidance rescale 0.7.
 
     Training is unaffected: the global torch RNG state (CPU and ``device``), every module's
     train/eval mode and every parameter's ``requires_grad`` are as they were before.
