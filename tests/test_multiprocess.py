@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -12,7 +13,17 @@ import torch
 
 from models import load_models
 from models.text_keys import standard_text_encoder_state_dict
-from tests.e2e import ADAMW, REPO, checkpoints, run, trained_weights, write_config
+from tests.e2e import (
+    ADAMW,
+    EXAMPLE_DATA,
+    REPO,
+    checkpoints,
+    run,
+    run_folders,
+    scalars,
+    trained_weights,
+    write_config,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -38,8 +49,13 @@ def relative_difference(a: dict, b: dict) -> float:
 
 
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
+    """Training, resume and validation: 2 processes of batch B are 1 process of batch 2B."""
+    validation = tmp_path / "validation.json"
+    validation.write_text(json.dumps({"val_split_mode": "manual", "batch_size": 2,
+                                      "manual_data_root": str(EXAMPLE_DATA)}))  # fmt: skip
     keys = {"max_epochs": 2, "save_full_precision": True, "save_every_n_epochs": 1,
-            "save_optimizer": True, "grad_accum": 2, "embedding_perturbation": 0.1}  # fmt: skip
+            "save_optimizer": True, "grad_accum": 2, "embedding_perturbation": 0.1,
+            "validation_config": str(validation)}  # fmt: skip
     two = write_config(tmp_path / "two", ADAMW, batch_size=2, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=4, **keys)
     result = launch(two, 2)
@@ -47,6 +63,16 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
     assert "2 per process x 2 process(es) x 2 accumulation = 8 images" in result.stderr
     assert len(list((tmp_path / "two" / "logs").iterdir())) == 1  # the main process writes
     assert run(one) == 0
+
+    # Validation: the processes share the passes; the values are the one-process ones.
+    (two_folder,) = run_folders(tmp_path / "two")
+    (one_folder,) = run_folders(tmp_path / "one")
+    two_values, one_values = scalars(two_folder, "loss/val"), scalars(one_folder, "loss/val")
+    assert len(two_values) == len(one_values) == 3  # before training and after each epoch
+    # before training the weights are the same: only the summation order differs
+    assert two_values[0] == pytest.approx(one_values[0], rel=1e-6)
+    # later the weights differ by the all-reduce's float rounding
+    assert two_values[1:] == pytest.approx(one_values[1:], rel=1e-3)
     (a,) = checkpoints(tmp_path / "two", "last-")
     (b,) = checkpoints(tmp_path / "one", "last-")
     assert a.name == b.name  # same number of optimizer steps
