@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -117,7 +118,9 @@ class Evaluator:
         images = 0
         bar = tqdm(
             total=len(mine), desc=f"validate {eval_set.name}"[:30], unit="batch", leave=False,
-            ncols=BAR_WIDTH, dynamic_ncols=False, disable=not self.show_progress,
+            ncols=BAR_WIDTH, dynamic_ncols=False,
+            # a second bar moves the cursor: on a terminal only, never into a log file
+            disable=not (self.show_progress and sys.stderr.isatty()),
         )  # fmt: skip
         with bar, evaluation_mode(modules, self.device):
             for batch, latents in self._batches(eval_set, mine):
