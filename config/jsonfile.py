@@ -1,4 +1,4 @@
-"""Reading a hand-edited JSON file into a dict, with errors a person can act on."""
+"""Reading hand-edited text and JSON files, with errors a person can act on."""
 
 from __future__ import annotations
 
@@ -9,6 +9,28 @@ from typing import Any
 from config.errors import UserError
 
 
+def read_text_file(path: Path, what: str, kind: str) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark dropped).
+
+    ``what`` names the file's role and ``kind`` what it should be (``"a JSON file"``) in the
+    `UserError` for a missing file, a folder, bytes that are not UTF-8 (with the line) or
+    another OS error.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{what} {path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path}: is a folder, expected {kind}") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{what} {path}: line {line}: not UTF-8 text ({exc.reason})") from None
+
+
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """Load a JSON object from ``path``.
 
@@ -16,16 +38,7 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     A missing file, malformed JSON (with line and column) or a top level that is not an object
     raise UserError.
     """
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{what} {path}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path}: is a folder, expected a JSON file") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{what} {path}: not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise UserError(f"{what} {path}: cannot be read ({exc.strerror})") from None
+    text = read_text_file(path, what, "a JSON file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

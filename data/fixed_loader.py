@@ -6,13 +6,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from config.errors import UserError
 from data.batch import Batch
 from data.dataset import TrainDataset
-from data.loader import PREFETCH_BATCHES_PER_WORKER, BatchLoader, LoadFailure
+from data.loader import BatchLoader, LoadFailure, batch_loader
 from data.plan import BatchPlan
 
 
@@ -40,23 +39,10 @@ class FixedBatchDecoder(TorchDataset):
             return LoadFailure(error)
 
 
-def _unchanged(batch: Batch | LoadFailure) -> Batch | LoadFailure:
-    return batch
-
-
 def fixed_batch_loader(
     dataset: TrainDataset, plans: Sequence[BatchPlan], pin_memory: bool = False
 ) -> BatchLoader:
     """The decoded batches of ``plans`` in order, in ``dataset.num_workers`` workers (0: in this
     process). Iterating raises `DataRootChangedError` for a file that went bad."""
     workers = min(dataset.num_workers, len(plans))
-    loader = DataLoader(
-        FixedBatchDecoder(dataset, plans),
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_unchanged,
-        pin_memory=pin_memory,
-        prefetch_factor=PREFETCH_BATCHES_PER_WORKER if workers > 0 else None,
-    )
-    return BatchLoader(loader)
+    return batch_loader(FixedBatchDecoder(dataset, plans), workers, pin_memory)

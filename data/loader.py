@@ -194,9 +194,14 @@ def make_loader(
     `DataTransformError` for a transform's unusable result.
     """
     end = epoch + 1 if end_epoch is None else end_epoch
-    workers = dataset.num_workers
+    decoder = BatchDecoder(dataset, epoch, start_batch, end)
+    return batch_loader(decoder, dataset.num_workers, pin_memory)
+
+
+def batch_loader(decoder: TorchDataset, workers: int, pin_memory: bool) -> BatchLoader:
+    """A loader of the batches ``decoder`` makes (item i = batch i), in ``workers`` processes."""
     loader = DataLoader(
-        BatchDecoder(dataset, epoch, start_batch, end),
+        decoder,
         batch_size=None,
         shuffle=False,
         num_workers=workers,

@@ -22,7 +22,7 @@ from typing import Any
 from config import limits as lim
 from config.errors import ConfigError, UserError
 from config.fields import InvalidValueError, parse_fields, rule_of, setting
-from config.jsonfile import read_json_object
+from config.jsonfile import read_json_object, read_text_file
 from config.text import check_text, describe
 from training.samples.schedulers import scheduler_names, scheduler_problem
 from training.samples.settings import (
@@ -205,29 +205,13 @@ def _random_captions(
     )
 
 
-def _read_text(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{WHAT} {path}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{WHAT} {path}: is a folder, expected a .txt file") from None
-    except OSError as exc:
-        raise UserError(f"{WHAT} {path}: cannot be read ({exc.strerror})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{WHAT} {path}: line {line}: not UTF-8 text ({exc.reason})") from None
-
-
 def _load_txt(path: Path, resolution: int, seed: int, batch_size: int) -> SampleSettings:
     """One prompt a line; blank lines and ``#`` lines are skipped."""
     side = _default_side(resolution)
     base = SampleRequest(prompt="", seed=seed, width=side, height=side)
     prompts: list[str] = []
     problems: list[str] = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text_file(path, WHAT, "a .txt file").splitlines(), start=1):
         prompt = line.strip()
         if not prompt or prompt.startswith("#"):
             continue
