@@ -166,11 +166,9 @@ def generate_samples(
 ) -> list[Path]:
     """Make one image per request with the model being trained; return the PNG paths.
 
-    Each image is ``out_dir/step-{step:06d}-{index:02d}{name_suffix}.png`` with a ``.txt``
-    beside it (the prompt on the first line, then the settings used) and, with a ``writer``,
-    the TensorBoard image ``samples/{index}{name_suffix}`` at ``step``. The bundle's modules
-    must already be on ``device``. ``captions`` are the training captions that
-    ``random_caption`` samples draw from.
+    Each image is ``out_dir/step-{step:06d}-{index:02d}{name_suffix}.png`` with a ``.txt`` (the
+    prompt, then the settings used) and, with a ``writer``, the image ``samples/{index}{suffix}``
+    at ``step``. The modules must be on ``device``; ``random_caption`` draws from ``captions``.
 
     ``autocast`` makes the models' autocast (None: bf16/fp16 on CUDA, none elsewhere);
     ``noise_scheduler_config`` is the training noise scheduler's (None: the bundle's): a
