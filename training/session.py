@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -120,12 +121,13 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
         )  # fmt: skip
 
 
-def make_metrics(run: Run, folder: Path) -> Metrics:
-    """TensorBoard in the run folder, plus Weights & Biases with ``wandb: true``."""
+def make_metrics(run: Run, folder: Path, report: dict[str, Any]) -> Metrics:
+    """TensorBoard in the run folder, plus Weights & Biases with ``wandb: true`` (``report``,
+    the resolved configuration, is the W&B run's config)."""
     c = run.train.config
     sinks: list[Sink] = [TensorBoardSink(folder)]
     if c.wandb:
-        sinks.append(WandbSink(folder, c.project_name, c.run_name, dry_run_report(run)))
+        sinks.append(WandbSink(folder, c.project_name, c.run_name, report))
     return Metrics(sinks)
 
 
@@ -157,10 +159,11 @@ def run_training(
         log_path = stack.enter_context(log_file(folder))
         metrics = None
         if folder is not None:
-            write_json(folder / "config.json", dry_run_report(run))
+            report = dry_run_report(run)
+            write_json(folder / "config.json", report)
             logger.info("run folder: %s", folder)
             log_summary(run, precision.describe(), accelerator.num_processes)
-            metrics = make_metrics(run, folder)
+            metrics = make_metrics(run, folder, report)
             stack.callback(metrics.close)
         checkpoint_dir = folder if folder is not None else Path(c.logdir)
         if c.save_ckpt_dir is not None:

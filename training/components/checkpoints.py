@@ -9,6 +9,7 @@ trainer's own.)
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from config.train_config import TrainConfig
@@ -38,7 +39,7 @@ class PeriodicCheckpoints(Component):
     def on_training_start(self, trainer: Trainer) -> None:
         self._last_save = time.monotonic()
 
-    def on_checkpoint(self, trainer: Trainer, path: object, kind: str) -> None:
+    def on_checkpoint(self, trainer: Trainer, path: Path, kind: str) -> None:
         self._last_save = time.monotonic()
 
     def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
