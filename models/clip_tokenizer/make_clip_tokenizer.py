@@ -24,7 +24,6 @@ The output is deterministic: running the script again writes the same files.
 from __future__ import annotations
 
 import gzip
-import json
 import logging
 import subprocess
 import sys
@@ -34,12 +33,11 @@ from pathlib import Path
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
+from models.tokenizer.make_tokenizer import BOS, END_OF_WORD, EOS, write_files
+
 logger = logging.getLogger(__name__)
 
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-END_OF_WORD = "</w>"
-MODEL_MAX_LENGTH = 77
 VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 256 - 256 - 2
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -70,24 +68,9 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
 def write_tokenizer(bpe_file: Path, folder: Path) -> int:
     """Write the tokenizer files into ``folder``; returns the vocabulary size."""
     merges = read_merges(bpe_file)
-    vocab = build_vocab(merges)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", "utf-8")
-    merge_lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
-    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", "utf-8")
-    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "do_lower_case": True,
-        "add_prefix_space": False,
-        "errors": "replace",
-        "clean_up_tokenization_spaces": False,
-        **special,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", "utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", "utf-8")
-    return len(vocab)
+    return write_files(
+        folder, build_vocab(merges), merges, add_prefix_space=False, errors="replace"
+    )
 
 
 def download_bpe_file(folder: Path) -> Path:

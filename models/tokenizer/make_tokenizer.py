@@ -167,26 +167,34 @@ def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def write_tokenizer(folder: Path) -> int:
-    """Write the tokenizer files into ``folder``; returns the vocabulary size."""
-    lines = [line for line in CORPUS.strip().splitlines() if line.strip()]
-    merges = train_merges(lines)
-    vocab = build_vocab(merges)
+def write_files(
+    folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], **config: object
+) -> int:
+    """The four files of a CLIP tokenizer in ``folder`` (``config`` adds tokenizer_config
+    keys); returns the vocabulary size. Also used by ``models/clip_tokenizer``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", "utf-8")
     merge_lines = ["#version: 0.2"] + [f"{left} {right}" for left, right in merges]
     (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", "utf-8")
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
-    config = {
+    settings = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MODEL_MAX_LENGTH,
         "do_lower_case": True,
+        **config,
         "clean_up_tokenization_spaces": False,
         **special,
     }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", "utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n", "utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", "utf-8")
     return len(vocab)
+
+
+def write_tokenizer(folder: Path) -> int:
+    """Write the tokenizer files into ``folder``; returns the vocabulary size."""
+    lines = [line for line in CORPUS.strip().splitlines() if line.strip()]
+    merges = train_merges(lines)
+    return write_files(folder, build_vocab(merges), merges)
 
 
 if __name__ == "__main__":
