@@ -124,8 +124,11 @@ class Scenario:
 
     def holds_for(self, config: Config) -> bool:
         return (config.model, config.resolution, config.batch_size, config.optimizer) == (
-            self.model, self.resolution, self.batch_size, TARGET_OPTIMIZER,
-        )  # fmt: skip
+            self.model,
+            self.resolution,
+            self.batch_size,
+            TARGET_OPTIMIZER,
+        )
 
 
 CUDA_SCENARIO = Scenario("sd15-random", 512, 8)
@@ -192,18 +195,28 @@ class Window:
 
 def child_flags(config: Config, data_root: Path, folder: Path, extra: list[str]) -> list[str]:
     return [
-        "--resume_ckpt", config.model,
-        "--data_root", str(data_root),
-        "--resolution", str(config.resolution),
-        "--batch_size", str(config.batch_size),
-        "--max_epochs", "1000",  # the window ends the run long before
-        "--optimizer_config", str(write_optimizer_json(folder, config.optimizer)),
-        "--logdir", str(folder / "logs"),
-        "--project_name", "bench",
-        "--gradient_checkpointing", str(config.gradient_checkpointing).lower(),
-        "--cache_latents", str(config.cache_latents).lower(),
+        "--resume_ckpt",
+        config.model,
+        "--data_root",
+        str(data_root),
+        "--resolution",
+        str(config.resolution),
+        "--batch_size",
+        str(config.batch_size),
+        "--max_epochs",
+        "1000",  # the window ends the run long before
+        "--optimizer_config",
+        str(write_optimizer_json(folder, config.optimizer)),
+        "--logdir",
+        str(folder / "logs"),
+        "--project_name",
+        "bench",
+        "--gradient_checkpointing",
+        str(config.gradient_checkpointing).lower(),
+        "--cache_latents",
+        str(config.cache_latents).lower(),
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -310,9 +323,14 @@ def launch(spec: dict[str, Any], dry_run: bool, timeout: float, verbose: bool) -
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     try:
         done = subprocess.run(
-            command, env=env, timeout=timeout, text=True, stdout=subprocess.PIPE,
-            stderr=None if verbose else subprocess.PIPE, check=False,
-        )  # fmt: skip
+            command,
+            env=env,
+            timeout=timeout,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=None if verbose else subprocess.PIPE,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"status": "timeout"}
     for line in done.stdout.splitlines():
@@ -362,9 +380,13 @@ def measure_all(args: argparse.Namespace, configs: list[Config]) -> list[dict[st
                 "verbose": args.verbose,
             }
             row = launch(spec, args.dry_run_cpu, args.config_timeout, args.verbose)
-            row |= {"config": dataclasses.asdict(config), "device": device,
-                    "warmup": args.warmup, "steps": args.steps,
-                    "trainer_flags": args.trainer_flag}  # fmt: skip
+            row |= {
+                "config": dataclasses.asdict(config),
+                "device": device,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "trainer_flags": args.trainer_flag,
+            }
             rows.append(row)
             if args.results is not None:
                 with args.results.open("a", encoding="utf-8") as out:
@@ -437,8 +459,10 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]], scenario: 
         "training = 3 x (UNet + text encoder) + 1 x VAE encoder (0 when cached); "
         "checkpointing recompute not counted"
     )
-    print(f"{'model':<12} {'res':>4} {'UNet':>8} {'text enc':>8} {'VAE enc':>8} "
-          f"{'train/img':>9} {'cached':>8}")  # fmt: skip
+    print(
+        f"{'model':<12} {'res':>4} {'UNet':>8} {'text enc':>8} {'VAE enc':>8} "
+        f"{'train/img':>9} {'cached':>8}"
+    )
     seen = set()
     for row in rows:
         config = Config(**row["config"])
@@ -447,13 +471,17 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]], scenario: 
         seen.add((config.model, config.resolution))
         f = {k: v / 1e9 for k, v in row["flops"].items()}
         trained = 3 * (f["unet"] + f["text_encoder"])
-        print(f"{config.model:<12} {config.resolution:>4} {f['unet']:>8.4g} "
-              f"{f['text_encoder']:>8.4g} {f['vae_encoder']:>8.4g} "
-              f"{trained + f['vae_encoder']:>9.4g} {trained:>8.4g}")  # fmt: skip
+        print(
+            f"{config.model:<12} {config.resolution:>4} {f['unet']:>8.4g} "
+            f"{f['text_encoder']:>8.4g} {f['vae_encoder']:>8.4g} "
+            f"{trained + f['vae_encoder']:>9.4g} {trained:>8.4g}"
+        )
     print()
-    print(f"{'model':<12} {'res':>4} {'batch':>5} {'ckpt':>4} {'optimizer':<9} "
-          f"{'cached':<10} {'images/s':>8} {'step ms':>8} {'peak GiB':>8} {'MFU%':>5}  "
-          f"targets")  # fmt: skip
+    print(
+        f"{'model':<12} {'res':>4} {'batch':>5} {'ckpt':>4} {'optimizer':<9} "
+        f"{'cached':<10} {'images/s':>8} {'step ms':>8} {'peak GiB':>8} {'MFU%':>5}  "
+        f"targets"
+    )
     for row in rows:
         config = Config(**row["config"])
         head = (
@@ -467,11 +495,15 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]], scenario: 
         speed = images_per_second(row)
         peak_gib = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / GIB:.1f}"
         mfu = "n/a" if peak is None else f"{speed * training_flops(row) / (peak * 1e12):.1%}"
-        print(f"{head} {speed:>8.1f} {1000 * row['seconds'] / row['steps']:>8.1f} "
-              f"{peak_gib:>8} {mfu.rstrip('%'):>5}  {judge(row, rows, scenario)}")  # fmt: skip
+        print(
+            f"{head} {speed:>8.1f} {1000 * row['seconds'] / row['steps']:>8.1f} "
+            f"{peak_gib:>8} {mfu.rstrip('%'):>5}  {judge(row, rows, scenario)}"
+        )
     if args.dry_run_cpu:
-        print("dry run on the CPU: the code path is exercised; the figures and verdicts mean "
-              "nothing (the targets are for SD1.5 at 512 px on one H100)")  # fmt: skip
+        print(
+            "dry run on the CPU: the code path is exercised; the figures and verdicts mean "
+            "nothing (the targets are for SD1.5 at 512 px on one H100)"
+        )
     elif "H100" not in device.upper():
         print(f"note: the targets are for one H100; this device is {device}")
 
@@ -522,7 +554,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra train.py flag for every run, repeatable (e.g. --trainer-flag=--compile_unet)",
     )
     parser.add_argument("--verbose", action="store_true", help="the children's logs and bars")
-    return parser.parse_args(argv)  # fmt: skip
+    return parser.parse_args(argv)
 
 
 def _bool(text: str) -> bool:

@@ -205,9 +205,12 @@ def bare_batches(run: Run, epochs: list[list[Batch]]) -> list[BareBatch]:
     for batches in epochs:
         for batch in batches:
             ids = tokenizer(
-                batch.captions, padding="max_length", truncation=True,
-                max_length=tokenizer.model_max_length, return_tensors="pt",
-            ).input_ids  # fmt: skip
+                batch.captions,
+                padding="max_length",
+                truncation=True,
+                max_length=tokenizer.model_max_length,
+                return_tensors="pt",
+            ).input_ids
             result.append(BareBatch(batch.pixel_values, ids))
     return result
 
@@ -265,24 +268,35 @@ class Result:
         """Quartiles of each trainer block / the mean of the bare blocks just before and after
         it - 1 (cancels drift and the order within a pair)."""
         b = self.bare_seconds
-        ratios = [seconds / statistics.fmean(b[max(0, r - 1) : r + 1]) - 1
-                  for r, seconds in enumerate(self.trainer_seconds)]  # fmt: skip
+        ratios = [
+            seconds / statistics.fmean(b[max(0, r - 1) : r + 1]) - 1
+            for r, seconds in enumerate(self.trainer_seconds)
+        ]
         low, median, high = statistics.quantiles(ratios, n=4)
         return low, median, high
 
 
 def trainer_flags(args: argparse.Namespace, folder: Path, variant: str, epochs: int) -> list[str]:
     flags = [
-        "--resume_ckpt", args.model,
-        "--data_root", str(args.data_root),
-        "--resolution", str(args.resolution),
-        "--batch_size", str(args.batch_size),
-        "--max_epochs", str(epochs),
-        "--optimizer_config", str(write_optimizer_json(folder, "adamw")),
-        "--logdir", str(folder / "logs"),
-        "--project_name", f"bench-{variant}",
-        "--log_step", str(args.log_step),
-    ]  # fmt: skip
+        "--resume_ckpt",
+        args.model,
+        "--data_root",
+        str(args.data_root),
+        "--resolution",
+        str(args.resolution),
+        "--batch_size",
+        str(args.batch_size),
+        "--max_epochs",
+        str(epochs),
+        "--optimizer_config",
+        str(write_optimizer_json(folder, "adamw")),
+        "--logdir",
+        str(folder / "logs"),
+        "--project_name",
+        f"bench-{variant}",
+        "--log_step",
+        str(args.log_step),
+    ]
     if variant == "clip":
         flags += ["--clip_grad_norm", str(CLIP_VALUE)]
     return flags + args.trainer_flag
@@ -305,8 +319,9 @@ def measure(args: argparse.Namespace, variant: str) -> Result:
         run, accelerator = build_run_from_flags(trainer_flags(args, folder, variant, epochs))
         decoded = decode_epochs(run, epochs if variant == "predecoded" else min(epochs, 4))
         clip = CLIP_VALUE if variant == "clip" else None
-        hook = Interleaver(BareLoop(run, bare_batches(run, decoded), clip), warmup, steps,
-                           args.repeats)  # fmt: skip
+        hook = Interleaver(
+            BareLoop(run, bare_batches(run, decoded), clip), warmup, steps, args.repeats
+        )
         if variant == "calibration":
             other = BareLoop(run, bare_batches(run, decoded), clip)
             hook.bare.run_steps(warmup)
@@ -380,10 +395,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-step", type=int, default=25, help="train.json log_step")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument(
-        "--trainer-flag", action="append", default=[], metavar="FLAG",
+        "--trainer-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
         help="extra train.py flag for the trainer side, repeatable (e.g. --trainer-flag=--seed "
-             "--trainer-flag=7); it must not change the work the bare loop does",
-    )  # fmt: skip
+        "--trainer-flag=7); it must not change the work the bare loop does",
+    )
     parser.add_argument("--verbose", action="store_true", help="the trainer's INFO logs")
     return parser.parse_args(argv)
 

@@ -117,8 +117,10 @@ def top_level_table() -> str:
         "unfreeze_final_n_layers": None,
     }
     rows = _rows(OptimizerFile, top_defaults)
-    rows += [r.replace("| `", "| `text_encoder_freezing.", 1)
-             for r in _rows(FreezingConfig, freezing_defaults)]  # fmt: skip
+    rows += [
+        r.replace("| `", "| `text_encoder_freezing.", 1)
+        for r in _rows(FreezingConfig, freezing_defaults)
+    ]
     return "\n".join(HEADER + rows)
 
 

@@ -50,8 +50,9 @@ def ema_problems(loaded: LoadedTrainConfig) -> list[str]:
         if ignored:
             logger.warning(
                 "%s: no effect while EMA is off (set ema_decay_rate or ema_strength_target to "
-                "enable it)", ", ".join(loaded.where(key) for key in ignored),
-            )  # fmt: skip
+                "enable it)",
+                ", ".join(loaded.where(key) for key in ignored),
+            )
         return problems
     sampling = [key for key in changed if key.startswith("ema_sample_")]
     if sampling and c.sample_prompts is None:

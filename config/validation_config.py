@@ -181,9 +181,16 @@ def load_validation_config(path: Path) -> ValidationSettings:
     if problems:
         raise ConfigError(problems)
     assert manual_root is None or isinstance(manual_root, Path)
-    names = ("validate_training", "val_split_mode", "auto_split_proportion",
-             "stabilize_training_loss", "stabilize_split_proportion", "seed",
-             "use_relative_loss", "batch_size")  # fmt: skip
+    names = (
+        "validate_training",
+        "val_split_mode",
+        "auto_split_proportion",
+        "stabilize_training_loss",
+        "stabilize_split_proportion",
+        "seed",
+        "use_relative_loss",
+        "batch_size",
+    )
     return ValidationSettings(
         path=path,
         manual_data_root=manual_root,
@@ -203,8 +210,11 @@ def _lenient_booleans(data: dict[str, Any], where: str) -> dict[str, Any]:
             out[name] = value.strip().lower() == "true"
             logger.warning(
                 "%s: %s: the string %s is read as %s (write it without quotes)",
-                where, name, describe(value), str(out[name]).lower(),
-            )  # fmt: skip
+                where,
+                name,
+                describe(value),
+                str(out[name]).lower(),
+            )
     return out
 
 

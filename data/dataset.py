@@ -167,12 +167,18 @@ class TrainDataset:
         content = {
             "images": [[str(getattr(i, name)) for name in names] for i in self.images],
             "settings": [
-                settings.resolution, settings.batch_size, settings.seed, settings.shuffle_tags,
-                settings.keep_tags, settings.world_size, settings.grad_accum,
-                settings.rated_dataset, settings.rated_dataset_target_dropout_percent,
+                settings.resolution,
+                settings.batch_size,
+                settings.seed,
+                settings.shuffle_tags,
+                settings.keep_tags,
+                settings.world_size,
+                settings.grad_accum,
+                settings.rated_dataset,
+                settings.rated_dataset_target_dropout_percent,
                 settings.max_epochs if settings.rated_dataset else None,
             ],
-        }  # fmt: skip
+        }
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
     def write_schedule(self, epoch: int, path: Path) -> None:

@@ -52,8 +52,14 @@ def for_evaluation(records: Sequence[ImageRecord]) -> list[ImageRecord]:
     """The records as they are evaluated: each once (multiply 1), never flipped, the whole
     caption (no tag shuffling, no conditional dropout), unweighted, in the common pool;
     renumbered. Images with multiply 0 are left out."""
-    plain = {"multiply": 1.0, "flip_p": 0.0, "cond_dropout": 0.0, "loss_scale": 1.0,
-             "shuffle_tags": False, "batch_id": None}  # fmt: skip
+    plain = {
+        "multiply": 1.0,
+        "flip_p": 0.0,
+        "cond_dropout": 0.0,
+        "loss_scale": 1.0,
+        "shuffle_tags": False,
+        "batch_id": None,
+    }
     return renumbered([dataclasses.replace(r, **plain) for r in records if r.multiply > 0])
 
 

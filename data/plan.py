@@ -158,9 +158,12 @@ def build_plan(
             caption = image.caption
             if image.shuffle_tags:
                 caption = render_caption(
-                    image.parts, image.weights, augment, settings.keep_tags,
+                    image.parts,
+                    image.weights,
+                    augment,
+                    settings.keep_tags,
                     image.max_caption_length,
-                )  # fmt: skip
+                )
             items.append(
                 PlanItem(image.index, str(image.path), caption, flipped, image.loss_scale, dropped)
             )

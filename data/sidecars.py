@@ -75,9 +75,11 @@ class SidecarKeys:
         None, "With rated_dataset: relative chance to be kept.", minimum=0.0, maximum=MAX_RATING
     )
     max_caption_length: int | None = setting(
-        None, "Shuffled captions stop before this many characters.", minimum=1,
+        None,
+        "Shuffled captions stop before this many characters.",
+        minimum=1,
         maximum=MAX_CAPTION_LENGTH,
-    )  # fmt: skip
+    )
     image: Any = setting(None, "EveryDream2's image path of a yaml; not used (images are scanned).")
 
 
@@ -94,8 +96,14 @@ class TagKeys:
 YAML_KEYS = tuple(f.name for f in dataclasses.fields(SidecarKeys))
 # Settings of an image: the nearest file that sets one wins.
 SETTING_KEYS = (
-    "multiply", "flip_p", "cond_dropout", "loss_scale", "batch_id", "rating", "max_caption_length"
-)  # fmt: skip
+    "multiply",
+    "flip_p",
+    "cond_dropout",
+    "loss_scale",
+    "batch_id",
+    "rating",
+    "max_caption_length",
+)
 _NUMBER_KEYS = ("multiply", "flip_p", "cond_dropout", "loss_scale", "rating", "max_caption_length")
 # (type, rule) of each key, looked up once (a tag list may hold 100,000s of mappings)
 _CHECKS = {

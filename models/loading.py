@@ -158,8 +158,9 @@ def load_models(resume_ckpt: str, prediction_type: str | None = None) -> ModelBu
         if prediction_type != bundle.prediction_type:
             logger.info(
                 "prediction_type %s replaces the model's own %s",
-                prediction_type, bundle.prediction_type,
-            )  # fmt: skip
+                prediction_type,
+                bundle.prediction_type,
+            )
         bundle.noise_scheduler = DDPMScheduler.from_config(
             bundle.noise_scheduler.config, prediction_type=prediction_type
         )

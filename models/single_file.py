@@ -81,8 +81,10 @@ def write_single_file(path: Path, bundle: ModelBundle, full_precision: bool) -> 
         yaml_file.unlink()
     logger.info(
         "single file written to %s in %.1f s (%s)",
-        path, time.monotonic() - started, "fp32" if full_precision else "fp16",
-    )  # fmt: skip
+        path,
+        time.monotonic() - started,
+        "fp32" if full_precision else "fp16",
+    )
     return path
 
 

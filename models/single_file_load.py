@@ -222,8 +222,9 @@ def prediction_type_of(path: Path, open_clip: bool) -> str:
     logger.info(
         "prediction type %s: the default for %s single files without a .yaml beside them (set "
         "prediction_type in train.json to override)",
-        prediction, "SD2.x" if open_clip else "SD1.x",
-    )  # fmt: skip
+        prediction,
+        "SD2.x" if open_clip else "SD1.x",
+    )
     return prediction
 
 

@@ -304,8 +304,13 @@ def _resolve_base(base: OptimizerSection, train: LoadedTrainConfig, where: str) 
             if file_value is not None and file_value != main[0]:
                 logger.warning(
                     "%s %s=%s replaces %s: base.%s=%s",
-                    main[1], key, main[0], where, key, file_value,
-                )  # fmt: skip
+                    main[1],
+                    key,
+                    main[0],
+                    where,
+                    key,
+                    file_value,
+                )
         elif file_value is not None:
             values[key], sources[key] = file_value, OPTIMIZER_JSON
         elif key == "betas":
@@ -350,5 +355,8 @@ def _warn_adaptive(config: OptimizerConfig) -> None:
             logger.warning(
                 "%s uses %s with lr=%g and weight_decay=%g: this optimizer adapts its step "
                 "size and expects lr around 0.1-1.0 (weight_decay around 0.8 works well)",
-                model, settings.name, lr, wd,
-            )  # fmt: skip
+                model,
+                settings.name,
+                lr,
+                wd,
+            )

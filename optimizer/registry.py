@@ -37,23 +37,38 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion": OptimizerSpec("lion_pytorch", "Lion", "lion-pytorch", _LION),
     "lion8bit": OptimizerSpec("bitsandbytes.optim", "Lion8bit", "bitsandbytes", _LION),
     "dadapt_adam": OptimizerSpec(
-        "dadaptation", "DAdaptAdam", "dadaptation",
-        (*_ADAM, "d0", "decouple", "growth_rate"), adaptive=True,
+        "dadaptation",
+        "DAdaptAdam",
+        "dadaptation",
+        (*_ADAM, "d0", "decouple", "growth_rate"),
+        adaptive=True,
     ),
     "dadapt_lion": OptimizerSpec(
         "dadaptation", "DAdaptLion", "dadaptation", (*_LION, "d0"), adaptive=True
     ),
     "dadapt_sgd": OptimizerSpec(
-        "dadaptation", "DAdaptSGD", "dadaptation",
-        ("lr", "momentum", "weight_decay", "d0", "growth_rate"), adaptive=True,
-    ),
-    "prodigy": OptimizerSpec(
-        "prodigyopt", "Prodigy", "prodigyopt",
-        (*_ADAM, "d0", "decouple", "use_bias_correction", "safeguard_warmup", "growth_rate",
-         "slice_p"),
+        "dadaptation",
+        "DAdaptSGD",
+        "dadaptation",
+        ("lr", "momentum", "weight_decay", "d0", "growth_rate"),
         adaptive=True,
     ),
-}  # fmt: skip
+    "prodigy": OptimizerSpec(
+        "prodigyopt",
+        "Prodigy",
+        "prodigyopt",
+        (
+            *_ADAM,
+            "d0",
+            "decouple",
+            "use_bias_correction",
+            "safeguard_warmup",
+            "growth_rate",
+            "slice_p",
+        ),
+        adaptive=True,
+    ),
+}
 
 # optimizer.json key → constructor keyword, where they differ.
 _KEYWORD = {"epsilon": "eps"}

@@ -47,8 +47,11 @@ def call(plugin: BasePlugin, hook: str, *args: Any, **kwargs: Any) -> Any:
     if elapsed > LIMITS[hook]:
         logger.warning(
             "plugin %s took %.2f s, longer than the %g s EveryDream2 allows %s hooks",
-            name, elapsed, LIMITS[hook], hook.removeprefix("on_").split("_")[0],
-        )  # fmt: skip
+            name,
+            elapsed,
+            LIMITS[hook],
+            hook.removeprefix("on_").split("_")[0],
+        )
     return result
 
 

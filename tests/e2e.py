@@ -56,8 +56,12 @@ def run_subprocess(config: Path, *flags: str, timeout: float = 300) -> subproces
     """train.py in a fresh Python, as a user runs it."""
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), "--config", str(config), *flags],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=os.environ.copy(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=os.environ.copy(),
+    )
 
 
 def run_folders(folder: Path) -> list[Path]:
@@ -69,9 +73,10 @@ def checkpoints(folder: Path, prefix: str = "") -> list[Path]:
     found = []
     for run_folder in run_folders(folder):
         found += sorted(
-            p for p in run_folder.iterdir()
+            p
+            for p in run_folder.iterdir()
             if p.is_dir() and p.name.startswith(prefix) and (p / "model_index.json").exists()
-        )  # fmt: skip
+        )
     return found
 
 
@@ -81,8 +86,10 @@ def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     Text-encoder keys are the standard ``text_model.…`` ones whichever file they come from.
     """
     weights = {}
-    for name, file in (("unet", "diffusion_pytorch_model.safetensors"),
-                       ("text_encoder", "model.safetensors")):  # fmt: skip
+    for name, file in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
         exact = checkpoint / "training_state" / f"{name}.safetensors"
         source = exact if exact.exists() else checkpoint / name / file
         for key, value in load_file(source).items():

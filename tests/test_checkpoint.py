@@ -169,9 +169,13 @@ def test_pipeline_folder_loads_and_makes_an_image(request, tmp_path, model, full
     assert pipeline.scheduler.config.prediction_type == bundle.prediction_type
     if not full_precision:  # fp16 files: the components must still load in one dtype
         image = pipeline(
-            "a photo", num_inference_steps=1, height=64, width=64, output_type="np",
+            "a photo",
+            num_inference_steps=1,
+            height=64,
+            width=64,
+            output_type="np",
             generator=torch.Generator().manual_seed(0),
-        ).images  # fmt: skip
+        ).images
         assert image.shape == (1, 64, 64, 3)
         assert np.isfinite(image).all()
 
@@ -294,8 +298,10 @@ def test_frozen_weights_that_changed_at_the_base_are_not_used(sd21, tmp_path, ca
     assert torch.equal(
         loaded.vae.encoder.conv_in.weight, sd21.vae.encoder.conv_in.weight.half().float()
     )
-    assert torch.equal(loaded.text_encoder.state_dict()["final_layer_norm.weight"],
-                       sd21.text_encoder.state_dict()["final_layer_norm.weight"])  # fmt: skip
+    assert torch.equal(
+        loaded.text_encoder.state_dict()["final_layer_norm.weight"],
+        sd21.text_encoder.state_dict()["final_layer_norm.weight"],
+    )
 
 
 def test_frozen_models_exact_in_fp16_need_no_reference(sd21):

@@ -43,8 +43,11 @@ def test_batch_id_images_are_batched_only_together_leftovers_join_the_pool(tmp_p
         batches = dataset.epoch_batches(epoch)
         assert len(batches) == 7
         folders = [_names(dataset, batch) for batch in batches]
-        square_horse_batches = [f for f, b in zip(folders, batches, strict=True)
-                                if b.bucket == (64, 64) and "horses" in f]  # fmt: skip
+        square_horse_batches = [
+            f
+            for f, b in zip(folders, batches, strict=True)
+            if b.bucket == (64, 64) and "horses" in f
+        ]
         assert square_horse_batches == [["horses", "horses"]] * 2
         for batch in batches:
             assert len({dataset.images[i.image_index].bucket for i in batch.items}) == 1
@@ -212,8 +215,13 @@ def test_rated_dataset_keeps_fewer_images_each_epoch_by_rating(tmp_path):
 def test_rated_dataset_off_or_at_100_percent_keeps_everything(tmp_path):
     _rated_dataset(tmp_path, count=5)
     off = load(tmp_path, batch_size=1, max_epochs=10)
-    kept = load(tmp_path, batch_size=1, max_epochs=10, rated_dataset=True,
-                rated_dataset_target_dropout_percent=100)  # fmt: skip
+    kept = load(
+        tmp_path,
+        batch_size=1,
+        max_epochs=10,
+        rated_dataset=True,
+        rated_dataset_target_dropout_percent=100,
+    )
     for epoch in (0, 5, 9):
         assert len(_used(off, epoch)) == len(_used(kept, epoch)) == 10
     assert off.steps_in_run() == 100
@@ -222,8 +230,13 @@ def test_rated_dataset_off_or_at_100_percent_keeps_everything(tmp_path):
 def test_rated_dataset_kept_images_keep_their_multiply(tmp_path):
     _rated_dataset(tmp_path, count=5)
     (tmp_path / "high" / "multiply.txt").write_text("2", "utf-8")
-    dataset = load(tmp_path, batch_size=1, max_epochs=4, rated_dataset=True,
-                   rated_dataset_target_dropout_percent=0)  # fmt: skip
+    dataset = load(
+        tmp_path,
+        batch_size=1,
+        max_epochs=4,
+        rated_dataset=True,
+        rated_dataset_target_dropout_percent=0,
+    )
     used = _used(dataset, 3)  # keeps ceil(10 × (4 − 2) / 4) = 5 images
     assert len(used) == 5
     for index, count in used.items():

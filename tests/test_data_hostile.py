@@ -126,9 +126,11 @@ def test_an_unreadable_subfolder_is_listed_in_skipped(tmp_path, monkeypatch, cap
         dataset = load(tmp_path)
     assert [image.path.name for image in dataset.images] == ["good.png"]
     assert dataset.skipped == [
-        {"path": locked, "reason": "folder cannot be read (Permission denied); its images are "
-                                   "not used"}
-    ]  # fmt: skip
+        {
+            "path": locked,
+            "reason": "folder cannot be read (Permission denied); its images are not used",
+        }
+    ]
     assert f"skipping {locked}: folder cannot be read" in caplog.text
 
 

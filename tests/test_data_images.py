@@ -39,9 +39,15 @@ def test_small_resolutions_use_a_step_of_16_and_still_have_wide_buckets(resoluti
 def test_512_bucket_list():
     wide = [b for b in make_buckets(512) if b[0] > b[1]]
     assert sorted(wide) == [
-        (576, 448), (640, 384), (704, 320), (768, 320),
-        (832, 256), (896, 256), (960, 256), (1024, 256),
-    ]  # fmt: skip
+        (576, 448),
+        (640, 384),
+        (704, 320),
+        (768, 320),
+        (832, 256),
+        (896, 256),
+        (960, 256),
+        (1024, 256),
+    ]
 
 
 def test_nearest_aspect_on_a_log_scale():

@@ -168,5 +168,7 @@ def test_in_process_loading_decodes_each_image_once(tmp_path, monkeypatch):
         set(calls_as_tuples)
     )  # each (image, flip) decoded once over 4 epochs
     fresh = list(make_loader(dataset, 3))
-    assert all(torch.equal(a.pixel_values, b.pixel_values)
-               for a, b in zip(batches[-len(fresh):], fresh, strict=True))  # fmt: skip
+    assert all(
+        torch.equal(a.pixel_values, b.pixel_values)
+        for a, b in zip(batches[-len(fresh) :], fresh, strict=True)
+    )

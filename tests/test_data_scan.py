@@ -55,8 +55,14 @@ def test_bad_files_are_skipped_with_one_warning_each(tmp_path, caplog):
     assert [image.path.name for image in dataset.images] == ["good.png"]
     reasons = {entry["path"].rsplit("/", 1)[-1]: entry["reason"] for entry in dataset.skipped}
     assert set(reasons) == {
-        "truncated.jpg", "zero.png", "text.png", "garbage.jpg", "thin.png", "tiny.png", "strip.png"
-    }  # fmt: skip
+        "truncated.jpg",
+        "zero.png",
+        "text.png",
+        "garbage.jpg",
+        "thin.png",
+        "tiny.png",
+        "strip.png",
+    }
     assert "truncated" in reasons["truncated.jpg"].lower()
     assert reasons["zero.png"] == "empty file (0 bytes)"
     assert reasons["text.png"] == "not an image file that Pillow can read"

@@ -97,8 +97,9 @@ def test_caption_transform_after_shuffle_before_dropout(tmp_path, workers):
     assert seen == [item.caption for item in plan.items]  # the shuffled captions
     assert all(caption.startswith("main ") for caption in seen)
 
-    dropped, recorder = _dataset(tmp_path / "dropped", dataloader_num_workers=workers,
-                                 cond_dropout=1.0)  # fmt: skip
+    dropped, recorder = _dataset(
+        tmp_path / "dropped", dataloader_num_workers=workers, cond_dropout=1.0
+    )
     [batch] = list(make_loader(dropped, 0))
     assert batch.captions == ("", "", "")  # a dropped caption stays empty
     # EveryDream2 runs the caption transform before dropout, on the caption as planned

@@ -13,9 +13,18 @@ from tests.e2e import REPO, run, run_subprocess, write_config
 
 PRESETS = ["optimizer.json", "optimizerSD21.json", "optimizer_dadapt.json"]
 MODEL_KEYS = {
-    "optimizer", "class", "lr", "betas", "epsilon", "weight_decay", "lr_scheduler",
-    "lr_warmup_steps", "lr_decay_steps", "params", "trainable_parameters",
-}  # fmt: skip
+    "optimizer",
+    "class",
+    "lr",
+    "betas",
+    "epsilon",
+    "weight_decay",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "lr_decay_steps",
+    "params",
+    "trainable_parameters",
+}
 
 
 def dry_run(capsys, config, *flags: str) -> dict:
@@ -35,9 +44,13 @@ def test_shipped_train_json_dry_runs_with_json_on_stdout_only():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_dry_runs_on_both_tiny_models(capsys, preset, model):
     report = dry_run(
-        capsys, REPO / "train.json", "--optimizer_config", str(REPO / preset),
-        "--resume_ckpt", model,
-    )  # fmt: skip
+        capsys,
+        REPO / "train.json",
+        "--optimizer_config",
+        str(REPO / preset),
+        "--resume_ckpt",
+        model,
+    )
     for name in ("unet", "text_encoder"):
         assert set(report[name]) >= MODEL_KEYS
     layers = 12 if model == "tiny-sd15" else 23
@@ -68,8 +81,7 @@ def test_dry_run_values_and_sources(capsys, tmp_path):
     assert report["sources"]["unet.lr"] == "cli"
     assert report["sources"]["text_encoder.lr"] == "scaled from base"
     assert report["sources"]["unet.betas"] == "default"
-    assert unet["params"] == {"lr": 2e-6, "betas": [0.9, 0.999], "eps": 1e-8,
-                              "weight_decay": 0.01}  # fmt: skip
+    assert unet["params"] == {"lr": 2e-6, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
     steps = report["data"]["steps_per_epoch"] * 10
     assert unet["lr_decay_steps"] == steps * 3 // 2
     assert unet["lr_warmup_steps"] == unet["lr_decay_steps"] // 50  # EveryDream2: int(decay / 50)
@@ -99,14 +111,21 @@ BAD_INPUTS = [
     ("optimizer", {}, {"base": {"optimizer": "adam"}}, "base.optimizer"),
     ("betas", {}, {"base": {"betas": [0.9]}}, "base.betas: expected a list of 2 numbers"),
     ("nested_key", {}, {"text_encoder_overrides": {"weight_decai": 0}}, "weight_decay"),
-    ("freeze_beyond", {}, {"text_encoder_freezing": {"freeze_front_n_layers": 13}},
-     "beyond the text encoder's 12 layers"),
-    ("contradiction", {},
-     {"text_encoder_freezing": {"freeze_front_n_layers": 2, "unfreeze_final_n_layers": 2}},
-     "contradicts"),
+    (
+        "freeze_beyond",
+        {},
+        {"text_encoder_freezing": {"freeze_front_n_layers": 13}},
+        "beyond the text encoder's 12 layers",
+    ),
+    (
+        "contradiction",
+        {},
+        {"text_encoder_freezing": {"freeze_front_n_layers": 2, "unfreeze_final_n_layers": 2}},
+        "contradicts",
+    ),
     ("missing_data", {"data_root": "no/such/folder"}, None, "data_root"),
     ("model_typo", {"resume_ckpt": "tiny-sd1.5"}, None, "did you mean 'tiny-sd15'"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "train", "optimizer", "fragment"), BAD_INPUTS)
@@ -154,5 +173,6 @@ def test_dry_run_reports_memory_per_model(capsys, tmp_path):
     assert memory["unet"]["gradients_bytes"] == 4 * unet_params
     assert memory["text_encoder"]["optimizer_state_bytes"] == 4 * te_params
     assert memory["vae"]["optimizer_state_bytes"] == 0
-    assert memory["total_bytes"] == sum(memory[m]["total_bytes"] for m in
-                                        ("unet", "text_encoder", "vae"))  # fmt: skip
+    assert memory["total_bytes"] == sum(
+        memory[m]["total_bytes"] for m in ("unet", "text_encoder", "vae")
+    )

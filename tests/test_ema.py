@@ -46,9 +46,17 @@ def fake_trainer(bundle: SimpleNamespace, main: bool = True) -> SimpleNamespace:
 
 
 def settings(**changes) -> EmaSettings:
-    values = dict(decay=0.9, interval=2, device=torch.device("cpu"), device_setting="cpu",
-                  strength_target=None, total_steps=10, sample_trained=False, sample_ema=True,
-                  start_model=None)  # fmt: skip
+    values = dict(
+        decay=0.9,
+        interval=2,
+        device=torch.device("cpu"),
+        device_setting="cpu",
+        strength_target=None,
+        total_steps=10,
+        sample_trained=False,
+        sample_ema=True,
+        start_model=None,
+    )
     return EmaSettings(**(values | changes))
 
 
@@ -149,14 +157,20 @@ def test_ema_device_cuda_means_the_training_device():
 
 @pytest.mark.parametrize(
     ("nonema", "ema", "suffixes"),
-    [(False, False, ["_ema"]), (True, False, [""]), (False, True, ["_ema"]),
-     (True, True, ["", "_ema"])],
-)  # fmt: skip
+    [
+        (False, False, ["_ema"]),
+        (True, False, [""]),
+        (False, True, ["_ema"]),
+        (True, True, ["", "_ema"]),
+    ],
+)
 def test_which_weights_samples_are_drawn_with(nonema, ema, suffixes):
     config = TrainConfig(
-        resume_ckpt="tiny-sd15", ema_decay_rate=0.9, ema_sample_nonema_model=nonema,
+        resume_ckpt="tiny-sd15",
+        ema_decay_rate=0.9,
+        ema_sample_nonema_model=nonema,
         ema_sample_ema_model=ema,
-    )  # fmt: skip
+    )
     resolved = ema_settings(config, 10, torch.device("cpu"))
     component = EMA(resolved)
     component.on_training_start(fake_trainer(tiny_bundle()))
@@ -164,19 +178,25 @@ def test_which_weights_samples_are_drawn_with(nonema, ema, suffixes):
 
 
 BAD = [
-    ({"ema_decay_rate": 0.99, "ema_strength_target": 0.1},
-     "give ema_decay_rate or ema_strength_target, not both"),
+    (
+        {"ema_decay_rate": 0.99, "ema_strength_target": 0.1},
+        "give ema_decay_rate or ema_strength_target, not both",
+    ),
     ({"ema_strength_target": 1.0}, "ema_strength_target: must be < 1, got 1"),
     ({"ema_decay_rate": 0}, "ema_decay_rate: must be > 0, got 0"),
     ({"ema_decay_rate": 0.9, "ema_update_interval": 0}, "ema_update_interval: must be >= 1"),
     ({"ema_decay_rate": 0.9, "ema_device": "gpu"}, "is not one of: cpu, cuda"),
     ({"ema_resume_model": "tiny-sd15"}, "ema_resume_model: EMA is off"),
     ({"ema_sample_ema_model": True}, "ema_sample_ema_model: EMA is off"),
-    ({"ema_decay_rate": 0.9, "ema_resume_model": "no/such/model"},
-     "ema_resume_model: 'no/such/model' is not a built-in model"),
-    ({"ema_decay_rate": 0.9, "ema_resume_model": "findlast"},
-     "ema_resume_model: findlast found no checkpoint of project 'myproj'"),
-]  # fmt: skip
+    (
+        {"ema_decay_rate": 0.9, "ema_resume_model": "no/such/model"},
+        "ema_resume_model: 'no/such/model' is not a built-in model",
+    ),
+    (
+        {"ema_decay_rate": 0.9, "ema_resume_model": "findlast"},
+        "ema_resume_model: findlast found no checkpoint of project 'myproj'",
+    ),
+]
 
 
 @pytest.mark.parametrize(("keys", "fragment"), BAD)

@@ -18,8 +18,15 @@ pytestmark = pytest.mark.slow
 
 ADAMW = {"base": {"optimizer": "adamw"}}
 # 7 optimizer steps per epoch; EMA updates at steps 3, 6, 9, 12; samples at steps 7 and 14.
-KEYS = {"max_epochs": 2, "lr": 1e-3, "ema_decay_rate": 0.7, "ema_update_interval": 3,
-        "save_every_n_epochs": 1, "save_optimizer": True, "sample_steps": 7}  # fmt: skip
+KEYS = {
+    "max_epochs": 2,
+    "lr": 1e-3,
+    "ema_decay_rate": 0.7,
+    "ema_update_interval": 3,
+    "save_every_n_epochs": 1,
+    "save_optimizer": True,
+    "sample_steps": 7,
+}
 PROMPTS = {"seed": 5, "cfgs": [3], "num_inference_steps": 2, "samples": [{"prompt": "a cat"}]}
 
 
@@ -54,9 +61,14 @@ def straight(tmp_path_factory) -> Path:
     """2 epochs in one run, EMA in CPU memory, samples with both weights."""
     folder = tmp_path_factory.mktemp("straight")
     config = write_config(
-        folder, ADAMW, **KEYS, sample_prompts=sample_prompts(folder), ema_device="cpu",
-        ema_sample_nonema_model=True, ema_sample_ema_model=True,
-    )  # fmt: skip
+        folder,
+        ADAMW,
+        **KEYS,
+        sample_prompts=sample_prompts(folder),
+        ema_device="cpu",
+        ema_sample_nonema_model=True,
+        ema_sample_ema_model=True,
+    )
     assert run(config) == 0
     return folder
 
@@ -90,8 +102,10 @@ def test_every_checkpoint_has_a_loadable_ema_pipeline_beside_it(straight):
     assert {name.split(".")[0] for name in averaged} == {"unet", "text_encoder"}
     for name, value in averaged.items():
         assert torch.equal(loaded[name], value.half().float()), name  # fp16 files
-    assert all(not torch.equal(averaged[n], live[n]) for n in ("unet.conv_in.weight",
-               "text_encoder.final_layer_norm.weight"))  # fmt: skip
+    assert all(
+        not torch.equal(averaged[n], live[n])
+        for n in ("unet.conv_in.weight", "text_encoder.final_layer_norm.weight")
+    )
     single = StableDiffusionPipeline.from_single_file(
         str(ema_folder) + ".safetensors", config=str(ema_folder)
     )
@@ -116,8 +130,12 @@ def test_two_n_steps_equal_n_plus_resume_plus_n_for_the_ema_too(straight, resume
 def test_samples_are_drawn_with_both_weights_when_asked(straight):
     (run_folder,) = run_folders(straight)
     names = sorted(p.name for p in (run_folder / "samples").glob("*.png"))
-    assert names == ["step-000007-00.png", "step-000007-00_ema.png",
-                     "step-000014-00.png", "step-000014-00_ema.png"]  # fmt: skip
+    assert names == [
+        "step-000007-00.png",
+        "step-000007-00_ema.png",
+        "step-000014-00.png",
+        "step-000014-00_ema.png",
+    ]
     samples = run_folder / "samples"
     trained, averaged = (samples / n for n in ("step-000014-00.png", "step-000014-00_ema.png"))
     assert trained.read_bytes() != averaged.read_bytes()
@@ -133,10 +151,17 @@ def started_from_another_model(straight, tmp_path_factory) -> Path:
     old_run.mkdir(parents=True)
     shutil.copytree(last.with_name(f"{last.name}_ema"), old_run / f"{last.name}_ema")
     config = write_config(
-        folder, ADAMW, max_epochs=1, ema_decay_rate=0.9, ema_update_interval=500,
-        ema_resume_model="findlast", disable_textenc_training=True, no_save_ckpt=True,
-        sample_prompts=sample_prompts(folder), sample_steps=7,
-    )  # fmt: skip
+        folder,
+        ADAMW,
+        max_epochs=1,
+        ema_decay_rate=0.9,
+        ema_update_interval=500,
+        ema_resume_model="findlast",
+        disable_textenc_training=True,
+        no_save_ckpt=True,
+        sample_prompts=sample_prompts(folder),
+        sample_steps=7,
+    )
     assert run(config) == 0
     return folder
 

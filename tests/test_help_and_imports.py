@@ -56,8 +56,15 @@ def test_help_groups_flags_and_lists_allowed_values() -> None:
     text = build_parser().format_help()
     positions = [text.index(f"\n{title}:\n") for title in GROUPS.values()]
     assert positions == sorted(positions)
-    titles = ("model and precision", "training data", "optimizer", "checkpoints",
-              "sample images", "run folder and logging", "run length and LR schedule")  # fmt: skip
+    titles = (
+        "model and precision",
+        "training data",
+        "optimizer",
+        "checkpoints",
+        "sample images",
+        "run folder and logging",
+        "run length and LR schedule",
+    )
     for title in titles:
         assert any(t.startswith(title) for t in GROUPS.values()), title
     flat = " ".join(text.split())
@@ -71,8 +78,11 @@ def test_flags_are_in_their_group(group: str) -> None:
     parser = build_parser()
     (section,) = [g for g in parser._action_groups if g.title == GROUPS[group]]
     flags = {a.dest for a in section._group_actions}
-    expected = {"samples": "sample_prompts", "checkpoints": "save_every_n_epochs",
-                "everydream2": "ed1_mode"}[group]  # fmt: skip
+    expected = {
+        "samples": "sample_prompts",
+        "checkpoints": "save_every_n_epochs",
+        "everydream2": "ed1_mode",
+    }[group]
     assert expected in flags
 
 

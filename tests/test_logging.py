@@ -17,10 +17,12 @@ from training.components.progress import BAR_FORMAT, WIDTH, postfix_text, rate_t
     [(1, 7, 0.5, 0.0123), (123_456, 999_999, 3600 * 99, 1234.5), (10**8 - 1, 10**8, 1e6, 55.5)],
 )
 def test_the_progress_bar_fits_80_columns(step, total, elapsed, rate):
-    postfix = postfix_text(epoch=99_999, max_epochs=100_000, loss=12345.678, lr=1.2345e-6,
-                           images_per_second=rate)  # fmt: skip
-    line = tqdm.format_meter(step, total, elapsed, ncols=WIDTH, bar_format=BAR_FORMAT,
-                             postfix=postfix, unit="step")  # fmt: skip
+    postfix = postfix_text(
+        epoch=99_999, max_epochs=100_000, loss=12345.678, lr=1.2345e-6, images_per_second=rate
+    )
+    line = tqdm.format_meter(
+        step, total, elapsed, ncols=WIDTH, bar_format=BAR_FORMAT, postfix=postfix, unit="step"
+    )
     assert len(line) <= WIDTH, line
     assert "0.0 img/s" not in line
 
@@ -40,8 +42,9 @@ def logged_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("logged")
     prompts = folder / "prompts.txt"
     prompts.write_text("a red circle\n")
-    config = write_config(folder, ADAMW, max_epochs=1, log_step=1, sample_prompts=str(prompts),
-                          sample_steps=7)  # fmt: skip
+    config = write_config(
+        folder, ADAMW, max_epochs=1, log_step=1, sample_prompts=str(prompts), sample_steps=7
+    )
     assert run(config) == 0
     (run_folder,) = run_folders(folder)
     return run_folder
@@ -49,9 +52,17 @@ def logged_run(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "tag",
-    ["loss/log_step", "loss/epoch", "hyperparameter/lr unet", "hyperparameter/lr text encoder",
-     "performance/images per second", "performance/minutes per epoch", "loss/train", "lr/unet"],
-)  # fmt: skip
+    [
+        "loss/log_step",
+        "loss/epoch",
+        "hyperparameter/lr unet",
+        "hyperparameter/lr text encoder",
+        "performance/images per second",
+        "performance/minutes per epoch",
+        "loss/train",
+        "lr/unet",
+    ],
+)
 def test_tensorboard_has_everydream2s_tags_and_ours(logged_run, tag):
     assert scalars(logged_run, tag)
 
@@ -86,11 +97,17 @@ def test_wandb_logs_the_same_scalars_and_samples_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    config = write_config(tmp_path, ADAMW, max_epochs=1, log_step=1, wandb=True,
-                          sample_prompts=str(prompts), sample_steps=7)  # fmt: skip
+    config = write_config(
+        tmp_path,
+        ADAMW,
+        max_epochs=1,
+        log_step=1,
+        wandb=True,
+        sample_prompts=str(prompts),
+        sample_steps=7,
+    )
     assert run(config) == 0
-    for tag in ("loss/train", "loss/log_step", "hyperparameter/lr unet", "loss/epoch",
-                "samples/0"):  # fmt: skip
+    for tag in ("loss/train", "loss/log_step", "hyperparameter/lr unet", "loss/epoch", "samples/0"):
         assert tag in logged, sorted(logged)
     assert logged["loss/train"] == list(range(1, 8))
     (run_folder,) = run_folders(tmp_path)

@@ -30,10 +30,23 @@ pytestmark = pytest.mark.multiprocess
 
 def launch(config: Path, processes: int, *flags: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-        "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(REPO / "train.py"), "--config", str(config), *flags,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "train.py"),
+        "--config",
+        str(config),
+        *flags,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
@@ -51,11 +64,20 @@ def relative_difference(a: dict, b: dict) -> float:
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
     """Training, resume and validation: 2 processes of batch B are 1 process of batch 2B."""
     validation = tmp_path / "validation.json"
-    validation.write_text(json.dumps({"val_split_mode": "manual", "batch_size": 2,
-                                      "manual_data_root": str(EXAMPLE_DATA)}))  # fmt: skip
-    keys = {"max_epochs": 2, "save_full_precision": True, "save_every_n_epochs": 1,
-            "save_optimizer": True, "grad_accum": 2, "embedding_perturbation": 0.1,
-            "validation_config": str(validation)}  # fmt: skip
+    validation.write_text(
+        json.dumps(
+            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(EXAMPLE_DATA)}
+        )
+    )
+    keys = {
+        "max_epochs": 2,
+        "save_full_precision": True,
+        "save_every_n_epochs": 1,
+        "save_optimizer": True,
+        "grad_accum": 2,
+        "embedding_perturbation": 0.1,
+        "validation_config": str(validation),
+    }
     two = write_config(tmp_path / "two", ADAMW, batch_size=2, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=4, **keys)
     result = launch(two, 2)
@@ -81,8 +103,9 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
 
     # A two-process run resumed from its epoch-1 checkpoint ends where the straight one did.
     (middle,) = checkpoints(tmp_path / "two", "myproj-ep01")
-    resumed = write_config(tmp_path / "resumed", ADAMW, batch_size=2, **keys,
-                           resume_ckpt=str(middle))  # fmt: skip
+    resumed = write_config(
+        tmp_path / "resumed", ADAMW, batch_size=2, **keys, resume_ckpt=str(middle)
+    )
     result = launch(resumed, 2)
     assert result.returncode == 0, result.stderr[-4000:]
     (c,) = checkpoints(tmp_path / "resumed", "last-")
@@ -132,10 +155,22 @@ def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_p
     script.write_text(PATCHED_TRAIN.format(repo=str(REPO)))
     config = write_config(tmp_path, ADAMW, max_epochs=1, grad_accum=2)
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(script), "--config", str(config),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        "--config",
+        str(config),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "non-finite loss at epoch 1 batch 3" in result.stderr

@@ -425,6 +425,8 @@ def test_caption_tokenizer_cache_matches_the_tokenizer_and_stays_bounded():
     tokens = CaptionTokenizer(tokenizer, capacity=3)
     captions = ["a red circle", "", "a blue square, stripes", "a red circle"]
     assert torch.equal(tokens(captions), tokenize(tokenizer, captions))
-    assert torch.equal(tokens(["x", "y", "z", "a red circle"]),
-                       tokenize(tokenizer, ["x", "y", "z", "a red circle"]))  # fmt: skip
+    assert torch.equal(
+        tokens(["x", "y", "z", "a red circle"]),
+        tokenize(tokenizer, ["x", "y", "z", "a red circle"]),
+    )
     assert len(tokens._ids) == 3

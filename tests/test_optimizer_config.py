@@ -59,9 +59,11 @@ def test_shipped_optimizer_json_trains_text_encoder_at_half_lr(tmp_path):
 def test_text_encoder_nulls_are_copied_from_base(tmp_path):
     config = resolve(
         tmp_path,
-        {"base": {"optimizer": "lion", "betas": [0.95, 0.98], "weight_decay": 0.1},
-         "text_encoder_overrides": {"optimizer": None, "betas": None}},
-    )  # fmt: skip
+        {
+            "base": {"optimizer": "lion", "betas": [0.95, 0.98], "weight_decay": 0.1},
+            "text_encoder_overrides": {"optimizer": None, "betas": None},
+        },
+    )
     te = config.text_encoder
     assert te.name == "lion"
     assert te.settings.betas == (0.95, 0.98)
@@ -93,11 +95,15 @@ def test_explicit_zero_text_encoder_lr_is_not_replaced(tmp_path):
 def test_explicit_text_encoder_lr_survives_cli_lr_and_ignores_scale(tmp_path):
     config = resolve(
         tmp_path,
-        {"base": {"lr": 1e-6}, "text_encoder_overrides": {"lr": 3e-7},
-         "text_encoder_lr_scale": 0.5},
+        {
+            "base": {"lr": 1e-6},
+            "text_encoder_overrides": {"lr": 3e-7},
+            "text_encoder_lr_scale": 0.5,
+        },
         None,
-        "--lr", "2e-6",
-    )  # fmt: skip
+        "--lr",
+        "2e-6",
+    )
     assert config.unet.settings.lr == 2e-6
     assert config.unet.sources["lr"] == "cli"
     assert config.text_encoder.settings.lr == 3e-7
@@ -117,8 +123,9 @@ def test_cli_beats_train_json_beats_optimizer_json(tmp_path):
         tmp_path,
         {"base": {"lr": 1e-6, "lr_scheduler": "cosine", "lr_warmup_steps": 5}},
         {"lr": 2e-6, "lr_scheduler": "linear"},
-        "--lr", "3e-6",
-    )  # fmt: skip
+        "--lr",
+        "3e-6",
+    )
     assert config.unet.settings.lr == 3e-6
     assert config.unet.settings.lr_scheduler == "linear"
     assert config.unet.settings.lr_warmup_steps == 5
@@ -248,9 +255,12 @@ def test_relative_optimizer_file_found_next_to_train_json(tmp_path, monkeypatch)
 def test_cli_optimizer_config_beats_train_json(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"base": {"optimizer": "lion"}}))
     config = resolve(
-        tmp_path, {"base": {"optimizer": "adamw"}}, None,
-        "--optimizer_config", str(tmp_path / "other.json"),
-    )  # fmt: skip
+        tmp_path,
+        {"base": {"optimizer": "adamw"}},
+        None,
+        "--optimizer_config",
+        str(tmp_path / "other.json"),
+    )
     assert config.unet.name == "lion"
 
 
@@ -289,9 +299,11 @@ def test_explicit_betas_are_kept_for_lion(tmp_path):
     # an explicit base value is inherited by a Lion text encoder too
     config = resolve(
         tmp_path,
-        {"base": {"optimizer": "adamw", "betas": [0.8, 0.95]},
-         "text_encoder_overrides": {"optimizer": "lion"}},
-    )  # fmt: skip
+        {
+            "base": {"optimizer": "adamw", "betas": [0.8, 0.95]},
+            "text_encoder_overrides": {"optimizer": "lion"},
+        },
+    )
     assert config.text_encoder.settings.betas == (0.8, 0.95)
     assert config.text_encoder.sources["betas"] == "inherited from base"
 

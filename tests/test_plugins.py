@@ -66,15 +66,43 @@ class CountingPlugin(BasePlugin):
 EVERYDREAM2_KEYWORDS = {
     "on_training_start": ["log_folder", "project_name"],
     "on_training_end": [],
-    "on_epoch_start": ["arg_update_callback", "data_root", "epoch", "epoch_length",
-                       "global_step", "log_folder", "project_name"],
-    "on_epoch_end": ["arg_update_callback", "data_root", "epoch", "global_step", "log_folder",
-                     "project_name"],
-    "on_step_start": ["batch", "ed_state", "epoch", "global_step", "local_step", "log_folder",
-                      "project_name"],
-    "on_step_end": ["batch", "data_root", "ed_state", "epoch", "global_step", "local_step",
-                    "log_folder", "project_name"],
-}  # fmt: skip
+    "on_epoch_start": [
+        "arg_update_callback",
+        "data_root",
+        "epoch",
+        "epoch_length",
+        "global_step",
+        "log_folder",
+        "project_name",
+    ],
+    "on_epoch_end": [
+        "arg_update_callback",
+        "data_root",
+        "epoch",
+        "global_step",
+        "log_folder",
+        "project_name",
+    ],
+    "on_step_start": [
+        "batch",
+        "ed_state",
+        "epoch",
+        "global_step",
+        "local_step",
+        "log_folder",
+        "project_name",
+    ],
+    "on_step_end": [
+        "batch",
+        "data_root",
+        "ed_state",
+        "epoch",
+        "global_step",
+        "local_step",
+        "log_folder",
+        "project_name",
+    ],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -82,8 +110,13 @@ def fresh_plugin_modules(monkeypatch):
     """Each test imports its own plugins (a real run imports them once per process)."""
     monkeypatch.setattr(plugins, "__path__", list(plugins.__path__))
     yield
-    ours = {"plugins", "plugins.plugins", "plugins.loading", "plugins.runner",
-            "plugins.example_plugin"}  # fmt: skip
+    ours = {
+        "plugins",
+        "plugins.plugins",
+        "plugins.loading",
+        "plugins.runner",
+        "plugins.example_plugin",
+    }
     for name in [n for n in sys.modules if n.startswith("plugins.") and n not in ours]:
         del sys.modules[name]
 
@@ -95,16 +128,21 @@ def plugin_folder(folder: Path, name: str, source: str) -> None:
 
 def test_an_everydream2_plugin_sees_every_hook_with_everydream2s_arguments(tmp_path):
     plugin_folder(tmp_path, "counting", COUNTING_PLUGIN)
-    config = write_config(tmp_path, ADAMW, plugins=["plugins.counting.CountingPlugin"],
-                          write_schedule=True)  # fmt: skip
+    config = write_config(
+        tmp_path, ADAMW, plugins=["plugins.counting.CountingPlugin"], write_schedule=True
+    )
     assert run(config) == 0
     (report_file,) = (tmp_path / "logs").glob("*/plugin-report.json")
     report = json.loads(report_file.read_text())
     batches = 7 * 2  # 7 batches per epoch, 2 epochs
     assert report["calls"] == {
-        "on_training_start": 1, "on_epoch_start": 2, "on_step_start": batches,
-        "on_step_end": batches, "on_epoch_end": 2, "on_training_end": 1,
-    }  # fmt: skip
+        "on_training_start": 1,
+        "on_epoch_start": 2,
+        "on_step_start": batches,
+        "on_step_end": batches,
+        "on_epoch_end": 2,
+        "on_training_end": 1,
+    }
     assert report["keys"] == EVERYDREAM2_KEYWORDS
     epochs_and_local_steps = [(epoch, local) for epoch, local, _ in report["steps"]]
     assert epochs_and_local_steps == [(e, s) for e in range(2) for s in range(7)]
@@ -123,8 +161,9 @@ def test_caption_transforms_reach_the_step(tmp_path, monkeypatch):
         return real(self, captions)
 
     monkeypatch.setattr(step.CaptionTokenizer, "__call__", record)
-    config = write_config(tmp_path, ADAMW, max_epochs=1, cond_dropout=0.0,
-                          plugins=["plugins.counting.CountingPlugin"])  # fmt: skip
+    config = write_config(
+        tmp_path, ADAMW, max_epochs=1, cond_dropout=0.0, plugins=["plugins.counting.CountingPlugin"]
+    )
     assert run(config) == 0
     assert seen and all(c.endswith(", seen by the plugin") for c in seen if c)
 
@@ -136,14 +175,19 @@ def test_caption_transforms_reach_the_step(tmp_path, monkeypatch):
         ("plugins.mine.Missing", "x = 1\n", "module plugins.mine has no class 'Missing'"),
         ("plugins.mine.NotOne", "class NotOne:\n    pass\n", "NotOne is not a plugin"),
         ("Plugin", None, "'Plugin': expected 'module.Class'"),
-        ("plugins.mine.Broken",
-         "from plugins.plugins import BasePlugin\nclass Broken(BasePlugin):\n"
-         "    def __init__(self):\n        raise ValueError('no config file')\n",
-         "constructing Broken() failed: ValueError: no config file"),
-        ("plugins.mine.X", "import not_installed_package\n",
-         "no module named 'not_installed_package'"),
+        (
+            "plugins.mine.Broken",
+            "from plugins.plugins import BasePlugin\nclass Broken(BasePlugin):\n"
+            "    def __init__(self):\n        raise ValueError('no config file')\n",
+            "constructing Broken() failed: ValueError: no config file",
+        ),
+        (
+            "plugins.mine.X",
+            "import not_installed_package\n",
+            "no module named 'not_installed_package'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_plugin_entry_is_exit_2_before_any_model_loads(
     tmp_path, monkeypatch, caplog, entry, source, expected
 ):
@@ -160,14 +204,18 @@ def test_a_bad_plugin_entry_is_exit_2_before_any_model_loads(
 
 
 def test_a_slow_hook_gets_a_warning_naming_it(tmp_path, monkeypatch, caplog):
-    plugin_folder(tmp_path, "slow", """
+    plugin_folder(
+        tmp_path,
+        "slow",
+        """
         import time
         from plugins.plugins import BasePlugin
 
         class Slow(BasePlugin):
             def on_epoch_end(self, **kwargs):
                 time.sleep(0.05)
-    """)  # fmt: skip
+    """,
+    )
     monkeypatch.setitem(runner.LIMITS, "on_epoch_end", 0.01)
     config = write_config(tmp_path, ADAMW, max_epochs=1, plugins=["plugins.slow.Slow"])
     assert run(config) == 0
@@ -176,13 +224,17 @@ def test_a_slow_hook_gets_a_warning_naming_it(tmp_path, monkeypatch, caplog):
 
 
 def test_arg_update_callback_changes_grad_accum_from_the_next_epoch(tmp_path):
-    plugin_folder(tmp_path, "accum", """
+    plugin_folder(
+        tmp_path,
+        "accum",
+        """
         from plugins.plugins import BasePlugin
 
         class Accum(BasePlugin):
             def on_epoch_end(self, **kwargs):
                 kwargs["arg_update_callback"]("grad_accum", 2)
-    """)  # fmt: skip
+    """,
+    )
     config = write_config(tmp_path, ADAMW, plugins=["plugins.accum.Accum"])
     assert run(config) == 0
     # epoch 1: 7 steps of 1 batch; epoch 2: windows of 2, 2, 2, 1 batches
@@ -192,7 +244,8 @@ def test_arg_update_callback_changes_grad_accum_from_the_next_epoch(tmp_path):
 
 def test_the_example_plugin_runs(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    config = write_config(tmp_path, ADAMW, max_epochs=1,
-                          plugins=["plugins.example_plugin.ExampleLoggingPlugin"])  # fmt: skip
+    config = write_config(
+        tmp_path, ADAMW, max_epochs=1, plugins=["plugins.example_plugin.ExampleLoggingPlugin"]
+    )
     assert run(config) == 0
     assert "ExampleLoggingPlugin.on_epoch_end: epoch=0" in caplog.text

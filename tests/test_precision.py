@@ -14,9 +14,13 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize(
     ("capability", "expected"),
-    [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
-     ((9, 0), torch.bfloat16)],
-)  # fmt: skip
+    [
+        ((7, 5), torch.float16),
+        ((7, 0), torch.float16),
+        ((8, 0), torch.bfloat16),
+        ((9, 0), torch.bfloat16),
+    ],
+)
 def test_auto_picks_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, expected):
     """T4/V100/RTX 20xx emulate bf16 (torch's is_bf16_supported may say yes): they get fp16."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -42,8 +46,14 @@ def test_disable_amp_contradicting_mixed_precision_is_an_error(tmp_path):
 
 
 PATHS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-KEYS = {"batch_size": 4, "max_epochs": 4, "save_every_n_epochs": 2, "save_optimizer": True,
-        "cond_dropout": 0.0, "flip_p": 0.0}  # fmt: skip
+KEYS = {
+    "batch_size": 4,
+    "max_epochs": 4,
+    "save_every_n_epochs": 2,
+    "save_optimizer": True,
+    "cond_dropout": 0.0,
+    "flip_p": 0.0,
+}
 OPTIMIZER = {"base": {"optimizer": "adamw", "lr": 1e-3}}
 
 

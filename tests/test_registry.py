@@ -36,10 +36,18 @@ EXPECTED_KEYWORDS = {
     "dadapt_lion": {"lr", "betas", "weight_decay", "d0"},
     "dadapt_sgd": {"lr", "momentum", "weight_decay", "d0", "growth_rate"},
     "prodigy": {
-        "lr", "betas", "eps", "weight_decay", "d0", "decouple", "use_bias_correction",
-        "safeguard_warmup", "growth_rate", "slice_p",
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "d0",
+        "decouple",
+        "use_bias_correction",
+        "safeguard_warmup",
+        "growth_rate",
+        "slice_p",
     },
-}  # fmt: skip
+}
 
 VALUES = {**{k: getattr(BUILTIN, k) for k in SECTION_KEYS}, "lr": 1e-3}
 

@@ -61,17 +61,23 @@ def test_a_time_checkpoint_at_the_end_of_an_epoch_resumes_exactly(straight, tmp_
 
 
 def test_a_crash_leaves_a_resumable_checkpoint_and_one_line_on_screen(straight, tmp_path, caplog):
-    entry = write_plugin(tmp_path / "crash", "raising_plugin", """
+    entry = write_plugin(
+        tmp_path / "crash",
+        "raising_plugin",
+        """
         class Plugin(BasePlugin):
             def on_step_end(self, **kwargs):
                 if kwargs["global_step"] == 5:
                     raise RuntimeError("boom")
-    """)  # fmt: skip
+    """,
+    )
     config = write_config(tmp_path / "crash", ADAMW, plugins=[entry])
     assert run(config) == 1
     assert "Traceback" not in caplog.text  # what the screen shows
-    assert "training crashed: PluginError: plugin Plugin.on_step_end raised RuntimeError: boom"\
-        in caplog.text  # fmt: skip
+    assert (
+        "training crashed: PluginError: plugin Plugin.on_step_end raised RuntimeError: boom"
+        in caplog.text
+    )
     (folder,) = run_folders(tmp_path / "crash")
     log = (folder / "train.log").read_text()
     assert "Traceback" in log and "RuntimeError: boom" in log
@@ -88,13 +94,17 @@ def test_a_crash_leaves_a_resumable_checkpoint_and_one_line_on_screen(straight, 
 def test_data_deleted_mid_run_is_one_line_and_keeps_the_training(tmp_path, caplog):
     data = tmp_path / "data"
     shutil.copytree(Path(__file__).resolve().parent.parent / "examples" / "data", data)
-    entry = write_plugin(tmp_path / "run", "deleting_plugin", f"""
+    entry = write_plugin(
+        tmp_path / "run",
+        "deleting_plugin",
+        f"""
         import shutil
         class Plugin(BasePlugin):
             def on_step_end(self, **kwargs):
                 if kwargs["global_step"] == 2:
                     shutil.rmtree({str(data)!r})
-    """)  # fmt: skip
+    """,
+    )
     config = write_config(tmp_path / "run", ADAMW, data_root=str(data), plugins=[entry])
     assert run(config) == 2
     assert "Traceback" not in caplog.text
@@ -104,13 +114,17 @@ def test_data_deleted_mid_run_is_one_line_and_keeps_the_training(tmp_path, caplo
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
-    entry = write_plugin(tmp_path, "signalling_plugin", """
+    entry = write_plugin(
+        tmp_path,
+        "signalling_plugin",
+        """
         class Plugin(BasePlugin):
             def on_step_end(self, **kwargs):
                 if kwargs["global_step"] == 2:
                     os.kill(os.getpid(), signal.SIGINT)
                     os.kill(os.getpid(), signal.SIGINT)
-    """)  # fmt: skip
+    """,
+    )
     result = run_subprocess(write_config(tmp_path, ADAMW, plugins=[entry]))
     assert result.returncode == 130
     assert "Traceback" not in result.stderr
@@ -156,8 +170,9 @@ def test_a_partial_training_state_is_an_error_naming_what_is_missing(straight, t
 
 
 def test_zero_terminal_snr_is_saved_with_the_checkpoint(tmp_path):
-    config = write_config(tmp_path, ADAMW, max_epochs=1, enable_zero_terminal_snr=True,
-                          resume_ckpt="tiny-sd21")  # fmt: skip
+    config = write_config(
+        tmp_path, ADAMW, max_epochs=1, enable_zero_terminal_snr=True, resume_ckpt="tiny-sd21"
+    )
     assert run(config) == 0
     (last,) = checkpoints(tmp_path, "last-")
     scheduler = json.loads((last / "scheduler" / "scheduler_config.json").read_text())
@@ -176,8 +191,9 @@ def test_gradient_checkpointing_covers_a_frozen_unet_that_the_text_encoder_train
     from training.build import build_from_command_line
     from training.session import prepare_models
 
-    config = write_config(tmp_path / "built", ADAMW, disable_unet_training=True,
-                          gradient_checkpointing=True)  # fmt: skip
+    config = write_config(
+        tmp_path / "built", ADAMW, disable_unet_training=True, gradient_checkpointing=True
+    )
     built, accelerator = build_from_command_line(parse_command_line(["--config", str(config)]))
     models = prepare_models(built, accelerator)
     assert built.unet is None and models.bundle.unet.is_gradient_checkpointing
@@ -194,8 +210,12 @@ def test_gradient_checkpointing_covers_a_frozen_unet_that_the_text_encoder_train
 
 
 def test_a_frozen_model_is_not_copied_and_still_resumes_exactly(tmp_path):
-    keys = {"max_epochs": 2, "disable_unet_training": True, "save_every_n_epochs": 1,
-            "save_optimizer": True}  # fmt: skip
+    keys = {
+        "max_epochs": 2,
+        "disable_unet_training": True,
+        "save_every_n_epochs": 1,
+        "save_optimizer": True,
+    }
     straight = write_config(tmp_path / "straight", ADAMW, **keys)
     assert run(straight) == 0
     (middle,) = checkpoints(tmp_path / "straight", "myproj-ep01")
@@ -213,6 +233,7 @@ def test_a_frozen_model_is_not_copied_and_still_resumes_exactly(tmp_path):
 
         restore_full_precision_weights(checkpoint, bundle)
         base = load_models("tiny-sd15")
-        assert all(torch.equal(v, base.unet.state_dict()[k])
-                   for k, v in bundle.unet.state_dict().items())  # fmt: skip
+        assert all(
+            torch.equal(v, base.unet.state_dict()[k]) for k, v in bundle.unet.state_dict().items()
+        )
     assert same_weights(full, continued)

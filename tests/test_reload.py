@@ -23,8 +23,14 @@ class Edit(BasePlugin):
 
 def test_live_keys_change_between_epochs_and_the_others_are_reported(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    config = write_config(tmp_path, ADAMW, max_epochs=2, log_step=1,
-                          load_settings_every_epoch=True, plugins=["editing.Edit"])  # fmt: skip
+    config = write_config(
+        tmp_path,
+        ADAMW,
+        max_epochs=2,
+        log_step=1,
+        load_settings_every_epoch=True,
+        plugins=["editing.Edit"],
+    )
     (tmp_path / "editing.py").write_text(EDITING_PLUGIN.format(path=str(config)))
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
@@ -35,8 +41,9 @@ def test_live_keys_change_between_epochs_and_the_others_are_reported(tmp_path, c
 
 
 def test_a_broken_edit_keeps_the_settings_in_force(tmp_path, caplog):
-    config = write_config(tmp_path, ADAMW, max_epochs=2, load_settings_every_epoch=True,
-                          plugins=["breaking.Break"])  # fmt: skip
+    config = write_config(
+        tmp_path, ADAMW, max_epochs=2, load_settings_every_epoch=True, plugins=["breaking.Break"]
+    )
     (tmp_path / "breaking.py").write_text(
         "from plugins.plugins import BasePlugin\n\n"
         "class Break(BasePlugin):\n"

@@ -176,9 +176,15 @@ def test_the_training_noise_scheduler_config_is_used(
     monkeypatch.setattr(DDPMScheduler, "set_timesteps", spy)
     plain = generate_samples(bundle, [request()], 0, CPU, tmp_path / "a", 1, scheduler_name="ddpm")
     rescaled = generate_samples(
-        bundle, [request()], 0, CPU, tmp_path / "b", 1, scheduler_name="ddpm",
+        bundle,
+        [request()],
+        0,
+        CPU,
+        tmp_path / "b",
+        1,
+        scheduler_name="ddpm",
         noise_scheduler_config=ztsnr.config,
-    )  # fmt: skip
+    )
     assert seen == ["leading", "trailing"]
     assert "guidance_rescale: 0" in plain[0].with_suffix(".txt").read_text(encoding="utf-8")
     described = rescaled[0].with_suffix(".txt").read_text(encoding="utf-8")

@@ -26,8 +26,15 @@ from tests.e2e import (
 @pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sd21"])
 def test_loss_is_finite_and_decreases(tmp_path, model):
     optimizer = {"base": {"optimizer": "adamw", "lr": 1e-3}}
-    config = write_config(tmp_path, optimizer, resume_ckpt=model, max_epochs=6, log_step=7,
-                          cond_dropout=0.0, flip_p=0.0)  # fmt: skip
+    config = write_config(
+        tmp_path,
+        optimizer,
+        resume_ckpt=model,
+        max_epochs=6,
+        log_step=7,
+        cond_dropout=0.0,
+        flip_p=0.0,
+    )
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     losses = scalars(folder, "loss/train")  # one average per epoch
@@ -50,18 +57,25 @@ def test_run_folder_has_config_events_and_a_loadable_checkpoint(tmp_path, model)
     (last,) = checkpoints(tmp_path, "last-")
     pipe = StableDiffusionPipeline.from_pretrained(last)
     image = pipe(
-        "a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+        "a red circle",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
         generator=torch.Generator().manual_seed(0),
-    ).images[0]  # fmt: skip
+    ).images[0]
     assert image.shape == (64, 64, 3)
 
 
 def test_training_changes_weights_but_not_frozen_layers(tmp_path):
     freezing = {"freeze_embeddings": True, "freeze_front_n_layers": -6}
     config = write_config(
-        tmp_path, {**ADAMW, "text_encoder_freezing": freezing}, resume_ckpt="tiny-sd21",
-        max_epochs=1, save_full_precision=True,
-    )  # fmt: skip
+        tmp_path,
+        {**ADAMW, "text_encoder_freezing": freezing},
+        resume_ckpt="tiny-sd21",
+        max_epochs=1,
+        save_full_precision=True,
+    )
     assert run(config) == 0
     (last,) = checkpoints(tmp_path, "last-")
     from models import load_models
@@ -94,16 +108,26 @@ def test_disable_textenc_training_leaves_text_encoder_unchanged(tmp_path):
 
 @pytest.mark.parametrize(
     "optimizer",
-    ["adamw", "adamw8bit", "lion", "lion8bit", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
-     "prodigy"],
-)  # fmt: skip
+    [
+        "adamw",
+        "adamw8bit",
+        "lion",
+        "lion8bit",
+        "dadapt_adam",
+        "dadapt_lion",
+        "dadapt_sgd",
+        "prodigy",
+    ],
+)
 def test_every_optimizer_trains_end_to_end(tmp_path, optimizer):
     adaptive = optimizer.startswith("dadapt") or optimizer == "prodigy"
     lr = 1.0 if adaptive else 1e-4
     config = write_config(
-        tmp_path, {"base": {"optimizer": optimizer, "lr": lr, "weight_decay": 0.01}},
-        max_epochs=1, lr=None,
-    )  # fmt: skip
+        tmp_path,
+        {"base": {"optimizer": optimizer, "lr": lr, "weight_decay": 0.01}},
+        max_epochs=1,
+        lr=None,
+    )
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     assert all(torch.isfinite(torch.tensor(scalars(folder, "loss/train"))))
@@ -115,8 +139,14 @@ def test_every_optimizer_trains_end_to_end(tmp_path, optimizer):
 def test_two_n_steps_equal_n_plus_resume_plus_n(tmp_path):
     """Exact resume at an epoch boundary, with accumulation and a warm-up/cosine schedule."""
     optimizer = {"base": {"optimizer": "adamw8bit", "lr": 1e-4, "lr_scheduler": "cosine"}}
-    keys = {"max_epochs": 4, "grad_accum": 2, "save_every_n_epochs": 2, "save_optimizer": True,
-            "shuffle_tags": True, "zero_frequency_noise_ratio": 0.1}  # fmt: skip
+    keys = {
+        "max_epochs": 4,
+        "grad_accum": 2,
+        "save_every_n_epochs": 2,
+        "save_optimizer": True,
+        "shuffle_tags": True,
+        "zero_frequency_noise_ratio": 0.1,
+    }
     straight = write_config(tmp_path / "straight", optimizer, **keys)
     assert run(straight) == 0
     (middle,) = checkpoints(tmp_path / "straight", "myproj-")
@@ -170,8 +200,9 @@ def test_sigint_saves_a_resumable_checkpoint_that_resumes_exactly(tmp_path):
     """Ctrl-C mid-window: the window is finished, an exact resume point is saved, exit 0."""
     keys = {"max_epochs": 2, "grad_accum": 3, "log_step": 1}
     straight = write_config(tmp_path / "straight", ADAMW, **keys)
-    interrupted = write_config(tmp_path / "interrupted", ADAMW, **keys,
-                               plugins=["sigint_plugin.Interrupt"])  # fmt: skip
+    interrupted = write_config(
+        tmp_path / "interrupted", ADAMW, **keys, plugins=["sigint_plugin.Interrupt"]
+    )
     (tmp_path / "interrupted" / "sigint_plugin.py").write_text(SIGNALLING_PLUGIN)
     assert run(interrupted) == 0
     (saved,) = checkpoints(tmp_path / "interrupted", "interrupted-")
@@ -190,9 +221,14 @@ def test_sigint_saves_a_resumable_checkpoint_that_resumes_exactly(tmp_path):
 
 def test_periodic_checkpoints_follow_the_keys(tmp_path):
     config = write_config(
-        tmp_path, ADAMW, max_epochs=4, save_every_n_epochs=1, save_ckpts_from_n_epochs=2,
-        project_name="proj", no_prepend_last=True,
-    )  # fmt: skip
+        tmp_path,
+        ADAMW,
+        max_epochs=4,
+        save_every_n_epochs=1,
+        save_ckpts_from_n_epochs=2,
+        project_name="proj",
+        no_prepend_last=True,
+    )
     assert run(config) == 0
     names = [p.name for p in checkpoints(tmp_path)]
     assert names == ["proj-ep02-gs00014", "proj-ep03-gs00021", "proj-ep04-gs00028"]
@@ -207,8 +243,9 @@ def test_save_ckpt_dir_and_unwritable_target(tmp_path, caplog):
     names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
     assert names == ["last-myproj-ep01-gs00007", "last-myproj-ep01-gs00007.safetensors"]
     (tmp_path / "afile").write_text("x")
-    config = write_config(tmp_path / "b", ADAMW, max_epochs=1,
-                          save_ckpt_dir=str(tmp_path / "afile" / "ckpts"))  # fmt: skip
+    config = write_config(
+        tmp_path / "b", ADAMW, max_epochs=1, save_ckpt_dir=str(tmp_path / "afile" / "ckpts")
+    )
     assert run(config) == 2
     assert "afile" in caplog.text
     assert "Traceback" not in caplog.text
@@ -241,8 +278,9 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 def test_sample_images_are_made_during_training(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
-    config = write_config(tmp_path, ADAMW, max_epochs=1, sample_prompts=str(prompts),
-                          sample_steps=7)  # fmt: skip
+    config = write_config(
+        tmp_path, ADAMW, max_epochs=1, sample_prompts=str(prompts), sample_steps=7
+    )
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     images = sorted(p.name for p in (folder / "samples").glob("*.png"))
@@ -255,8 +293,9 @@ def test_write_schedule(tmp_path):
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     assert sorted(p.name for p in folder.glob("schedule-*")) == [
-        "schedule-ep001.txt", "schedule-ep002.txt",
-    ]  # fmt: skip
+        "schedule-ep001.txt",
+        "schedule-ep002.txt",
+    ]
 
 
 def test_cache_latents_skips_the_vae_and_trains_alike(tmp_path, monkeypatch):
@@ -290,12 +329,25 @@ def test_cache_latents_skips_the_vae_and_trains_alike(tmp_path, monkeypatch):
 
 def test_every_step_option_together_on_v_prediction(tmp_path):
     config = write_config(
-        tmp_path, ADAMW, resume_ckpt="tiny-sd21", max_epochs=2, clip_skip=2, min_snr_gamma=5.0,
-        enable_zero_terminal_snr=True, pyramid_noise_discount=0.4, loss_type="mse_huber",
-        embedding_perturbation=0.1, gradient_checkpointing=True, attn_type="slice",
-        timestep_start=100, timestep_end=900, grad_accum=3, clip_grad_norm=0.5,
-        shuffle_tags=True, keep_tags=1,
-    )  # fmt: skip
+        tmp_path,
+        ADAMW,
+        resume_ckpt="tiny-sd21",
+        max_epochs=2,
+        clip_skip=2,
+        min_snr_gamma=5.0,
+        enable_zero_terminal_snr=True,
+        pyramid_noise_discount=0.4,
+        loss_type="mse_huber",
+        embedding_perturbation=0.1,
+        gradient_checkpointing=True,
+        attn_type="slice",
+        timestep_start=100,
+        timestep_end=900,
+        grad_accum=3,
+        clip_grad_norm=0.5,
+        shuffle_tags=True,
+        keep_tags=1,
+    )
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     losses = scalars(folder, "loss/train")
@@ -309,8 +361,12 @@ def test_every_step_option_together_on_v_prediction(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("disable_amp", [False, True])
 def test_trains_on_cuda(tmp_path, disable_amp):
-    config = write_config(tmp_path, {"base": {"optimizer": "adamw8bit", "lr": 1e-4}},
-                          max_epochs=1, disable_amp=disable_amp)  # fmt: skip
+    config = write_config(
+        tmp_path,
+        {"base": {"optimizer": "adamw8bit", "lr": 1e-4}},
+        max_epochs=1,
+        disable_amp=disable_amp,
+    )
     result = run_subprocess(config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training on CUDA device 0" in result.stderr
@@ -336,7 +392,8 @@ def test_resume_warns_when_the_data_changed(tmp_path, caplog):
     assert run(first) == 0
     (last,) = checkpoints(tmp_path / "first", "last-")
     (data / "img_003.txt").write_text("a new caption")
-    second = write_config(tmp_path / "second", ADAMW, max_epochs=2, data_root=str(data),
-                          resume_ckpt=str(last))  # fmt: skip
+    second = write_config(
+        tmp_path / "second", ADAMW, max_epochs=2, data_root=str(data), resume_ckpt=str(last)
+    )
     assert run(second) == 0
     assert "training data or its settings changed" in caplog.text

@@ -73,9 +73,19 @@ def test_folders_are_found_beside_the_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     ("value", "accepted"),
-    [(1, True), (2, True), (2.0, True), (0.5, True), (0.33, True),
-     (1.5, False), (0, False), (-1, False), ("1", False), (200000, False)],
-)  # fmt: skip
+    [
+        (1, True),
+        (2, True),
+        (2.0, True),
+        (0.5, True),
+        (0.33, True),
+        (1.5, False),
+        (0, False),
+        (-1, False),
+        ("1", False),
+        (200000, False),
+    ],
+)
 def test_every_n_epochs_is_whole_or_a_fraction_below_one(tmp_path, value, accepted):
     path = write(tmp_path, {"every_n_epochs": value})
     if accepted:
@@ -87,25 +97,33 @@ def test_every_n_epochs_is_whole_or_a_fraction_below_one(tmp_path, value, accept
 
 
 BAD = [
-    ({"validate_trainig": True},
-     "validate_trainig: unknown key (did you mean 'validate_training'?)"),
-    ({"val_split_mode": "auto"}, "val_split_mode: \"auto\" is not one of"),
+    (
+        {"validate_trainig": True},
+        "validate_trainig: unknown key (did you mean 'validate_training'?)",
+    ),
+    ({"val_split_mode": "auto"}, 'val_split_mode: "auto" is not one of'),
     ({"auto_split_proportion": 0}, "auto_split_proportion: must be > 0"),
     ({"stabilize_split_proportion": 1.5}, "stabilize_split_proportion: must be <= 1"),
     ({"seed": -1}, "seed: must be >= 0"),
     ({"validate_training": "yes"}, "validate_training: expected true or false"),
     ({"use_relative_loss": 1}, "use_relative_loss: expected true or false"),
     ({"batch_size": 0}, "batch_size: must be >= 1"),
-    ({"val_split_mode": "manual", "manual_data_root": "no/such/folder"},
-     "manual_data_root: folder no/such/folder not found"),
+    (
+        {"val_split_mode": "manual", "manual_data_root": "no/such/folder"},
+        "manual_data_root: folder no/such/folder not found",
+    ),
     ({"val_split_mode": "manual"}, "manual_data_root: val_split_mode is manual but no"),
     ({"extra_manual_datasets": ["a"]}, "extra_manual_datasets: expected an object"),
-    ({"extra_manual_datasets": {"val": str(EXAMPLE_DATA)}},
-     "extra_manual_datasets.val: the name is taken by loss/val"),
-    ({"extra_manual_datasets": {"husky": "/no/such/folder"}},
-     "extra_manual_datasets.husky: folder /no/such/folder does not exist"),
+    (
+        {"extra_manual_datasets": {"val": str(EXAMPLE_DATA)}},
+        "extra_manual_datasets.val: the name is taken by loss/val",
+    ),
+    (
+        {"extra_manual_datasets": {"husky": "/no/such/folder"}},
+        "extra_manual_datasets.husky: folder /no/such/folder does not exist",
+    ),
     ({"val_data_root": "a", "manual_data_root": "b"}, "give either 'val_data_root' or"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("data", "fragment"), BAD)
@@ -126,11 +144,13 @@ def test_every_problem_of_the_file_in_one_message(tmp_path):
 
 @pytest.mark.parametrize(
     ("train_keys", "validation", "fragment"),
-    [({}, {"every_n_epochs": 1.5}, "every_n_epochs: expected a whole number"),
-     ({}, {"val_split_mode": "manual", "manual_data_root": "gone"}, "manual_data_root"),
-     ({"validation_config": "missing.json"}, None, "validation_config: missing.json not found"),
-     ({}, {"auto_split_proportion": 1.0}, "leaves nothing to train on")],
-)  # fmt: skip
+    [
+        ({}, {"every_n_epochs": 1.5}, "every_n_epochs: expected a whole number"),
+        ({}, {"val_split_mode": "manual", "manual_data_root": "gone"}, "manual_data_root"),
+        ({"validation_config": "missing.json"}, None, "validation_config: missing.json not found"),
+        ({}, {"auto_split_proportion": 1.0}, "leaves nothing to train on"),
+    ],
+)
 def test_bad_validation_config_exits_2_before_any_model_loads(
     tmp_path, caplog, monkeypatch, train_keys, validation, fragment
 ):
@@ -152,9 +172,16 @@ def test_bad_validation_config_exits_2_before_any_model_loads(
 
 @pytest.mark.parametrize(
     ("every", "steps", "indices"),
-    [(0.5, 100, [49, 99]), (0.5, 7, [3, 6]), (0.33, 10, [3, 6, 9]), (0.25, 4, [0, 1, 2, 3]),
-     (0.1, 3, [0, 1, 2]), (0.9, 5, [4]), (0.5, 1, [0])],
-)  # fmt: skip
+    [
+        (0.5, 100, [49, 99]),
+        (0.5, 7, [3, 6]),
+        (0.33, 10, [3, 6, 9]),
+        (0.25, 4, [0, 1, 2, 3]),
+        (0.1, 3, [0, 1, 2]),
+        (0.9, 5, [4]),
+        (0.5, 1, [0]),
+    ],
+)
 def test_fractions_spread_passes_over_the_epoch_ending_with_its_last_step(every, steps, indices):
     assert validation_step_indices(every, steps) == indices
 

@@ -65,8 +65,12 @@ def test_split_takes_at_least_one_and_skips_multiply_zero(tmp_path):
 
 def test_stabilize_overlaps_training_and_evaluates_each_image_once(tmp_path):
     root = images(tmp_path / "data")
-    settings = automatic(tmp_path / "v.json", validate_training=False,
-                         stabilize_training_loss=True, stabilize_split_proportion=0.5)  # fmt: skip
+    settings = automatic(
+        tmp_path / "v.json",
+        validate_training=False,
+        stabilize_training_loss=True,
+        stabilize_split_proportion=0.5,
+    )
     trained, data = prepare_validation(settings, load(root, flip_p=0.5, cond_dropout=0.5))
     assert data is not None and len(trained.images) == 20  # nothing held out
     (stabilized,) = data.sets
@@ -105,15 +109,18 @@ def test_fixed_batches_are_the_same_every_time(tmp_path):
 def test_dry_run_counts_train_and_validation_images(tmp_path, capsys):
     validation = tmp_path / "validation.json"
     extra = {"stripes": str(EXAMPLE_DATA / "stripes")}
-    validation.write_text(json.dumps({"extra_manual_datasets": extra,
-                                      "stabilize_training_loss": True}))  # fmt: skip
+    validation.write_text(
+        json.dumps({"extra_manual_datasets": extra, "stabilize_training_loss": True})
+    )
     config = write_config(tmp_path, validation_config=str(validation))
     assert run(config, "--dry_run") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["data"]["images"] == 10  # 12 - ceil(0.15 × 12)
     sets = report["validation"]["sets"]
     assert {name: s["images"] for name, s in sets.items()} == {
-        "val": 2, "stripes": 4, "train-stabilized": 2,
-    }  # fmt: skip
+        "val": 2,
+        "stripes": 4,
+        "train-stabilized": 2,
+    }
     assert report["validation"]["train_images"] == 10
     assert report["run"]["total_optimizer_steps"] == 2 * report["data"]["steps_per_epoch"]

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 
 SHIPPED = Path("/work/shared/reference/everydream2")
 # EveryDream2's train.json with the model, data and paths changed (and a checkpoint to resume)
-CHANGES = {"resume_ckpt": "tiny-sd15", "data_root": str(EXAMPLE_DATA), "resolution": 64,
-           "max_epochs": 2, "save_every_n_epochs": 1, "save_optimizer": True}  # fmt: skip
+CHANGES = {
+    "resume_ckpt": "tiny-sd15",
+    "data_root": str(EXAMPLE_DATA),
+    "resolution": 64,
+    "max_epochs": 2,
+    "save_every_n_epochs": 1,
+    "save_optimizer": True,
+}
 
 
 def events(run_folder: Path, tag: str) -> list[tuple[int, float]]:
@@ -99,11 +105,18 @@ def with_and_without(tmp_path_factory):
     for name in ("orange_star.png", "orange_star.yaml"):
         shutil.copy(EXAMPLE_DATA / name, extra / name)
     validation = root / "validation.json"
-    validation.write_text(json.dumps({
-        "val_split_mode": "manual", "manual_data_root": str(EXAMPLE_DATA / "stripes"),
-        "extra_manual_datasets": {"stars": str(extra)}, "stabilize_training_loss": True,
-        "every_n_epochs": 0.5, "use_relative_loss": True,
-    }))  # fmt: skip
+    validation.write_text(
+        json.dumps(
+            {
+                "val_split_mode": "manual",
+                "manual_data_root": str(EXAMPLE_DATA / "stripes"),
+                "extra_manual_datasets": {"stars": str(extra)},
+                "stabilize_training_loss": True,
+                "every_n_epochs": 0.5,
+                "use_relative_loss": True,
+            }
+        )
+    )
     keys = {"cache_latents": True, "save_full_precision": True}
     assert run(write_config(root / "without", **keys)) == 0
     assert run(write_config(root / "with", **keys, validation_config=str(validation))) == 0

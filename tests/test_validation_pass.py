@@ -22,12 +22,23 @@ from training.validation.evaluate import Evaluator
 def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pass")
     validation = folder / "validation.json"
-    validation.write_text(json.dumps({
-        "val_split_mode": "manual", "manual_data_root": str(EXAMPLE_DATA), "batch_size": 3,
-        "stabilize_training_loss": True,
-    }))  # fmt: skip
-    config = write_config(folder, validation_config=str(validation), pyramid_noise_discount=0.1,
-                          min_snr_gamma=5.0, embedding_perturbation=0.1)  # fmt: skip
+    validation.write_text(
+        json.dumps(
+            {
+                "val_split_mode": "manual",
+                "manual_data_root": str(EXAMPLE_DATA),
+                "batch_size": 3,
+                "stabilize_training_loss": True,
+            }
+        )
+    )
+    config = write_config(
+        folder,
+        validation_config=str(validation),
+        pyramid_noise_discount=0.1,
+        min_snr_gamma=5.0,
+        embedding_perturbation=0.1,
+    )
     run, accelerator = build_from_command_line(parse_command_line(["--config", str(config)]))
     models = prepare_models(run, accelerator)
     precision = choose_precision(run.device, "no", disable_amp=True)

@@ -230,16 +230,25 @@ def build_run(
     models, freezing = load_trainable_models(train, optim, resume_state, device)
     on_cuda = device.type == "cuda"
     run = Run(
-        train=train, optim=optim, seed=seed, device=device, dataset=dataset, models=models,
+        train=train,
+        optim=optim,
+        seed=seed,
+        device=device,
+        dataset=dataset,
+        models=models,
         freezing=freezing,
         unet=build_model_training("unet", models.unet, optim.unet, total, on_cuda),
         text_encoder=build_model_training(
             "text_encoder", models.text_encoder, optim.text_encoder, total, on_cuda
         ),
-        total_optimizer_steps=total, samples=samples, resume_state=resume_state,
-        base_model=base_model_of(c.resume_ckpt, resume_state), plugins=plugins, ema=ema,
+        total_optimizer_steps=total,
+        samples=samples,
+        resume_state=resume_state,
+        base_model=base_model_of(c.resume_ckpt, resume_state),
+        plugins=plugins,
+        ema=ema,
         validation=validation_data,
-    )  # fmt: skip
+    )
     if resume_state is not None:
         check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
     return run

@@ -95,9 +95,11 @@ def save_checkpoint(
         write_single_file(path.with_name(f"{path.name}.safetensors"), bundle, full_precision)
     logger.info(
         "checkpoint written to %s in %.1f s (%s weights%s)",
-        path, time.monotonic() - started, "fp32" if full_precision else "fp16",
+        path,
+        time.monotonic() - started,
+        "fp32" if full_precision else "fp16",
         ", resumable" if state is not None else "",
-    )  # fmt: skip
+    )
     return path
 
 
@@ -266,16 +268,21 @@ def _restore_frozen(frozen: dict[str, Any], bundle: ModelBundle) -> None:
         logger.warning(
             "the exact weights of frozen %s are in %s, which cannot be loaded (%s): resuming "
             "with their fp16-rounded copies, so the run is not bit-exact",
-            ", ".join(digests), source, error,
-        )  # fmt: skip
+            ", ".join(digests),
+            source,
+            error,
+        )
         return
     for name, digest in digests.items():
         model = getattr(base, name)
         if weights_sha256(model) != digest:
             logger.warning(
                 "%s in %s changed since the run started: resuming with the checkpoint's "
-                "fp16-rounded %s, so the run is not bit-exact", name, source, name,
-            )  # fmt: skip
+                "fp16-rounded %s, so the run is not bit-exact",
+                name,
+                source,
+                name,
+            )
             continue
         getattr(bundle, name).load_state_dict(model.state_dict())
         logger.info("restored the exact weights of frozen %s from %s", name, source)

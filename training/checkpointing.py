@@ -115,9 +115,12 @@ class Checkpointer:
             torch.cuda.set_rng_state_all(state.rng["cuda"])
         saved = state.counters
         t.counters = Counters(
-            state.epoch, state.batch_in_epoch, state.global_step,
-            int(saved.get("nonfinite_losses", 0)), int(saved.get("images_seen", 0)),
-        )  # fmt: skip
+            state.epoch,
+            state.batch_in_epoch,
+            state.global_step,
+            int(saved.get("nonfinite_losses", 0)),
+            int(saved.get("images_seen", 0)),
+        )
         t.grad_accum = int(saved.get("grad_accum", t.grad_accum))
         for component in t.components:
             if component.name and component.name in state.components:
@@ -129,8 +132,10 @@ class Checkpointer:
             )
         logger.info(
             "resuming at epoch %d, batch %d, optimizer step %d",
-            state.epoch + 1, state.batch_in_epoch, state.global_step,
-        )  # fmt: skip
+            state.epoch + 1,
+            state.batch_in_epoch,
+            state.global_step,
+        )
 
     def _frozen_weights(self) -> dict[str, Any] | None:
         """Where the exact weights of frozen, fp16-rounded models are (computed once)."""
@@ -158,17 +163,29 @@ class Checkpointer:
         if t.env.is_main_process:
             position = (point or self.point()).counters
             name = checkpoint_name(
-                t.config.project_name, kind, position.epoch, position.global_step,
+                t.config.project_name,
+                kind,
+                position.epoch,
+                position.global_step,
                 t.config.no_prepend_last,
-            )  # fmt: skip
+            )
             path = free_path(t.env.checkpoint_dir, name, self._is_ours)
             state = self.state(point) if with_state else None
-            note = {"run": t.env.run_id, "kind": kind, "epoch": position.epoch,
-                    "global_step": position.global_step}  # fmt: skip
+            note = {
+                "run": t.env.run_id,
+                "kind": kind,
+                "epoch": position.epoch,
+                "global_step": position.global_step,
+            }
             save_checkpoint(
-                path, t.models.bundle, state, t.config.save_full_precision,
-                self.trained_names(), note, single_file=not t.config.no_save_ckpt,
-            )  # fmt: skip
+                path,
+                t.models.bundle,
+                state,
+                t.config.save_full_precision,
+                self.trained_names(),
+                note,
+                single_file=not t.config.no_save_ckpt,
+            )
             t.last_checkpoint = path
             for component in t.components:
                 component.on_checkpoint(t, path, kind)

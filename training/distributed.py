@@ -52,9 +52,11 @@ def training_device(accelerator: Accelerator, gpuid: int) -> torch.device:
     """``gpuid`` with one process; each process's own GPU under ``accelerate launch``."""
     if accelerator.num_processes > 1:
         logger.info(
-            "process %d of %d on %s", accelerator.process_index, accelerator.num_processes,
+            "process %d of %d on %s",
+            accelerator.process_index,
+            accelerator.num_processes,
             accelerator.device,
-        )  # fmt: skip
+        )
         return accelerator.device
     if torch.cuda.is_available():
         if gpuid >= torch.cuda.device_count():

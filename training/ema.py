@@ -113,15 +113,18 @@ def ema_settings(
     if interval > total_steps:
         logger.warning(
             "ema_update_interval %d is more than the run's %d optimizer steps: the EMA is never "
-            "updated and its checkpoints hold the starting weights", interval, total_steps,
-        )  # fmt: skip
+            "updated and its checkpoints hold the starting weights",
+            interval,
+            total_steps,
+        )
     start = None
     if config.ema_resume_model is not None:
         if resumed_ema:
             logger.warning(
                 "%s %s is not used: the training state being resumed holds the EMA weights",
-                KEY, config.ema_resume_model,
-            )  # fmt: skip
+                KEY,
+                config.ema_resume_model,
+            )
         else:
             start = resolve_start_model(config)
     sample_ema = config.ema_sample_ema_model or not config.ema_sample_nonema_model
@@ -151,9 +154,12 @@ def resolve_start_model(config: TrainConfig) -> str:
     if value == FINDLAST:
         save_ckpt_dir = None if config.save_ckpt_dir is None else Path(config.save_ckpt_dir)
         found = find_last_checkpoint(
-            config.project_name, Path(config.logdir).expanduser(), save_ckpt_dir,
-            suffix=EMA_SUFFIX, key=KEY,
-        )  # fmt: skip
+            config.project_name,
+            Path(config.logdir).expanduser(),
+            save_ckpt_dir,
+            suffix=EMA_SUFFIX,
+            key=KEY,
+        )
         logger.info("%s findlast: the EMA starts from %s", KEY, found)
         value = str(found)
     try:

@@ -31,8 +31,13 @@ Key = tuple[int, bool]  # (image index, flipped)
 class LatentCache:
     """Posteriors keyed by (image index, flipped): a `training.sources.BatchSource`."""
 
-    def __init__(self, dataset: TrainDataset, means: dict[Key, torch.Tensor],
-                 stds: dict[Key, torch.Tensor], device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: TrainDataset,
+        means: dict[Key, torch.Tensor],
+        stds: dict[Key, torch.Tensor],
+        device: torch.device,
+    ) -> None:
         self.dataset = dataset
         self.means = means
         self.stds = stds
@@ -82,8 +87,10 @@ def build_latent_cache(
                 stds[key] = posterior.std[n].cpu()
     logger.info(
         "cache_latents: %d latents of %d images encoded in %.1f s",
-        len(means), len(dataset.images), time.perf_counter() - started,
-    )  # fmt: skip
+        len(means),
+        len(dataset.images),
+        time.perf_counter() - started,
+    )
     return LatentCache(dataset, means, stds, device)
 
 

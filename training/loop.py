@@ -174,8 +174,10 @@ class Trainer:
         self._window.skipped = True
         logger.warning(
             "non-finite loss at epoch %d batch %d (%s): this optimizer step is skipped",
-            batch.epoch + 1, batch.step, ", ".join(batch.paths),
-        )  # fmt: skip
+            batch.epoch + 1,
+            batch.step,
+            ", ".join(batch.paths),
+        )
         if self._consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
             raise TrainingDivergedError(
                 f"{self._consecutive_nonfinite} non-finite losses in a row: training diverged. "

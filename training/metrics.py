@@ -63,9 +63,12 @@ class WandbSink:
         self.wandb = wandb
         try:
             self.run = wandb.init(
-                project=project, name=name, dir=str(folder), config=config,
+                project=project,
+                name=name,
+                dir=str(folder),
+                config=config,
                 settings=wandb.Settings(init_timeout=60, console="off"),
-            )  # fmt: skip
+            )
         except Exception as error:
             raise UserError(
                 f"wandb: cannot start a Weights & Biases run ({type(error).__name__}: {error}); "

@@ -86,5 +86,9 @@ def tweak_grad_scaler(scaler: torch.amp.GradScaler, optimizer_step: int) -> None
     scaler.set_growth_factor(factor)
     scaler.set_backoff_factor(1.0 / factor)
     scaler.set_growth_interval(interval)
-    logger.info("grad scaler: growth factor %g every %d steps from step %d", factor, interval,
-                optimizer_step)  # fmt: skip
+    logger.info(
+        "grad scaler: growth factor %g every %d steps from step %d",
+        factor,
+        interval,
+        optimizer_step,
+    )

@@ -85,40 +85,56 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
     logger.info("model: %s (%s prediction)", c.resume_ckpt, run.models.prediction_type)
     logger.info(
         "data: %d images, %d skipped, buckets %s",
-        data["images"], len(data["skipped"]), data["buckets"],
-    )  # fmt: skip
+        data["images"],
+        len(data["skipped"]),
+        data["buckets"],
+    )
     logger.info(
         "batch: %d per process x %d process(es) x %d accumulation = %d images per optimizer step",
-        c.batch_size, world_size, c.grad_accum, c.batch_size * world_size * c.grad_accum,
-    )  # fmt: skip
+        c.batch_size,
+        world_size,
+        c.grad_accum,
+        c.batch_size * world_size * c.grad_accum,
+    )
     logger.info(
         "steps: %d epochs x %d optimizer steps = %d; precision %s on %s",
-        c.max_epochs, run.total_optimizer_steps // c.max_epochs, run.total_optimizer_steps,
-        precision_name, run.device,
-    )  # fmt: skip
+        c.max_epochs,
+        run.total_optimizer_steps // c.max_epochs,
+        run.total_optimizer_steps,
+        precision_name,
+        run.device,
+    )
     memory = memory_report(run)
     logger.info(
         "memory for weights, gradients and optimizer state: %.2f GiB (unet %.2f, text encoder "
         "%.2f, vae %.2f), activations not counted",
-        memory["total_gib"], memory["unet"]["total_gib"], memory["text_encoder"]["total_gib"],
+        memory["total_gib"],
+        memory["unet"]["total_gib"],
+        memory["text_encoder"]["total_gib"],
         memory["vae"]["total_gib"],
-    )  # fmt: skip
+    )
     if "ema" in memory:
         ema = memory["ema"]
         logger.info(
-            "EMA copy of the trained weights: %.2f GiB in %s memory%s", ema["total_gib"],
-            ema["device"], "" if ema["counted_in_total"] else " (not in the total above)",
-        )  # fmt: skip
+            "EMA copy of the trained weights: %.2f GiB in %s memory%s",
+            ema["total_gib"],
+            ema["device"],
+            "" if ema["counted_in_total"] else " (not in the total above)",
+        )
     for name, training in (("unet", run.unet), ("text_encoder", run.text_encoder)):
         if training is None:
             logger.info("%s: not trained", name)
             continue
         logger.info(
             "%s: %s lr %g (%s schedule, warm-up %d, decay %d), %s trainable parameters",
-            name, training.settings.name, training.settings.value("lr"),
-            training.settings.value("lr_scheduler"), training.length.warmup_steps,
-            training.length.decay_steps, f"{training.trainable_parameters:,}",
-        )  # fmt: skip
+            name,
+            training.settings.name,
+            training.settings.value("lr"),
+            training.settings.value("lr_scheduler"),
+            training.length.warmup_steps,
+            training.length.decay_steps,
+            f"{training.trainable_parameters:,}",
+        )
 
 
 def make_metrics(run: Run, folder: Path, report: dict[str, Any]) -> Metrics:

@@ -132,16 +132,22 @@ def noise_latents(
     latents = latents_dist.mean + latents_dist.std * shard.take(eps)
     noise = shard.take(
         sample_noise(
-            global_shape, generator, config.zero_frequency_noise_ratio,
+            global_shape,
+            generator,
+            config.zero_frequency_noise_ratio,
             config.pyramid_noise_discount,
         )
-    )  # fmt: skip
+    )
     timesteps = shard.take(
         sample_timesteps(
-            global_shape.shape[0], config.timestep_start, config.timestep_end,
-            generator, device, num_train_timesteps=scheduler.config.num_train_timesteps,
+            global_shape.shape[0],
+            config.timestep_start,
+            config.timestep_end,
+            generator,
+            device,
+            num_train_timesteps=scheduler.config.num_train_timesteps,
         )
-    )  # fmt: skip
+    )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     return Noised(noisy, timesteps, training_target(scheduler, latents, noise, timesteps))
 
@@ -176,8 +182,12 @@ def batch_loss(
             noised.latents, noised.timesteps, encoder_hidden_states=embeddings
         ).sample
     losses = per_sample_loss(
-        prediction.float(), noised.target.float(), noised.timesteps, scheduler,
-        config.loss_type, config.min_snr_gamma,
-    )  # fmt: skip
+        prediction.float(),
+        noised.target.float(),
+        noised.timesteps,
+        scheduler,
+        config.loss_type,
+        config.min_snr_gamma,
+    )
     scales = torch.tensor(batch.loss_scales, dtype=losses.dtype, device=losses.device)
     return (losses * scales).mean()

@@ -66,9 +66,14 @@ class EMA(Component):
         self.weights = ParameterEMA(parameters, s.device, start, origin)
         logger.info(
             "EMA of %s: decay %.10g every %d optimizer steps (%d updates in the run), in %s "
-            "memory, from %s", " and ".join(trained), s.decay, s.interval, s.updates_in_run,
-            s.device, where,
-        )  # fmt: skip
+            "memory, from %s",
+            " and ".join(trained),
+            s.decay,
+            s.interval,
+            s.updates_in_run,
+            s.device,
+            where,
+        )
 
     def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
         if self.weights is not None and step.global_step % self.settings.interval == 0:
@@ -79,14 +84,22 @@ class EMA(Component):
         """``<path>_ema``: the pipeline with the EMA weights (and ``<path>_ema.safetensors``)."""
         if self.weights is None:
             return
-        note = {"run": trainer.env.run_id, "kind": kind, "ema": True,
-                "decay": self.settings.decay, "ema_updates": self.updates}  # fmt: skip
+        note = {
+            "run": trainer.env.run_id,
+            "kind": kind,
+            "ema": True,
+            "decay": self.settings.decay,
+            "ema_updates": self.updates,
+        }
         with self.weights.swapped_in():
             save_checkpoint(
-                ema_checkpoint_path(path), trainer.models.bundle, None,
-                trainer.config.save_full_precision, note=note,
+                ema_checkpoint_path(path),
+                trainer.models.bundle,
+                None,
+                trainer.config.save_full_precision,
+                note=note,
                 single_file=not trainer.config.no_save_ckpt,
-            )  # fmt: skip
+            )
 
     def sample_weights(self) -> list[tuple[str, contextlib.AbstractContextManager[Any]]]:
         """What samples are drawn with: (name suffix, context in which the live modules hold

@@ -64,36 +64,57 @@ class PluginHooks(Component):
 
     def on_training_start(self, trainer: Trainer) -> None:
         common = self._common(trainer)
-        self._each(trainer, "on_training_start", log_folder=common["log_folder"],
-                   project_name=common["project_name"])  # fmt: skip
+        self._each(
+            trainer,
+            "on_training_start",
+            log_folder=common["log_folder"],
+            project_name=common["project_name"],
+        )
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self._each(
-            trainer, "on_epoch_start", epoch=epoch, epoch_length=trainer.steps_in_epoch(epoch),
-            data_root=trainer.config.data_root, arg_update_callback=self._update_arg,
+            trainer,
+            "on_epoch_start",
+            epoch=epoch,
+            epoch_length=trainer.steps_in_epoch(epoch),
+            data_root=trainer.config.data_root,
+            arg_update_callback=self._update_arg,
             **self._common(trainer),
-        )  # fmt: skip
+        )
         self._apply_accum(trainer)
 
     def on_step_start(self, trainer: Trainer, batch: Batch) -> None:
         self._each(
-            trainer, "on_step_start", epoch=batch.epoch, local_step=batch.step,
-            batch=self._batch(trainer, batch), ed_state=self._state(trainer),
+            trainer,
+            "on_step_start",
+            epoch=batch.epoch,
+            local_step=batch.step,
+            batch=self._batch(trainer, batch),
+            ed_state=self._state(trainer),
             **self._common(trainer),
-        )  # fmt: skip
+        )
 
     def on_step_end(self, trainer: Trainer, batch: Batch, loss: float | None) -> None:
         self._each(
-            trainer, "on_step_end", epoch=batch.epoch, local_step=batch.step,
-            data_root=trainer.config.data_root, batch=self._batch(trainer, batch),
-            ed_state=self._state(trainer), **self._common(trainer),
-        )  # fmt: skip
+            trainer,
+            "on_step_end",
+            epoch=batch.epoch,
+            local_step=batch.step,
+            data_root=trainer.config.data_root,
+            batch=self._batch(trainer, batch),
+            ed_state=self._state(trainer),
+            **self._common(trainer),
+        )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         self._each(
-            trainer, "on_epoch_end", epoch=epoch, data_root=trainer.config.data_root,
-            arg_update_callback=self._update_arg, **self._common(trainer),
-        )  # fmt: skip
+            trainer,
+            "on_epoch_end",
+            epoch=epoch,
+            data_root=trainer.config.data_root,
+            arg_update_callback=self._update_arg,
+            **self._common(trainer),
+        )
         self._apply_accum(trainer)
 
     def on_training_end(self, trainer: Trainer, outcome: str) -> None:
@@ -104,8 +125,9 @@ class PluginHooks(Component):
         if arg != "grad_accum":
             raise PluginError(f"arg_update_callback: '{arg}' cannot be changed; only grad_accum")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PluginError(f"arg_update_callback: grad_accum must be a whole number >= 1, "
-                              f"got {value!r}")  # fmt: skip
+            raise PluginError(
+                f"arg_update_callback: grad_accum must be a whole number >= 1, got {value!r}"
+            )
         self._requested_accum = value
 
     def _apply_accum(self, trainer: Trainer) -> None:
@@ -131,6 +153,10 @@ class PluginHooks(Component):
         bundle = trainer.models.bundle
         return EveryDreamState(
             optimizer={t.model_name: t.optimizer for t in trainer.trainings},
-            train_batch=trainer.run.dataset, unet=bundle.unet, text_encoder=bundle.text_encoder,
-            tokenizer=bundle.tokenizer, scheduler=trainer.models.noise_scheduler, vae=bundle.vae,
-        )  # fmt: skip
+            train_batch=trainer.run.dataset,
+            unet=bundle.unet,
+            text_encoder=bundle.text_encoder,
+            tokenizer=bundle.tokenizer,
+            scheduler=trainer.models.noise_scheduler,
+            vae=bundle.vae,
+        )

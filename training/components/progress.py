@@ -25,8 +25,13 @@ def rate_text(images_per_second: float) -> str:
     return f"{images_per_second:.3g}"
 
 
-def postfix_text(epoch: int, max_epochs: int, loss: float | None, lr: float | None,
-                 images_per_second: float | None) -> str:  # fmt: skip
+def postfix_text(
+    epoch: int,
+    max_epochs: int,
+    loss: float | None,
+    lr: float | None,
+    images_per_second: float | None,
+) -> str:
     """``ep 2/8 loss 0.1234 lr 1.0e-04 12.3 img/s``: what the bar shows after the counters."""
     parts = [f"ep {epoch + 1}/{max_epochs}"]
     if loss is not None:
@@ -51,9 +56,13 @@ class ProgressBar(Component):
         if not trainer.env.is_main_process:
             return
         self._bar = tqdm(
-            total=self.total_steps, initial=trainer.counters.global_step, unit="step",
-            ncols=WIDTH, bar_format=BAR_FORMAT, dynamic_ncols=False,
-        )  # fmt: skip
+            total=self.total_steps,
+            initial=trainer.counters.global_step,
+            unit="step",
+            ncols=WIDTH,
+            bar_format=BAR_FORMAT,
+            dynamic_ncols=False,
+        )
         self._since = time.perf_counter()
 
     def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:

@@ -64,18 +64,25 @@ class SettingsReloader(Component):
             k: getattr(fresh, k) for k in LIVE_KEYS if getattr(fresh, k) != getattr(current, k)
         }
         ignored = [
-            f.name for f in dataclasses.fields(current)
+            f.name
+            for f in dataclasses.fields(current)
             if f.name not in LIVE_KEYS + NOT_COMPARED
             and getattr(fresh, f.name) != getattr(current, f.name)
-        ]  # fmt: skip
+        ]
         if ignored:
             logger.warning(
                 "%s: %s changed; only %s can change during a run (the rest applies to the next)",
-                self.loaded.path, ", ".join(ignored), ", ".join(LIVE_KEYS),
-            )  # fmt: skip
+                self.loaded.path,
+                ", ".join(ignored),
+                ", ".join(LIVE_KEYS),
+            )
         if changes:
-            logger.info("epoch %d: settings from %s: %s", epoch + 1, self.loaded.path,
-                        ", ".join(f"{k}={v!r}" for k, v in changes.items()))  # fmt: skip
+            logger.info(
+                "epoch %d: settings from %s: %s",
+                epoch + 1,
+                self.loaded.path,
+                ", ".join(f"{k}={v!r}" for k, v in changes.items()),
+            )
             trainer.config = dataclasses.replace(current, **changes)
             if "grad_accum" in changes:
                 trainer.grad_accum = changes["grad_accum"]
@@ -83,11 +90,17 @@ class SettingsReloader(Component):
     def _read(self) -> Any:
         """The file's settings with the typed flags over them; None (and a warning) when the
         file cannot be used now."""
-        typed = {k: getattr(self.loaded.config, k) for k, source in self.loaded.sources.items()
-                 if source == CLI_SOURCE}  # fmt: skip
+        typed = {
+            k: getattr(self.loaded.config, k)
+            for k, source in self.loaded.sources.items()
+            if source == CLI_SOURCE
+        }
         try:
             return load_train_config(CommandLine(self.loaded.path, False, typed)).config
         except UserError as error:
-            logger.warning("%s cannot be read again (%s); the settings in force are kept",
-                           self.loaded.path, str(error).replace("\n", " "))  # fmt: skip
+            logger.warning(
+                "%s cannot be read again (%s); the settings in force are kept",
+                self.loaded.path,
+                str(error).replace("\n", " "),
+            )
             return None

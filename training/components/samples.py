@@ -67,14 +67,20 @@ class Samples(Component):
             for suffix, weights in self._weights():
                 with weights:
                     paths += generate_samples(
-                        trainer.models.bundle, list(self.settings.requests),
-                        trainer.config.clip_skip, env.device, env.run_folder / "samples",
-                        trainer.counters.global_step, writer=_MetricsImages(trainer),
-                        scheduler_name=self.settings.scheduler, captions=trainer.last_captions,
+                        trainer.models.bundle,
+                        list(self.settings.requests),
+                        trainer.config.clip_skip,
+                        env.device,
+                        env.run_folder / "samples",
+                        trainer.counters.global_step,
+                        writer=_MetricsImages(trainer),
+                        scheduler_name=self.settings.scheduler,
+                        captions=trainer.last_captions,
                         show_progress_bars=self.settings.show_progress_bars,
                         noise_scheduler_config=trainer.models.noise_scheduler.config,
-                        autocast=env.precision.autocast, name_suffix=suffix,
-                    )  # fmt: skip
+                        autocast=env.precision.autocast,
+                        name_suffix=suffix,
+                    )
         env.barrier()
         return paths
 

@@ -47,9 +47,13 @@ class Validation(Component):
     def on_training_start(self, trainer: Trainer) -> None:
         env = trainer.env
         self._evaluator = Evaluator(
-            trainer.models, trainer.config, env.precision, env.device, env.shard,
+            trainer.models,
+            trainer.config,
+            env.precision,
+            env.device,
+            env.shard,
             show_progress=env.is_main_process,
-        )  # fmt: skip
+        )
         if trainer.config.cache_latents:
             self._evaluator.cache_latents(self.data.sets)
         if trainer.counters.global_step == 0:  # once per run: not again after a resume
@@ -109,8 +113,9 @@ class Validation(Component):
             if np.average(np.diff(history[-TREND_WINDOW:])) > 0:
                 logger.warning(
                     "validation loss of %s is rising: check the loss/%s graph (overfitting?)",
-                    eval_set.name, eval_set.name,
-                )  # fmt: skip
+                    eval_set.name,
+                    eval_set.name,
+                )
 
     def close(self) -> None:
         self._evaluator = None  # releases latent caches

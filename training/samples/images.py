@@ -184,8 +184,11 @@ def generate_samples(
     out_dir.mkdir(parents=True, exist_ok=True)
     logger.info(
         "making %d sample images%s at step %d in %s",
-        len(requests), f" ({name_suffix})" if name_suffix else "", step, out_dir,
-    )  # fmt: skip
+        len(requests),
+        f" ({name_suffix})" if name_suffix else "",
+        step,
+        out_dir,
+    )
     paths: list[Path] = []
     with _sampling_context(bundle, device, autocast):
         for index, request in enumerate(requests):

@@ -53,19 +53,25 @@ def batch_seed(seed: int, set_name: str, index: int) -> int:
 def evaluation_config(config: TrainConfig) -> TrainConfig:
     """The training settings with what EveryDream2's validation step leaves out turned off."""
     return dataclasses.replace(
-        config, zero_frequency_noise_ratio=0.0, embedding_perturbation=0.0, loss_type="mse",
+        config,
+        zero_frequency_noise_ratio=0.0,
+        embedding_perturbation=0.0,
+        loss_type="mse",
         min_snr_gamma=None,
-    )  # fmt: skip
+    )
 
 
 def evaluation_models(models: StepModels, clip_skip: int) -> StepModels:
     """The step's models unwrapped (no DDP, not compiled) and not training."""
     bundle = models.bundle
     return StepModels(
-        bundle=bundle, unet=bundle.unet,
+        bundle=bundle,
+        unet=bundle.unet,
         prompt_encoder=PromptEncoder(bundle.text_encoder, clip_skip),
-        noise_scheduler=models.noise_scheduler, train_text_encoder=False, tokens=models.tokens,
-    )  # fmt: skip
+        noise_scheduler=models.noise_scheduler,
+        train_text_encoder=False,
+        tokens=models.tokens,
+    )
 
 
 @contextlib.contextmanager
@@ -87,9 +93,14 @@ class Evaluator:
     """Runs passes over sets with one run's models, precision and processes."""
 
     def __init__(
-        self, models: StepModels, config: TrainConfig, precision: Precision,
-        device: torch.device, shard: Shard, show_progress: bool,
-    ) -> None:  # fmt: skip
+        self,
+        models: StepModels,
+        config: TrainConfig,
+        precision: Precision,
+        device: torch.device,
+        shard: Shard,
+        show_progress: bool,
+    ) -> None:
         self.models = evaluation_models(models, config.clip_skip)
         self.config = evaluation_config(config)
         self.precision = precision
@@ -117,11 +128,15 @@ class Evaluator:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         images = 0
         bar = tqdm(
-            total=len(mine), desc=f"validate {eval_set.name}"[:30], unit="batch", leave=False,
-            ncols=BAR_WIDTH, dynamic_ncols=False,
+            total=len(mine),
+            desc=f"validate {eval_set.name}"[:30],
+            unit="batch",
+            leave=False,
+            ncols=BAR_WIDTH,
+            dynamic_ncols=False,
             # a second bar moves the cursor: on a terminal only, never into a log file
             disable=not (self.show_progress and sys.stderr.isatty()),
-        )  # fmt: skip
+        )
         with bar, evaluation_mode(modules, self.device):
             for batch, latents in self._batches(eval_set, mine):
                 seed = batch_seed(eval_set.dataset.settings.seed, eval_set.name, batch.step)

@@ -111,27 +111,45 @@ def prepare_validation(
     if settings.manual_data_root is not None:
         root = settings.manual_data_root
         sets.append(
-            _scanned(VAL_NAME, VALIDATION, root, dataset.settings, settings, batch_size,
-                     f"{where}: manual_data_root")
-        )  # fmt: skip
+            _scanned(
+                VAL_NAME,
+                VALIDATION,
+                root,
+                dataset.settings,
+                settings,
+                batch_size,
+                f"{where}: manual_data_root",
+            )
+        )
     for name, folder in settings.extra.items():
         sets.append(
-            _scanned(name, EXTRA, folder, dataset.settings, settings, batch_size,
-                     f"{where}: extra_manual_datasets.{name}")
-        )  # fmt: skip
+            _scanned(
+                name,
+                EXTRA,
+                folder,
+                dataset.settings,
+                settings,
+                batch_size,
+                f"{where}: extra_manual_datasets.{name}",
+            )
+        )
     if settings.stabilize_training_loss:
         proportion = settings.stabilize_split_proportion
         chosen, _ = split(dataset.images, proportion, settings.seed, "stabilize")
         origin = f"training images (stabilize_split_proportion {proportion:g})"
         sets.append(
-            _eval_set(STABILIZED_NAME, STABILIZE, chosen, dataset.settings, settings, batch_size,
-                      origin)
-        )  # fmt: skip
+            _eval_set(
+                STABILIZED_NAME, STABILIZE, chosen, dataset.settings, settings, batch_size, origin
+            )
+        )
     for eval_set in sets:
         logger.info(
             "validation set %s: %d images in %d batches, %s",
-            eval_set.name, len(eval_set.dataset.images), len(eval_set.plans), eval_set.origin,
-        )  # fmt: skip
+            eval_set.name,
+            len(eval_set.dataset.images),
+            len(eval_set.plans),
+            eval_set.origin,
+        )
     data = ValidationData(settings, tuple(sets), batch_size, len(dataset.images))
     return dataset, data
 
@@ -151,17 +169,25 @@ def _hold_out(
         )
     logger.info(
         "validation: %d of %d images held out of training (auto_split_proportion %g, seed %d)",
-        len(held), len(dataset.images), proportion, settings.seed,
-    )  # fmt: skip
+        len(held),
+        len(dataset.images),
+        proportion,
+        settings.seed,
+    )
     origin = f"held out of data_root (auto_split_proportion {proportion:g})"
     held_set = _eval_set(VAL_NAME, VALIDATION, held, dataset.settings, settings, batch_size, origin)
     return kept, held_set
 
 
 def _scanned(
-    name: str, kind: str, folder: Path, train: DataSettings, settings: ValidationSettings,
-    batch_size: int, where: str,
-) -> EvalSet:  # fmt: skip
+    name: str,
+    kind: str,
+    folder: Path,
+    train: DataSettings,
+    settings: ValidationSettings,
+    batch_size: int,
+    where: str,
+) -> EvalSet:
     """A set scanned from ``folder`` like data_root; errors name the validation file's key."""
     try:
         records, skipped = scan(dataclasses.replace(train, data_root=folder))
@@ -175,15 +201,28 @@ def _scanned(
 
 
 def _eval_set(
-    name: str, kind: str, records: list[ImageRecord], train: DataSettings,
-    settings: ValidationSettings, batch_size: int, origin: str,
+    name: str,
+    kind: str,
+    records: list[ImageRecord],
+    train: DataSettings,
+    settings: ValidationSettings,
+    batch_size: int,
+    origin: str,
     skipped: list[dict[str, str]] | None = None,
-) -> EvalSet:  # fmt: skip
+) -> EvalSet:
     """A set of ``records`` as they are evaluated, in fixed batches; no data transforms."""
     evaluated = for_evaluation(records)
     data_settings = dataclasses.replace(
-        train, batch_size=batch_size, seed=settings.seed, flip_p=0.0, cond_dropout=0.0,
-        shuffle_tags=False, rank=0, world_size=1, grad_accum=1, rated_dataset=False,
-    )  # fmt: skip
+        train,
+        batch_size=batch_size,
+        seed=settings.seed,
+        flip_p=0.0,
+        cond_dropout=0.0,
+        shuffle_tags=False,
+        rank=0,
+        world_size=1,
+        grad_accum=1,
+        rated_dataset=False,
+    )
     dataset = TrainDataset(data_settings, evaluated, skipped or [], transforms=None)
     return EvalSet(name, kind, dataset, tuple(fixed_batches(evaluated, batch_size)), origin)
