@@ -314,7 +314,7 @@ def measure(args: argparse.Namespace, variant: str) -> Result:
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
         folder = Path(tmp)
         probe, _ = build_run_from_flags(trainer_flags(args, folder, variant, 1))
-        steps, warmup, epochs = block_plan(args, probe.dataset.steps_per_epoch())
+        steps, warmup, epochs = block_plan(args, probe.dataset.batches_per_epoch())
         del probe
         run, accelerator = build_run_from_flags(trainer_flags(args, folder, variant, epochs))
         decoded = decode_epochs(run, epochs if variant == "predecoded" else min(epochs, 4))
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         probe, _ = build_run_from_flags(trainer_flags(args, Path(tmp), "probe", 1))
-        per_epoch = probe.dataset.steps_per_epoch()
+        per_epoch = probe.dataset.batches_per_epoch()
         workers = probe.dataset.num_workers
         images = len(probe.dataset.images)
     results = []

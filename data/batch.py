@@ -16,7 +16,7 @@ from data.transforms import DataTransforms, trained_caption
 class Batch:
     """The images of one batch and what was decided about them.
 
-    ``step`` is the batch's index in its ``epoch`` (for this process). The per-image lists run
+    ``index`` is the batch's index in its ``epoch`` (for this process). The per-image lists run
     in the same order as the rows of ``pixel_values``, which is None when the pixels are not
     loaded (a latent cache supplies the latents instead). ``image_indices`` index
     `TrainDataset.images`; with ``flipped`` they identify the pixels exactly. ``captions`` are
@@ -25,7 +25,7 @@ class Batch:
     """
 
     epoch: int
-    step: int
+    index: int
     bucket: Size
     paths: tuple[str, ...]
     captions: tuple[str, ...]
@@ -48,7 +48,7 @@ class Batch:
         items = plan.items if items is None else items
         return cls(
             epoch=epoch,
-            step=plan.step,
+            index=plan.index,
             bucket=plan.bucket,
             paths=tuple(item.path for item in items),
             captions=tuple(trained_caption(item, transforms) for item in items),

@@ -75,7 +75,7 @@ class TrainDataset:
         )
         full = slot_counts(epoch_images(images, settings.seed, 0, None))
         self.images_per_epoch = sum(full.values())  # of an epoch that keeps every image
-        self._full_epoch_steps = batch_count(full, self.group_size)
+        self._full_epoch_batches = batch_count(full, self.group_size)
         self._steps: dict[int, int] = {}
         self.num_workers = resolve_num_workers(
             settings.dataloader_num_workers, settings.device_type
@@ -86,24 +86,24 @@ class TrainDataset:
         """Images of one global batch (all processes together)."""
         return self.settings.batch_size * self.settings.world_size
 
-    def steps_in_epoch(self, epoch: int) -> int:
+    def batches_in_epoch(self, epoch: int) -> int:
         """Batches of `epoch` for this process (the same for every process). Constant unless
         `rated_dataset` is on, whose epochs keep fewer images as training goes on."""
         if self.rated is None or self.rated.kept_fraction(epoch) >= 1.0:
-            return self._full_epoch_steps
+            return self._full_epoch_batches
         if epoch not in self._steps:
             kept = epoch_images(self.images, self.settings.seed, epoch, self.rated)
             self._steps[epoch] = batch_count(slot_counts(kept), self.group_size)
         return self._steps[epoch]
 
-    def steps_per_epoch(self) -> int:
+    def batches_per_epoch(self) -> int:
         """Batches per epoch when every epoch has as many (no rated dataset)."""
-        assert self.rated is None, "rated_dataset epochs differ: use steps_in_epoch(epoch)"
-        return self._full_epoch_steps
+        assert self.rated is None, "rated_dataset epochs differ: use batches_in_epoch(epoch)"
+        return self._full_epoch_batches
 
-    def steps_in_run(self) -> int:
+    def batches_in_run(self) -> int:
         """Batches of all `max_epochs` epochs for this process."""
-        return sum(self.steps_in_epoch(epoch) for epoch in range(self.settings.max_epochs))
+        return sum(self.batches_in_epoch(epoch) for epoch in range(self.settings.max_epochs))
 
     def epoch_batches(self, epoch: int) -> list[BatchPlan]:
         """This process's batches of `epoch`: a pure function of (seed, epoch, rank, world_size)
@@ -141,8 +141,8 @@ class TrainDataset:
             "images": len(self.images),
             "skipped": list(self.skipped),
             "buckets": {bucket_name(b): len(indices) for b, indices in self.buckets.items()},
-            "steps_per_epoch": self.steps_in_epoch(0),
-            "steps_in_run": self.steps_in_run(),
+            "steps_per_epoch": self.batches_in_epoch(0),
+            "steps_in_run": self.batches_in_run(),
             "images_per_epoch": self.images_per_epoch,
             "batch_size": settings.batch_size,
             "world_size": settings.world_size,
@@ -155,7 +155,7 @@ class TrainDataset:
             summary["batch_ids"] = {b: sum(i.batch_id == b for i in self.images) for b in batch_ids}
         if self.rated is not None:
             epochs = range(settings.max_epochs)
-            summary["steps_by_epoch"] = [self.steps_in_epoch(epoch) for epoch in epochs]
+            summary["steps_by_epoch"] = [self.batches_in_epoch(epoch) for epoch in epochs]
         return summary
 
     def fingerprint(self) -> str:
@@ -193,7 +193,7 @@ class TrainDataset:
             "steps": len(batches),
             "batches": [
                 {
-                    "step": batch.step,
+                    "step": batch.index,
                     "bucket": bucket_name(batch.bucket),
                     "images": [dataclasses.asdict(item) for item in batch.items],
                 }
@@ -219,9 +219,9 @@ def load_dataset(settings: DataSettings, transforms: DataTransforms | None = Non
             f"data_root: every image under {settings.data_root} has multiply 0; nothing to train"
         )
     steps = (
-        f"{dataset.steps_in_epoch(0)} steps per epoch"
+        f"{dataset.batches_in_epoch(0)} steps per epoch"
         if dataset.rated is None
-        else f"{dataset.steps_in_run()} steps in {settings.max_epochs} epochs (rated dataset)"
+        else f"{dataset.batches_in_run()} steps in {settings.max_epochs} epochs (rated dataset)"
     )
     logger.info(
         "dataset: %d images in %d buckets, %d skipped, %s (batch %d%s)",

@@ -78,5 +78,5 @@ def fixed_batches(records: Sequence[ImageRecord], batch_size: int) -> list[Batch
                 PlanItem(r.index, str(r.path), r.caption, flipped=False)
                 for r in group[start : start + batch_size]
             )
-            plans.append(BatchPlan(step=len(plans), bucket=bucket, items=items))
+            plans.append(BatchPlan(index=len(plans), bucket=bucket, items=items))
     return plans

@@ -64,7 +64,7 @@ class BatchDecoder(TorchDataset):
         self.dataset = dataset
         self.start_epoch = start_epoch
         self.start_batch = start_batch
-        lengths = [dataset.steps_in_epoch(e) for e in range(start_epoch, end_epoch)]
+        lengths = [dataset.batches_in_epoch(e) for e in range(start_epoch, end_epoch)]
         self.epoch_ends = list(itertools.accumulate(lengths))  # counted from start_epoch
         self.length = max(0, (self.epoch_ends[-1] if lengths else 0) - start_batch)
         self.bucket_members = _bucket_members(dataset)
@@ -121,7 +121,7 @@ class BatchDecoder(TorchDataset):
                 continue
             if number > 0:
                 logger.warning(
-                    "batch %d: %s replaced by %s", plan.step, items[position].path, item.path
+                    "batch %d: %s replaced by %s", plan.index, items[position].path, item.path
                 )
             return item, pixels
         last = next(reversed(self._unreadable.values()))

@@ -38,9 +38,9 @@ class PlanItem:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """One batch for one process: `step` is its position in this process's epoch."""
+    """One batch for one process: `index` is its position in this process's epoch."""
 
-    step: int
+    index: int
     bucket: Size
     items: tuple[PlanItem, ...]
 
@@ -150,7 +150,7 @@ def build_plan(
     size, rank = settings.batch_size, settings.rank
     augment = generator(settings.seed, epoch, "augment")
     plans: list[BatchPlan] = []
-    for step, (bucket, slots) in enumerate(global_batches(images, settings, epoch)):
+    for index, (bucket, slots) in enumerate(global_batches(images, settings, epoch)):
         items: list[PlanItem] = []
         for image in slots:
             flipped = augment.random() < image.flip_p
@@ -168,5 +168,5 @@ def build_plan(
                 PlanItem(image.index, str(image.path), caption, flipped, image.loss_scale, dropped)
             )
         mine = items[rank * size : (rank + 1) * size]
-        plans.append(BatchPlan(step=step, bucket=bucket, items=tuple(mine)))
+        plans.append(BatchPlan(index=index, bucket=bucket, items=tuple(mine)))
     return plans

@@ -37,7 +37,7 @@ def test_batch_id_images_are_batched_only_together_leftovers_join_the_pool(tmp_p
     assert {i.batch_id for i in dataset.images} == {"my_horses", None}
     # 4 square horses → 2 batches; the wide horse is a leftover: it joins the wide pool
     # (1 wide other + 1 wide horse → 1 batch); 7 square others → 4 batches
-    assert dataset.steps_per_epoch() == 7
+    assert dataset.batches_per_epoch() == 7
     assert dataset.summary()["batch_ids"] == {"my_horses": 5}
     for epoch in range(6):
         batches = dataset.epoch_batches(epoch)
@@ -76,7 +76,7 @@ def test_batch_id_batches_share_accumulation_windows(tmp_path):
         dataset = load(tmp_path, batch_size=1, grad_accum=2, seed=seed)
         for epoch in range(4):
             batches = dataset.epoch_batches(epoch)
-            assert len(batches) == dataset.steps_per_epoch() == 11
+            assert len(batches) == dataset.batches_per_epoch() == 11
             kinds = [_names(dataset, batch)[0] for batch in batches]
             windows = [kinds[k : k + 2] for k in range(0, 10, 2)]
             # 4 horse batches fill 2 whole windows of 2; the odd others batch is last
@@ -156,7 +156,7 @@ def test_fractional_multiply_is_rounded_as_everydream2(tmp_path):
         write_image(tmp_path / "a" / f"img{k}.png")
     (tmp_path / "a" / "multiply.txt").write_text("1.5", "utf-8")
     dataset = load(tmp_path, batch_size=1)
-    assert dataset.images_per_epoch == 4 == dataset.steps_per_epoch()
+    assert dataset.images_per_epoch == 4 == dataset.batches_per_epoch()
     extra = set()
     for epoch in range(10):
         used = _used(dataset, epoch)
@@ -177,7 +177,7 @@ def test_fractions_add_up_across_buckets_and_folders(tmp_path):
     dataset = load(tmp_path, batch_size=1)
     assert dataset.images_per_epoch == 2 == math.floor(0.5 + 0.5 + 10 * 0.1)
     for epoch in range(5):
-        assert len(dataset.epoch_batches(epoch)) == dataset.steps_per_epoch() == 2
+        assert len(dataset.epoch_batches(epoch)) == dataset.batches_per_epoch() == 2
 
 
 def _rated_dataset(root, count=20):
@@ -199,17 +199,17 @@ def test_rated_dataset_keeps_fewer_images_each_epoch_by_rating(tmp_path):
         expected = math.ceil(40 * fraction)
         used = _used(dataset, epoch)
         assert set(used.values()) == {1} and len(used) == expected
-        assert dataset.steps_in_epoch(epoch) == len(dataset.epoch_batches(epoch)) == expected
+        assert dataset.batches_in_epoch(epoch) == len(dataset.epoch_batches(epoch)) == expected
         names = [dataset.images[i].path.parent.name for i in used]
         high_kept += names.count("high")
         low_kept += names.count("low")
     assert high_kept > low_kept + 20  # higher ratings are kept more often
-    assert dataset.steps_in_run() == sum(dataset.steps_in_epoch(e) for e in range(10)) == 328
+    assert dataset.batches_in_run() == sum(dataset.batches_in_epoch(e) for e in range(10)) == 328
     assert dataset.summary()["steps_by_epoch"][:3] == [40, 40, 38]
     again = load(tmp_path, rated_dataset_target_dropout_percent=50, **options)
     assert again.epoch_batches(7) == dataset.epoch_batches(7)
-    with pytest.raises(AssertionError, match="steps_in_epoch"):
-        dataset.steps_per_epoch()
+    with pytest.raises(AssertionError, match="batches_in_epoch"):
+        dataset.batches_per_epoch()
 
 
 def test_rated_dataset_off_or_at_100_percent_keeps_everything(tmp_path):
@@ -224,7 +224,7 @@ def test_rated_dataset_off_or_at_100_percent_keeps_everything(tmp_path):
     )
     for epoch in (0, 5, 9):
         assert len(_used(off, epoch)) == len(_used(kept, epoch)) == 10
-    assert off.steps_in_run() == 100
+    assert off.batches_in_run() == 100
 
 
 def test_rated_dataset_kept_images_keep_their_multiply(tmp_path):
@@ -289,8 +289,8 @@ def test_two_ranks_split_batch_id_and_rated_plans(tmp_path):
     ranks = [load(tmp_path, batch_size=2, rank=r, world_size=2, **options) for r in range(2)]
     single = load(tmp_path, batch_size=4, **options)
     for epoch in range(6):
-        steps = single.steps_in_epoch(epoch)
-        assert ranks[0].steps_in_epoch(epoch) == ranks[1].steps_in_epoch(epoch) == steps
+        steps = single.batches_in_epoch(epoch)
+        assert ranks[0].batches_in_epoch(epoch) == ranks[1].batches_in_epoch(epoch) == steps
         a, b, whole = (d.epoch_batches(epoch) for d in (*ranks, single))
         assert len(a) == len(b) == len(whole) == steps
         for x, y, w in zip(a, b, whole, strict=True):

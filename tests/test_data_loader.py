@@ -26,10 +26,10 @@ def test_batches_match_the_plan(tmp_path):
     dataset = load(tmp_path, batch_size=2, flip_p=0.5, cond_dropout=0.3)
     plans = dataset.epoch_batches(1)
     batches = list(make_loader(dataset, 1))
-    assert len(batches) == len(plans) == dataset.steps_per_epoch()
+    assert len(batches) == len(plans) == dataset.batches_per_epoch()
     for batch, plan in zip(batches, plans, strict=True):
         width, height = plan.bucket
-        assert batch.bucket == plan.bucket and batch.step == plan.step
+        assert batch.bucket == plan.bucket and batch.index == plan.index
         assert batch.pixel_values.shape == (2, 3, height, width)
         assert batch.pixel_values.dtype == torch.float32
         assert batch.pixel_values.min() >= -1.0 and batch.pixel_values.max() <= 1.0
@@ -57,7 +57,7 @@ def test_start_batch_skips_without_decoding(tmp_path, monkeypatch):
     resumed = list(make_loader(dataset, 3, start_batch=4))
     assert len(decoded) == len(full) - 4
     assert [b.paths for b in resumed] == [b.paths for b in full[4:]]
-    assert [b.step for b in resumed] == list(range(4, len(full)))
+    assert [b.index for b in resumed] == list(range(4, len(full)))
     for a, b in zip(resumed, full[4:], strict=True):
         assert torch.equal(a.pixel_values, b.pixel_values)
     assert list(make_loader(dataset, 3, start_batch=len(full))) == []
@@ -87,7 +87,7 @@ def test_default_worker_count(tmp_path, monkeypatch):
 def test_one_loader_spans_several_epochs_and_resumes_mid_epoch(tmp_path):
     _colourful_dataset(tmp_path, count=5)
     dataset = load(tmp_path, batch_size=2, flip_p=0.5, shuffle_tags=True)
-    per_epoch = dataset.steps_per_epoch()
+    per_epoch = dataset.batches_per_epoch()
     spanning = list(make_loader(dataset, 0, end_epoch=3))
     assert [b.epoch for b in spanning] == [e for e in range(3) for _ in range(per_epoch)]
     separate = [b for e in range(3) for b in make_loader(dataset, e)]

@@ -35,8 +35,8 @@ def test_batches_hold_one_bucket_and_short_buckets_repeat_their_own_images(tmp_p
     dataset = load(tmp_path, batch_size=4)
     batches = dataset.epoch_batches(0)
     # 5 squares → 2 batches, 3 wides → 1, 2 talls → 1
-    assert len(batches) == dataset.steps_per_epoch() == 4
-    assert [b.step for b in batches] == [0, 1, 2, 3]
+    assert len(batches) == dataset.batches_per_epoch() == 4
+    assert [b.index for b in batches] == [0, 1, 2, 3]
     for batch in batches:
         assert len(batch.items) == 4
         assert {dataset.images[item.image_index].bucket for item in batch.items} == {batch.bucket}
@@ -130,7 +130,7 @@ def test_whole_multiply_repeats_and_zero_leaves_out(tmp_path):
     names = {image.index: image.path.name for image in dataset.images}
     used = Counter(names[i] for i in _flat(dataset, 0))
     assert used == {"once.png": 1, "a.png": 2}
-    assert dataset.steps_per_epoch() == 3
+    assert dataset.batches_per_epoch() == 3
     assert dataset.summary()["images"] == 3  # b.png is an image of the dataset, used 0 times
 
 
@@ -139,7 +139,7 @@ def test_fractional_multiply_draws_a_fixed_number_anew_each_epoch(tmp_path):
         write_image(tmp_path / f"img{k}.png")
     (tmp_path / "multiply.txt").write_text("1.5", "utf-8")
     dataset = load(tmp_path, batch_size=1)
-    assert dataset.steps_per_epoch() == 9
+    assert dataset.batches_per_epoch() == 9
     extras = []
     for epoch in range(8):
         used = Counter(_flat(dataset, epoch))
@@ -154,7 +154,7 @@ def test_steps_per_epoch_matches_every_epoch_with_fractions(tmp_path):
     (tmp_path / "multiply.txt").write_text("1.3", "utf-8")
     dataset = load(tmp_path, batch_size=3)
     for epoch in range(5):
-        assert len(dataset.epoch_batches(epoch)) == dataset.steps_per_epoch()
+        assert len(dataset.epoch_batches(epoch)) == dataset.batches_per_epoch()
 
 
 def test_shuffle_tags_keeps_the_first_part(tmp_path):
@@ -193,19 +193,19 @@ def test_two_ranks_split_every_global_batch(tmp_path):
     rank0 = load(tmp_path, batch_size=2, rank=0, world_size=2, **options)
     rank1 = load(tmp_path, batch_size=2, rank=1, world_size=2, **options)
     single = load(tmp_path, batch_size=4, **options)
-    assert rank0.steps_per_epoch() == rank1.steps_per_epoch() == single.steps_per_epoch()
+    assert rank0.batches_per_epoch() == rank1.batches_per_epoch() == single.batches_per_epoch()
     for epoch in range(3):
         a, b, whole = (
             rank0.epoch_batches(epoch),
             rank1.epoch_batches(epoch),
             single.epoch_batches(epoch),
         )
-        assert len(a) == len(b) == len(whole) == rank0.steps_per_epoch()
+        assert len(a) == len(b) == len(whole) == rank0.batches_per_epoch()
         for x, y, w in zip(a, b, whole, strict=True):
             assert x.bucket == y.bucket == w.bucket
             assert len(x.items) == len(y.items) == 2
             assert x.items + y.items == w.items  # the union is the single-process batch
-        slots_a = [(b.step, k) for b in a for k in range(len(b.items))]
+        slots_a = [(b.index, k) for b in a for k in range(len(b.items))]
         assert len(set(slots_a)) == len(slots_a)
 
 

@@ -15,7 +15,7 @@ RATED = {"rated_dataset": True, "rated_dataset_target_dropout_percent": 0, "max_
 
 def _expected_steps(grad_accum: int) -> list[int]:
     dataset = load(EXAMPLE_DATA, batch_size=2, seed=555, grad_accum=grad_accum, **RATED)
-    return [dataset.steps_in_epoch(epoch) for epoch in range(4)]
+    return [dataset.batches_in_epoch(epoch) for epoch in range(4)]
 
 
 def test_dry_run_sizes_the_schedule_by_every_epoch(capsys, tmp_path):

@@ -46,7 +46,7 @@ def test_automatic_split_is_deterministic_and_never_trained(tmp_path):
     for epoch in range(5):
         for plan in trained.epoch_batches(epoch):
             assert not {item.path for item in plan.items} & held_paths
-    assert trained.steps_in_epoch(0) < full.steps_in_epoch(0)
+    assert trained.batches_in_epoch(0) < full.batches_in_epoch(0)
     assert trained.fingerprint() != full.fingerprint()
     other, other_data = prepare_validation(replace(settings, seed=556), load(root))
     assert other_data is not None

@@ -167,7 +167,7 @@ def seed_of(configured: int, resume_state: TrainingState | None) -> int:
 def run_length(dataset: TrainDataset, config: TrainConfig) -> int:
     """Optimizer steps of the whole run (epochs of a rated dataset differ in length)."""
     return sum(
-        optimizer_steps_per_epoch(dataset.steps_in_epoch(epoch), config.grad_accum)
+        optimizer_steps_per_epoch(dataset.batches_in_epoch(epoch), config.grad_accum)
         for epoch in range(config.max_epochs)
     )
 

@@ -108,16 +108,16 @@ class Trainer:
         c = self.counters
         source = self.env.source
         for batch in source.batches(c.epoch, c.batch_in_epoch, self.config.max_epochs):
-            assert (batch.epoch, batch.step) == (c.epoch, c.batch_in_epoch), "loader disagrees"
+            assert (batch.epoch, batch.index) == (c.epoch, c.batch_in_epoch), "loader disagrees"
             epoch = c.epoch
             if c.batch_in_epoch == 0:
                 self._call("on_epoch_start", epoch)
             self._call("on_step_start", batch)
-            length, last = self._window_of(c.batch_in_epoch, self.steps_in_epoch(epoch))
+            length, last = self._window_of(c.batch_in_epoch, self.batches_in_epoch(epoch))
             with self._gradient_sync(last):
                 loss = self._micro_step(batch, length)
             c.batch_in_epoch += 1
-            if c.batch_in_epoch == self.steps_in_epoch(epoch):
+            if c.batch_in_epoch == self.batches_in_epoch(epoch):
                 c.epoch, c.batch_in_epoch = epoch + 1, 0
             if last:
                 self._call("on_optimizer_step", self._optimizer_step(epoch))
@@ -128,9 +128,9 @@ class Trainer:
                 return True
         return False
 
-    def steps_in_epoch(self, epoch: int) -> int:
+    def batches_in_epoch(self, epoch: int) -> int:
         """Batches in ``epoch`` for this process (epochs of a rated dataset differ)."""
-        return self.run.dataset.steps_in_epoch(epoch)
+        return self.run.dataset.batches_in_epoch(epoch)
 
     def _window_of(self, index: int, batches: int) -> tuple[int, bool]:
         """(length of the window that batch ``index`` is in, whether it is its last batch)."""
@@ -175,7 +175,7 @@ class Trainer:
         logger.warning(
             "non-finite loss at epoch %d batch %d (%s): this optimizer step is skipped",
             batch.epoch + 1,
-            batch.step,
+            batch.index,
             ", ".join(batch.paths),
         )
         if self._consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:

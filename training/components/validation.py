@@ -63,7 +63,7 @@ class Validation(Component):
         every = self.settings.every_n_epochs
         if every >= 1:
             return
-        batches = trainer.steps_in_epoch(step.epoch)
+        batches = trainer.batches_in_epoch(step.epoch)
         c = trainer.counters
         done = c.batch_in_epoch if c.epoch == step.epoch else batches  # batches of the epoch
         index = (done - 1) // trainer.grad_accum

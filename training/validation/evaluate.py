@@ -139,7 +139,7 @@ class Evaluator:
         )
         with bar, evaluation_mode(modules, self.device):
             for batch, latents in self._batches(eval_set, mine):
-                seed = batch_seed(eval_set.dataset.settings.seed, eval_set.name, batch.step)
+                seed = batch_seed(eval_set.dataset.settings.seed, eval_set.name, batch.index)
                 generator = torch.Generator(device=self.device).manual_seed(seed)
                 loss = batch_loss(
                     self.models, latents, batch, self.config, generator, self.precision, Shard()
