@@ -66,8 +66,8 @@ from bench.trainer_harness import (
 )
 from models import tokenize
 from training.build import Run
+from training.context import TrainingContext
 from training.latent_cache import LatentCache
-from training.loop import Trainer
 
 logger = logging.getLogger("bench_cuda")
 
@@ -182,10 +182,10 @@ class Window:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def __call__(self, trainer: Trainer) -> None:
+    def __call__(self, ctx: TrainingContext) -> None:
         self.count += 1
         if self.count == 1:
-            self.cache_active = isinstance(trainer.env.source, LatentCache)
+            self.cache_active = isinstance(ctx.env.source, LatentCache)
         if self.count == self.warmup:
             self.started = self._now()
         elif self.count == self.warmup + self.steps:

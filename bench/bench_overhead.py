@@ -77,7 +77,7 @@ from bench.trainer_harness import (
 from data import Batch, make_loader
 from models import load_models
 from training.build import Run
-from training.loop import Trainer
+from training.context import TrainingContext
 
 logger = logging.getLogger("bench_overhead")
 
@@ -97,8 +97,9 @@ class BareLoop:
     """A hand-written diffusers training loop over a fixed list of batches (cycled)."""
 
     def __init__(self, run: Run, batches: list[BareBatch], clip_grad_norm: float | None) -> None:
-        assert run.unet is not None and run.text_encoder is not None
-        for model in (run.unet, run.text_encoder):
+        unet, text_encoder = run.unet_training, run.text_encoder_training
+        assert unet is not None and text_encoder is not None
+        for model in (unet, text_encoder):
             if model.settings.name != "adamw":
                 raise SystemExit(
                     f"the bare loop uses torch AdamW; the trainer's {model.model_name} uses "
@@ -112,15 +113,15 @@ class BareLoop:
         self.noise_scheduler = DDPMScheduler.from_config(bundle.noise_scheduler.config)
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": list(self.unet.parameters()), **run.unet.kwargs},
-                {"params": list(self.text_encoder.parameters()), **run.text_encoder.kwargs},
+                {"params": list(self.unet.parameters()), **unet.kwargs},
+                {"params": list(self.text_encoder.parameters()), **text_encoder.kwargs},
             ]
         )
         self.scheduler = get_scheduler(
-            run.unet.settings.value("lr_scheduler"),
+            unet.settings.value("lr_scheduler"),
             self.optimizer,
-            num_warmup_steps=run.unet.length.warmup_steps,
-            num_training_steps=run.unet.length.decay_steps,
+            num_warmup_steps=unet.length.warmup_steps,
+            num_training_steps=unet.length.decay_steps,
         )
         self.batches = batches
         self.clip_grad_norm = clip_grad_norm
@@ -175,7 +176,7 @@ class Interleaver:
     count: int = 0
     block_start: float = 0.0
 
-    def __call__(self, trainer: Trainer) -> None:
+    def __call__(self, ctx: TrainingContext) -> None:
         now = time.perf_counter()
         self.count += 1
         if self.count < self.warmup:

@@ -2,7 +2,8 @@
 
 The benchmarks time the trainer as a user runs it, so they build the run with train.py's own
 `build_from_command_line` and train it with `training.session.run_training` itself, with one
-extra component whose ``on_optimizer_step`` runs the benchmark's hook after each optimizer step
+extra component whose ``on_optimizer_step`` runs the benchmark's hook (given the components'
+context) after each optimizer step
 (after everything the trainer's own components do in that step: logging, progress bar). A
 hook ends the run at once by raising `BenchmarkFinished` (no checkpoint is written).
 """
@@ -20,11 +21,12 @@ import training.session
 from config.cli import parse_command_line
 from training.build import Run, build_from_command_line
 from training.components import Component, OptimizerStep
-from training.loop import StopTraining, Trainer
+from training.context import TrainingContext
+from training.loop import StopTraining
 
 REPO = Path(__file__).resolve().parent.parent
 
-StepHook = Callable[[Trainer], None]
+StepHook = Callable[[TrainingContext], None]
 SHIPPED_OPTIMIZER_JSON = REPO / "optimizer.json"
 
 
@@ -48,22 +50,19 @@ def write_optimizer_json(folder: Path, optimizer: str) -> Path:
     return path
 
 
-def train_with_hook(run: Run, accelerator: Accelerator, hook: StepHook) -> Trainer:
-    """`run_training` with ``hook(trainer)`` after every optimizer step; returns the trainer.
+def train_with_hook(run: Run, accelerator: Accelerator, hook: StepHook) -> None:
+    """`run_training` with ``hook(context)`` after every optimizer step.
 
     The hook must raise `BenchmarkFinished` before the run ends by itself: a run that reaches
     its last epoch is an error here (raise max_epochs).
     """
-    made: list[Trainer] = []
 
     class Hook(Component):
-        def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
-            if not made:
-                made.append(trainer)
-            hook(trainer)
+        def on_optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
+            hook(ctx)
 
     try:
         training.session.run_training(run, accelerator, extra_components=[Hook()])
     except BenchmarkFinished:
-        return made[0]
+        return
     raise RuntimeError("the run ended before the benchmark had its steps: raise max_epochs")

@@ -105,10 +105,16 @@ class TrainDataset:
         """Batches of all `max_epochs` epochs for this process."""
         return sum(self.batches_in_epoch(epoch) for epoch in range(self.settings.max_epochs))
 
-    def epoch_batches(self, epoch: int) -> list[BatchPlan]:
-        """This process's batches of `epoch`: a pure function of (seed, epoch, rank, world_size)
-        and the dataset."""
-        return build_plan(self.images, self.settings, epoch)
+    @property
+    def plan_uses_grad_accum(self) -> bool:
+        """Whether epoch plans depend on grad_accum (images with a batch_id fill whole
+        accumulation windows)."""
+        return any(image.batch_id is not None for image in self.images)
+
+    def epoch_batches(self, epoch: int, grad_accum: int = 1) -> list[BatchPlan]:
+        """This process's batches of `epoch`: a pure function of (seed, epoch, rank, world_size,
+        grad_accum) and the dataset."""
+        return build_plan(self.images, self.settings, epoch, grad_accum)
 
     def decode(self, index: int, flipped: bool) -> torch.Tensor:
         """The pixels of image `index` as trained (bucket size, flipped or not, image transform
@@ -124,13 +130,13 @@ class TrainDataset:
         return finish_image(pixels, image.bucket, flipped, self.transforms)
 
     def batches_without_pixels(
-        self, epoch: int, start_batch: int, end_epoch: int
+        self, epoch: int, start_batch: int, end_epoch: int, grad_accum: int = 1
     ) -> Iterator[Batch]:
         """The batches from (epoch, start_batch) to the end of epoch end_epoch - 1 without
         pixels (for a latent cache), with the same captions the loader gives (caption
         transforms, then dropout)."""
         for number in range(epoch, end_epoch):
-            plans = self.epoch_batches(number)
+            plans = self.epoch_batches(number, grad_accum)
             for plan in plans[start_batch if number == epoch else 0 :]:
                 yield Batch.of(number, plan, transforms=self.transforms)
 
@@ -161,7 +167,8 @@ class TrainDataset:
     def fingerprint(self) -> str:
         """A hash of everything the epoch plans depend on (every field of every image record,
         the settings that shape plans). Store it with a checkpoint: a different value on
-        resume means the data order changed."""
+        resume means the data order changed. (grad_accum, which shapes the plans of datasets
+        with batch ids, is a live setting: the trainer follows its changes itself.)"""
         settings = self.settings
         names = [f.name for f in dataclasses.fields(ImageRecord)]
         content = {
@@ -173,7 +180,6 @@ class TrainDataset:
                 settings.shuffle_tags,
                 settings.keep_tags,
                 settings.world_size,
-                settings.grad_accum,
                 settings.rated_dataset,
                 settings.rated_dataset_target_dropout_percent,
                 settings.max_epochs if settings.rated_dataset else None,
@@ -181,10 +187,10 @@ class TrainDataset:
         }
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
-    def write_schedule(self, epoch: int, path: Path) -> None:
+    def write_schedule(self, epoch: int, path: Path, grad_accum: int = 1) -> None:
         """Write this process's batches of `epoch` as JSON (EveryDream2's --write_schedule).
         Captions are as planned: before caption transforms, with `dropped` for dropout."""
-        batches = self.epoch_batches(epoch)
+        batches = self.epoch_batches(epoch, grad_accum)
         document = {
             "epoch": epoch,
             "rank": self.settings.rank,

@@ -59,9 +59,15 @@ class BatchDecoder(TorchDataset):
     """
 
     def __init__(
-        self, dataset: TrainDataset, start_epoch: int, start_batch: int, end_epoch: int
+        self,
+        dataset: TrainDataset,
+        start_epoch: int,
+        start_batch: int,
+        end_epoch: int,
+        grad_accum: int = 1,
     ) -> None:
         self.dataset = dataset
+        self.grad_accum = grad_accum
         self.start_epoch = start_epoch
         self.start_batch = start_batch
         lengths = [dataset.batches_in_epoch(e) for e in range(start_epoch, end_epoch)]
@@ -84,7 +90,7 @@ class BatchDecoder(TorchDataset):
         batch = position - (self.epoch_ends[offset - 1] if offset else 0)
         epoch = self.start_epoch + offset
         if self._plans is None or self._plans[0] != epoch:
-            self._plans = (epoch, self.dataset.epoch_batches(epoch))
+            self._plans = (epoch, self.dataset.epoch_batches(epoch, self.grad_accum))
         return epoch, self._plans[1][batch]
 
     def _decode(self, item: PlanItem, bucket: Size) -> torch.Tensor | None:
@@ -180,10 +186,11 @@ def make_loader(
     start_batch: int = 0,
     pin_memory: bool = False,
     end_epoch: int | None = None,
+    grad_accum: int = 1,
 ) -> BatchLoader:
     """The batches from batch `start_batch` of `epoch` to the end of epoch `end_epoch` - 1
-    (default: the end of `epoch`), for this process. The skipped batches are neither decoded
-    nor read: exact resume mid-epoch.
+    (default: the end of `epoch`), for this process, planned with windows of `grad_accum`
+    batches. The skipped batches are neither decoded nor read: exact resume mid-epoch.
 
     Each batch is a `Batch` whose ``pixel_values`` are float [B, 3, H, W] in [-1, 1] and whose
     captions are the trained ones (caption transforms, then dropout). Batches are decoded in
@@ -194,7 +201,7 @@ def make_loader(
     `DataTransformError` for a transform's unusable result.
     """
     end = epoch + 1 if end_epoch is None else end_epoch
-    decoder = BatchDecoder(dataset, epoch, start_batch, end)
+    decoder = BatchDecoder(dataset, epoch, start_batch, end, grad_accum)
     return batch_loader(decoder, dataset.num_workers, pin_memory)
 
 

@@ -90,7 +90,7 @@ def _windows(
 
 
 def global_batches(
-    images: Sequence[ImageRecord], settings: DataSettings, epoch: int
+    images: Sequence[ImageRecord], settings: DataSettings, epoch: int, grad_accum: int
 ) -> list[Slots]:
     """The epoch's global batches of batch_size × world_size images, each from one bucket, in
     training order.
@@ -129,13 +129,14 @@ def global_batches(
     if not named:
         shuffle(rng, common)
         return common
-    return _windows(rng, named, common, settings.grad_accum)
+    return _windows(rng, named, common, grad_accum)
 
 
 def build_plan(
-    images: Sequence[ImageRecord], settings: DataSettings, epoch: int
+    images: Sequence[ImageRecord], settings: DataSettings, epoch: int, grad_accum: int
 ) -> list[BatchPlan]:
-    """This process's batches for `epoch`.
+    """This process's batches for `epoch`, accumulated in windows of `grad_accum` batches
+    (which shapes the plan only when images have a batch_id).
 
     All processes build the same global plan of batches of batch_size × world_size images (one
     bucket each) and process `rank` takes images rank×batch_size .. (rank+1)×batch_size-1 of
@@ -150,7 +151,7 @@ def build_plan(
     size, rank = settings.batch_size, settings.rank
     augment = generator(settings.seed, epoch, "augment")
     plans: list[BatchPlan] = []
-    for index, (bucket, slots) in enumerate(global_batches(images, settings, epoch)):
+    for index, (bucket, slots) in enumerate(global_batches(images, settings, epoch, grad_accum)):
         items: list[PlanItem] = []
         for image in slots:
             flipped = augment.random() < image.flip_p

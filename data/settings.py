@@ -21,8 +21,7 @@ class DataSettings:
 
     `flip_p` and `cond_dropout` are the run-wide defaults; folder files and yaml sidecars may
     override them per image. `rank`/`world_size` describe multi-process training: each process
-    trains on its own share of every global batch. `grad_accum` keeps the batches of one
-    batch_id in the same accumulation windows; `max_epochs` and the two `rated_dataset` keys
+    trains on its own share of every global batch. `max_epochs` and the two `rated_dataset` keys
     decide which images each epoch of a rated dataset keeps.
     """
 
@@ -38,7 +37,6 @@ class DataSettings:
     rank: int = 0
     world_size: int = 1
     device_type: str = "cpu"  # where training runs: decides the default number of workers
-    grad_accum: int = _DEFAULTS["grad_accum"]
     max_epochs: int = _DEFAULTS["max_epochs"]
     rated_dataset: bool = _DEFAULTS["rated_dataset"]
     rated_dataset_target_dropout_percent: int = _DEFAULTS["rated_dataset_target_dropout_percent"]
@@ -49,7 +47,7 @@ class DataSettings:
         assert 0.0 <= self.flip_p <= 1.0 and 0.0 <= self.cond_dropout <= 1.0
         assert self.dataloader_num_workers is None or self.dataloader_num_workers >= 0
         assert self.world_size >= 1 and 0 <= self.rank < self.world_size
-        assert self.grad_accum >= 1 and self.max_epochs >= 1
+        assert self.max_epochs >= 1
         assert 0 <= self.rated_dataset_target_dropout_percent <= 100
 
 

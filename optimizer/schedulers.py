@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from config.choices import LR_SCHEDULERS
-from config.errors import ConfigError
-from config.limits import MAX_STEPS
 
 if TYPE_CHECKING:
     import torch
@@ -62,18 +60,3 @@ def build_scheduler(
 def optimizer_steps_per_epoch(batches_per_epoch: int, grad_accum: int) -> int:
     """Accumulation windows start afresh each epoch, so they never drift; the last may be short."""
     return -(-batches_per_epoch // grad_accum)
-
-
-def total_optimizer_steps(batches_per_epoch: int, max_epochs: int, grad_accum: int) -> int:
-    """Optimizer steps in a whole run; more than `MAX_STEPS` is a ConfigError naming why."""
-    per_epoch = optimizer_steps_per_epoch(batches_per_epoch, grad_accum)
-    total = max_epochs * per_epoch
-    if total > MAX_STEPS:
-        raise ConfigError(
-            [
-                f"max_epochs: {max_epochs} epochs of {per_epoch} optimizer steps are {total} "
-                f"steps; a run may have at most {MAX_STEPS}: lower max_epochs (or raise "
-                "batch_size or grad_accum, or use fewer images)"
-            ]
-        )
-    return total

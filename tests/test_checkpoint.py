@@ -20,20 +20,21 @@ from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
 import storage.atomic as atomic
-import training.checkpoint as checkpoint
+import training.checkpointing.writer as checkpoint
 from config.errors import UserError
 from models import ModelBundle, load_models
-from training.checkpoint import (
-    frozen_weights_reference,
-    restore_full_precision_weights,
-    save_checkpoint,
-)
-from training.state import (
+from training.checkpointing.state import (
     STATE_DIR,
     TrainingState,
     check_fingerprint,
     has_training_state,
     load_training_state,
+)
+from training.checkpointing.writer import (
+    SaveOptions,
+    frozen_weights_reference,
+    restore_full_precision_weights,
+    save_checkpoint,
 )
 
 COMPONENTS = ("unet", "text_encoder", "vae")
@@ -153,7 +154,9 @@ def on_disk_dtypes(file: Path) -> set[torch.dtype]:
 def test_pipeline_folder_loads_and_makes_an_image(request, tmp_path, model, full_precision):
     bundle = request.getfixturevalue(model)
     before = weights(bundle)
-    path = save_checkpoint(tmp_path / "ckpt", bundle, None, full_precision)
+    path = save_checkpoint(
+        tmp_path / "ckpt", bundle, None, SaveOptions(full_precision=full_precision)
+    )
     assert path == tmp_path / "ckpt"
     assert not has_training_state(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folder left
@@ -193,8 +196,8 @@ def test_saving_leaves_the_models_as_they_were(sd15, tmp_path):
     before = weights(sd15)
     parameters = {name: list(getattr(sd15, name).parameters()) for name in COMPONENTS}
     state, _ = make_state(sd15, {"unet": "adamw"})
-    save_checkpoint(tmp_path / "a", sd15, state, full_precision=False)
-    save_checkpoint(tmp_path / "b", sd15, state, full_precision=True)
+    save_checkpoint(tmp_path / "a", sd15, state)
+    save_checkpoint(tmp_path / "b", sd15, state, SaveOptions(full_precision=True))
     for name in COMPONENTS:
         model = getattr(sd15, name)
         assert list(model.parameters()) == parameters[name]  # the same Parameter objects
@@ -217,7 +220,7 @@ def test_saving_leaves_the_models_as_they_were(sd15, tmp_path):
 )
 def test_training_state_round_trips_exactly(sd15, tmp_path, kinds):
     state, trainings = make_state(sd15, kinds)
-    path = save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=False)
+    path = save_checkpoint(tmp_path / "ckpt", sd15, state)
     assert has_training_state(path)
     # The file reads back with the safe loader, with no allowlist.
     torch.load(path / STATE_DIR / "state.pt", weights_only=True)
@@ -269,7 +272,7 @@ def test_only_trained_models_are_copied_and_frozen_ones_come_from_the_base(sd21,
     state, _ = make_state(sd21, {"unet": "adamw"})
     state.frozen_weights = frozen_weights_reference(sd21, ("unet",), "tiny-sd21")
     assert sorted(state.frozen_weights["sha256"]) == ["text_encoder", "vae"]
-    path = save_checkpoint(tmp_path / "ckpt", sd21, state, False, trained=("unet",))
+    path = save_checkpoint(tmp_path / "ckpt", sd21, state)
     document = json.loads((path / STATE_DIR / "state.json").read_text())
     assert document["full_precision_weights"] == ["unet"]
     names = sorted(p.name for p in (path / STATE_DIR).iterdir())
@@ -291,7 +294,7 @@ def test_frozen_weights_that_changed_at_the_base_are_not_used(sd21, tmp_path, ca
     state, _ = make_state(sd21, {"unet": "adamw"})
     state.frozen_weights = frozen_weights_reference(sd21, ("unet",), "tiny-sd21")
     state.frozen_weights["sha256"]["vae"] = "0" * 64  # as if the base model had changed
-    path = save_checkpoint(tmp_path / "ckpt", sd21, state, False, trained=("unet",))
+    path = save_checkpoint(tmp_path / "ckpt", sd21, state)
     loaded = load_models(str(path))
     restore_full_precision_weights(path, loaded)
     assert "vae in tiny-sd21 changed since the run started" in caplog.text
@@ -313,7 +316,7 @@ def test_frozen_models_exact_in_fp16_need_no_reference(sd21):
 
 
 def test_checkpoint_folders_get_the_usual_permissions(sd15, tmp_path):
-    path = save_checkpoint(tmp_path / "ckpt", sd15, None, False)
+    path = save_checkpoint(tmp_path / "ckpt", sd15, None)
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o777 & ~umask
@@ -321,7 +324,7 @@ def test_checkpoint_folders_get_the_usual_permissions(sd15, tmp_path):
 
 def test_full_precision_checkpoint_needs_no_copies(sd15, tmp_path):
     state, _ = make_state(sd15, {"unet": "adamw", "text_encoder": "adamw"})
-    path = save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=True)
+    path = save_checkpoint(tmp_path / "ckpt", sd15, state, SaveOptions(full_precision=True))
     assert sorted(p.name for p in (path / STATE_DIR).iterdir()) == ["state.json", "state.pt"]
     loaded = load_models(str(path))
     restore_full_precision_weights(path, loaded)  # nothing to restore, and no error
@@ -334,13 +337,13 @@ def test_state_that_the_safe_loader_would_refuse_is_rejected_at_save(sd15, tmp_p
     state, _ = make_state(sd15, {"unet": "adamw"})
     state.rng["numpy"] = np.random.default_rng(0).random(3)
     with pytest.raises(TypeError, match=r"weights_only=True"):
-        save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=True)
+        save_checkpoint(tmp_path / "ckpt", sd15, state, SaveOptions(full_precision=True))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_format_version_and_corrupt_state_are_user_errors(sd15, tmp_path):
     state, _ = make_state(sd15, {"unet": "adamw"})
-    path = save_checkpoint(tmp_path / "ckpt", sd15, state, full_precision=True)
+    path = save_checkpoint(tmp_path / "ckpt", sd15, state, SaveOptions(full_precision=True))
     state_json = path / STATE_DIR / "state.json"
     document = json.loads(state_json.read_text())
 
@@ -374,14 +377,14 @@ def test_crash_mid_save_leaves_previous_checkpoint(sd15, tmp_path, monkeypatch, 
     with monkeypatch.context() as patch:  # the very first save crashes: nothing at path
         patch.setattr(module, where, crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+            save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0])
     assert list(tmp_path.iterdir()) == []
 
-    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0])
     with monkeypatch.context() as patch:
         patch.setattr(module, where, crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 2)[0], False)
+            save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 2)[0])
     names = sorted(p.name for p in tmp_path.iterdir())
     if where == "_fsync":  # the first fsync is a file's, before the rename: nothing changed
         assert names == ["ckpt"]
@@ -391,22 +394,22 @@ def test_crash_mid_save_leaves_previous_checkpoint(sd15, tmp_path, monkeypatch, 
 
 def test_checkpoint_left_aside_by_a_killed_save_is_put_back(sd15, tmp_path, monkeypatch):
     path = tmp_path / "ckpt"
-    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0])
     # As if this process died between moving the old checkpoint aside and renaming the new one.
     aside = tmp_path / f".ckpt.old-{os.getpid()}-dead"
     path.rename(aside)
     (tmp_path / ".ckpt.partial-999999999-x").mkdir()
     monkeypatch.setattr(checkpoint, "_write_training_state", crash)
     with pytest.raises(RuntimeError):
-        save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 2)[0], False)
+        save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 2)[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert load_training_state(path).global_step == 1
 
 
 def test_replacing_a_checkpoint(sd15, tmp_path):
     path = tmp_path / "ckpt"
-    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
-    save_checkpoint(path, sd15, None, True)
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0])
+    save_checkpoint(path, sd15, None, SaveOptions(full_precision=True))
     assert not has_training_state(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -416,7 +419,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_never_replaced(sd15, tmp_path):
     path.mkdir()
     (path / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match=r"photos.*not a checkpoint"):
-        save_checkpoint(path, sd15, None, False)
+        save_checkpoint(path, sd15, None)
     assert (path / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
@@ -425,7 +428,7 @@ def test_target_under_a_file_is_a_user_error(sd15, tmp_path):
     (tmp_path / "afile").write_text("x")
     target = tmp_path / "afile" / "ckpt"
     with pytest.raises(UserError, match=r"afile/ckpt: .*afile is a file, not a folder"):
-        save_checkpoint(target, sd15, None, False)
+        save_checkpoint(target, sd15, None)
 
 
 def test_read_only_folder_is_a_user_error(sd15, tmp_path):
@@ -436,7 +439,7 @@ def test_read_only_folder_is_a_user_error(sd15, tmp_path):
         if os.access(folder, os.W_OK):
             pytest.skip("this user (root) can write to a read-only folder")
         with pytest.raises(UserError, match=r"readonly/ckpt: Permission denied"):
-            save_checkpoint(folder / "ckpt", sd15, None, False)
+            save_checkpoint(folder / "ckpt", sd15, None)
     finally:
         folder.chmod(0o700)
 
@@ -460,14 +463,14 @@ def test_failed_write_is_a_user_error_and_keeps_the_previous(
     sd15, tmp_path, file_size_limit, full_precision
 ):
     path = tmp_path / "ckpt"
-    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0], False)
+    save_checkpoint(path, sd15, make_state(sd15, {"unet": "adamw"}, 1)[0])
     # AdamW over the whole UNet: state.pt holds 2 × 3.2 MB of moments.
     state = make_state(sd15, {"unet": "adamw"}, 2, max_values=None)[0]
     # fp16: the pipeline's UNet file (1.6 MB) fails; fp32: the pipeline (3.2 MB files at most)
     # fits and state.pt fails, inside torch.save.
     file_size_limit(4_000_000 if full_precision else 1_000_000)
     with pytest.raises(UserError, match=r"cannot write the checkpoint .*ckpt: .*File too large"):
-        save_checkpoint(path, sd15, state, full_precision)
+        save_checkpoint(path, sd15, state, SaveOptions(full_precision=full_precision))
     file_size_limit(resource.RLIM_INFINITY)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert load_training_state(path).global_step == 1

@@ -21,7 +21,7 @@ from config.load import load_train_config
 from config.train_config import TrainConfig
 from optimizer.config import OptimizerFile, OptimizerSection
 from optimizer.freezing import FreezingConfig
-from optimizer.schedulers import total_optimizer_steps
+from training.length import RunLength
 from training.samples.prompts import SampleEntry, SampleFile
 
 BASE = {"resume_ckpt": "tiny-sd15"}
@@ -172,12 +172,20 @@ def test_a_number_with_thousands_of_digits_is_a_message(tmp_path: Path) -> None:
     assert "seed: must be <= 4294967295, got a 401-digit number" in problem
 
 
+class Epochs:
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return self.batches
+
+
 def test_run_length_is_bounded() -> None:
-    assert total_optimizer_steps(1000, limits.MAX_EPOCHS, 1) == limits.MAX_STEPS
+    assert RunLength.plan(Epochs(1000), limits.MAX_EPOCHS, 1).planned_steps == limits.MAX_STEPS
     with pytest.raises(ConfigError) as info:
-        total_optimizer_steps(1001, limits.MAX_EPOCHS, 1)
+        RunLength.plan(Epochs(1001), limits.MAX_EPOCHS, 1)
     (problem,) = info.value.problems
-    assert "max_epochs: 100000 epochs of 1001 optimizer steps are 100100000 steps" in problem
+    assert "max_epochs: 100000 epochs make 100100000 optimizer steps" in problem
     assert "at most 100000000" in problem
 
 

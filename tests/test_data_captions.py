@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-from data_fixtures import captions_by_name, load, record, write_image
 
 from config.errors import UserError
+from tests.data_fixtures import captions_by_name, load, record, write_image
 
 
 def test_each_caption_source(tmp_path):

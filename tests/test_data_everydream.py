@@ -7,9 +7,9 @@ import math
 from collections import Counter
 
 import pytest
-from data_fixtures import load, record, write_image
 
 from data import make_loader
+from tests.data_fixtures import load, record, write_image
 
 
 def _names(dataset, batch) -> list[str]:

@@ -11,12 +11,12 @@ import signal
 from pathlib import Path
 
 import pytest
-from data_fixtures import load, record, write_image
 
 import data.images
 import data.scan
 from config.errors import UserError
 from data import DataRootChangedError, make_loader
+from tests.data_fixtures import load, record, write_image
 
 LATIN1_NAME = os.fsdecode(b"caf\xe9 au lait.png")  # not UTF-8: os.walk gives surrogates
 

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from data_fixtures import load, record, write_image
 from PIL import Image
 
 from data import bucket_step, decode_image, make_buckets, nearest_bucket
 from data.buckets import crop_box
+from tests.data_fixtures import load, record, write_image
 
 
 @pytest.mark.parametrize("resolution", range(256, 1025, 64))

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import load, write_image
 
 import data.loader
 from data import DataRootChangedError, decode_image, make_loader
+from tests.data_fixtures import load, write_image
 
 REPO = Path(__file__).resolve().parent.parent
 

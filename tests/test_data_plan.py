@@ -8,9 +8,9 @@ from collections import Counter
 
 import numpy as np
 import torch
-from data_fixtures import load, write_image
 
 from data import TrainDataset
+from tests.data_fixtures import load, write_image
 
 
 def _mixed_dataset(root, squares=5, wides=3, talls=2):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from data_fixtures import load
-
+from tests.data_fixtures import load
 from tests.e2e import EXAMPLE_DATA, run, run_folders, scalars, write_config
 
 RATED = {"rated_dataset": True, "rated_dataset_target_dropout_percent": 0, "max_epochs": 4}

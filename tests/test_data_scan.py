@@ -6,10 +6,10 @@ import io
 import logging
 
 import pytest
-from data_fixtures import load, write_image
 from PIL import Image
 
 from config.errors import UserError
+from tests.data_fixtures import load, write_image
 
 
 def _jpeg_bytes(size=(64, 48)) -> bytes:

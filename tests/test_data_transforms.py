@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import load
 from PIL import Image
 
 from config.errors import UserError
 from data import DataTransformError, DataTransforms, make_loader
+from tests.data_fixtures import load
 
 GREEN = (0, 255, 0)
 

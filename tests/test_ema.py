@@ -14,8 +14,8 @@ import models
 import training.build
 from config.errors import UserError
 from config.train_config import TrainConfig
+from tests.contexts import make_context, optimizer_step
 from tests.e2e import run, write_config
-from training.components.base import OptimizerStep
 from training.components.ema import EMA
 from training.ema import (
     EmaSettings,
@@ -35,16 +35,6 @@ def tiny_bundle() -> SimpleNamespace:
     return SimpleNamespace(unet=nn.Linear(3, 2), text_encoder=text_encoder)
 
 
-def fake_trainer(bundle: SimpleNamespace, main: bool = True) -> SimpleNamespace:
-    trainings = [SimpleNamespace(model_name="unet"), SimpleNamespace(model_name="text_encoder")]
-    return SimpleNamespace(
-        env=SimpleNamespace(is_main_process=main),
-        trainings=trainings,
-        models=SimpleNamespace(bundle=bundle),
-        config=SimpleNamespace(resume_ckpt="somewhere"),
-    )
-
-
 def settings(**changes) -> EmaSettings:
     values = dict(
         decay=0.9,
@@ -58,10 +48,6 @@ def settings(**changes) -> EmaSettings:
         start_model=None,
     )
     return EmaSettings(**(values | changes))
-
-
-def optimizer_step(global_step: int) -> OptimizerStep:
-    return OptimizerStep(global_step, 0, 1.0, 2, True, {}, {})
 
 
 def test_decay_from_strength_target_as_everydream2_computes_it():
@@ -80,16 +66,16 @@ def test_decay_from_strength_target_as_everydream2_computes_it():
 
 def test_update_every_interval_matches_a_hand_computation():
     bundle = tiny_bundle()
-    trainer = fake_trainer(bundle)
+    ctx = make_context(bundle)
     ema = EMA(settings(decay=0.9, interval=2))
-    ema.on_training_start(trainer)
+    ema.on_training_start(ctx)
     live = dict(tracked_parameters(bundle, ["unet", "text_encoder"]))
     expected = {name: p.detach().clone() for name, p in live.items()}
     for step in range(1, 6):
         with torch.no_grad():  # what an optimizer step would do
             for p in live.values():
                 p.add_(0.25 * step)
-        ema.on_optimizer_step(trainer, optimizer_step(step))
+        ema.on_optimizer_step(ctx, optimizer_step(step))
         if step % 2 == 0:
             expected = {n: e * 0.9 + live[n].detach() * (1 - 0.9) for n, e in expected.items()}
     assert ema.updates == 2
@@ -106,9 +92,9 @@ def test_update_every_interval_matches_a_hand_computation():
 
 def test_other_processes_keep_no_ema():
     ema = EMA(settings())
-    trainer = fake_trainer(tiny_bundle(), main=False)
-    ema.on_training_start(trainer)
-    ema.on_optimizer_step(trainer, optimizer_step(2))
+    ctx = make_context(tiny_bundle(), main=False)
+    ema.on_training_start(ctx)
+    ema.on_optimizer_step(ctx, optimizer_step(2))
     assert ema.weights is None and ema.state_dict() is None and ema.sample_weights() == []
 
 
@@ -173,7 +159,7 @@ def test_which_weights_samples_are_drawn_with(nonema, ema, suffixes):
     )
     resolved = ema_settings(config, 10, torch.device("cpu"))
     component = EMA(resolved)
-    component.on_training_start(fake_trainer(tiny_bundle()))
+    component.on_training_start(make_context(tiny_bundle()))
     assert [suffix for suffix, _ in component.sample_weights()] == suffixes
 
 

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from tests.e2e import checkpoints, run, run_folders, trained_weights, write_config
-from training.state import load_training_state
+from training.checkpointing.state import load_training_state
 
 pytestmark = pytest.mark.slow
 

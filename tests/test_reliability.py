@@ -196,7 +196,7 @@ def test_gradient_checkpointing_covers_a_frozen_unet_that_the_text_encoder_train
     )
     built, accelerator = build_from_command_line(parse_command_line(["--config", str(config)]))
     models = prepare_models(built, accelerator)
-    assert built.unet is None and models.bundle.unet.is_gradient_checkpointing
+    assert built.unet_training is None and models.bundle.unet.is_gradient_checkpointing
     assert models.bundle.text_encoder.is_gradient_checkpointing
 
     keys = {"max_epochs": 1, "disable_unet_training": True, "save_full_precision": True}
@@ -229,7 +229,7 @@ def test_a_frozen_model_is_not_copied_and_still_resumes_exactly(tmp_path):
 
     for checkpoint in (full, continued):  # the frozen UNet and VAE are the built-in ones, exactly
         bundle = load_models(str(checkpoint))
-        from training.checkpoint import restore_full_precision_weights
+        from training.checkpointing.writer import restore_full_precision_weights
 
         restore_full_precision_weights(checkpoint, bundle)
         base = load_models("tiny-sd15")

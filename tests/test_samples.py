@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,10 @@ from models import ModelBundle, load_models
 from training.samples import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
+    ImageSink,
+    SampleBatch,
     SampleRequest,
+    SamplingModel,
     generate_samples,
     make_inference_scheduler,
     scheduler_problem,
@@ -29,6 +33,22 @@ STEPS = 2  # inference steps: enough to exercise a scheduler, fast on the tiny m
 def request(prompt: str = "a photo of ted", **kwargs: object) -> SampleRequest:
     settings = {"seed": 1, "width": 64, "height": 64, "num_inference_steps": STEPS, **kwargs}
     return SampleRequest(prompt=prompt, **settings)
+
+
+def draw(
+    bundle: ModelBundle,
+    requests: list[SampleRequest],
+    clip_skip: int,
+    device: torch.device,
+    out_dir: Path,
+    step: int,
+    on_image: ImageSink | None = None,
+    noise_scheduler_config: Any = None,
+    **batch: Any,
+) -> list[Path]:
+    """generate_samples with a model and a batch made from these arguments."""
+    model = SamplingModel(bundle, device, clip_skip, noise_scheduler_config)
+    return generate_samples(model, SampleBatch(requests, out_dir, step, **batch), on_image)
 
 
 def test_zero_terminal_snr_samples_with_trailing_timesteps() -> None:
@@ -63,7 +83,11 @@ def test_generate_writes_pngs_prompts_and_tensorboard_images(
         request("ted, smiling", width=128, height=64, negative_prompt="blurry"),
     ]
     writer = SummaryWriter(log_dir=str(tmp_path / "tb"))
-    paths = generate_samples(bundle, requests, 0, CPU, tmp_path / "samples", 7, writer)
+
+    def sink(tag: str, image: np.ndarray, step: int) -> None:
+        writer.add_image(tag, image, step, dataformats="HWC")
+
+    paths = draw(bundle, requests, 0, CPU, tmp_path / "samples", 7, sink)
     writer.close()
 
     assert [p.name for p in paths] == [f"step-000007-0{i}.png" for i in range(4)]
@@ -88,9 +112,9 @@ def test_generate_writes_pngs_prompts_and_tensorboard_images(
 
 
 def test_same_seed_gives_the_same_image_at_every_call(bundle: ModelBundle, tmp_path: Path) -> None:
-    first = generate_samples(bundle, [request()], 0, CPU, tmp_path, 1)
+    first = draw(bundle, [request()], 0, CPU, tmp_path, 1)
     torch.rand(5)  # training goes on between samples
-    second = generate_samples(bundle, [request()], 0, CPU, tmp_path, 2)
+    second = draw(bundle, [request()], 0, CPU, tmp_path, 2)
     assert np.array_equal(pixels(first[0]), pixels(second[0]))
 
 
@@ -99,7 +123,7 @@ def test_global_rng_is_untouched(bundle: ModelBundle, tmp_path: Path) -> None:
     expected = torch.rand(8)
     torch.manual_seed(123)
     # euler_a draws fresh noise at every step: the global RNG would move if it were used
-    generate_samples(bundle, [request()], 0, CPU, tmp_path, 1, scheduler_name="euler_a")
+    draw(bundle, [request()], 0, CPU, tmp_path, 1, scheduler_name="euler_a")
     assert torch.equal(torch.rand(8), expected)
 
 
@@ -117,7 +141,7 @@ def test_modes_and_requires_grad_are_restored(bundle: ModelBundle, tmp_path: Pat
     seen: list[bool] = []
     hooks = [m.register_forward_hook(lambda mod, i, o: seen.append(mod.training)) for m in modules]
     try:
-        generate_samples(bundle, [request()], 0, CPU, tmp_path, 1)
+        draw(bundle, [request()], 0, CPU, tmp_path, 1)
         assert seen and not any(seen)  # every forward pass ran in eval mode
         assert [[m.training for m in module.modules()] for module in modules] == modes
         assert [[p.requires_grad for p in module.parameters()] for module in modules] == grads
@@ -129,15 +153,15 @@ def test_modes_and_requires_grad_are_restored(bundle: ModelBundle, tmp_path: Pat
 
 
 def test_clip_skip_changes_the_image(bundle: ModelBundle, tmp_path: Path) -> None:
-    last = generate_samples(bundle, [request()], 0, CPU, tmp_path / "0", 1)
-    penultimate = generate_samples(bundle, [request()], 2, CPU, tmp_path / "2", 1)
+    last = draw(bundle, [request()], 0, CPU, tmp_path / "0", 1)
+    penultimate = draw(bundle, [request()], 2, CPU, tmp_path / "2", 1)
     assert not np.array_equal(pixels(last[0]), pixels(penultimate[0]))
     assert "clip_skip: 2" in penultimate[0].with_suffix(".txt").read_text(encoding="utf-8")
 
 
 def test_random_caption_and_random_seed(bundle: ModelBundle, tmp_path: Path) -> None:
     requests = [request(caption_index=1, seed=-1), request(caption_index=1, seed=-1)]
-    paths = generate_samples(bundle, requests, 0, CPU, tmp_path, 1, captions=["ted", "a dog"])
+    paths = draw(bundle, requests, 0, CPU, tmp_path, 1, captions=["ted", "a dog"])
     texts = [p.with_suffix(".txt").read_text(encoding="utf-8").splitlines() for p in paths]
     assert [t[0] for t in texts] == ["a dog", "a dog"]
     seeds = [t[2] for t in texts]
@@ -152,7 +176,7 @@ USABLE_SCHEDULERS = [name for name in SCHEDULERS if scheduler_problem(name) is N
 def test_every_usable_scheduler_makes_an_image(
     bundle: ModelBundle, tmp_path: Path, name: str
 ) -> None:
-    paths = generate_samples(bundle, [request()], 0, CPU, tmp_path, 1, scheduler_name=name)
+    paths = draw(bundle, [request()], 0, CPU, tmp_path, 1, scheduler_name=name)
     image = pixels(paths[0])
     assert image.shape == (64, 64, 3)
     assert image.std() > 0
@@ -174,8 +198,8 @@ def test_the_training_noise_scheduler_config_is_used(
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(DDPMScheduler, "set_timesteps", spy)
-    plain = generate_samples(bundle, [request()], 0, CPU, tmp_path / "a", 1, scheduler_name="ddpm")
-    rescaled = generate_samples(
+    plain = draw(bundle, [request()], 0, CPU, tmp_path / "a", 1, scheduler_name="ddpm")
+    rescaled = draw(
         bundle,
         [request()],
         0,
@@ -193,7 +217,7 @@ def test_the_training_noise_scheduler_config_is_used(
 
 
 def test_no_requests_make_nothing(bundle: ModelBundle, tmp_path: Path) -> None:
-    assert generate_samples(bundle, [], 0, CPU, tmp_path / "none", 1) == []
+    assert draw(bundle, [], 0, CPU, tmp_path / "none", 1) == []
     assert not (tmp_path / "none").exists()
 
 
@@ -207,7 +231,7 @@ def test_cuda_samples_under_autocast_leave_the_cuda_rng_alone(tmp_path: Path) ->
     torch.cuda.manual_seed(7)
     expected = torch.rand(8, device=cuda)
     torch.cuda.manual_seed(7)
-    paths = generate_samples(model, [request()], 0, cuda, tmp_path, 1, scheduler_name="euler_a")
+    paths = draw(model, [request()], 0, cuda, tmp_path, 1, scheduler_name="euler_a")
     assert torch.equal(torch.rand(8, device=cuda), expected)
     image = pixels(paths[0])
     assert image.shape == (64, 64, 3)

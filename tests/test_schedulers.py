@@ -10,8 +10,8 @@ from optimizer.schedulers import (
     build_scheduler,
     schedule_length,
     scheduler_names,
-    total_optimizer_steps,
 )
+from training.length import optimizer_steps
 
 
 def test_names_are_diffusers_names_without_piecewise_constant():
@@ -42,10 +42,19 @@ def test_explicit_values_are_kept_including_zero_warmup():
     assert schedule_length(None, 50, 200) == ScheduleLength(1, 50)
 
 
+class Epochs:
+    def __init__(self, *batches: int) -> None:
+        self.batches = batches
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return self.batches[epoch]
+
+
 def test_total_steps_restart_accumulation_windows_each_epoch():
-    assert total_optimizer_steps(batches_per_epoch=5, max_epochs=3, grad_accum=2) == 9
-    assert total_optimizer_steps(batches_per_epoch=6, max_epochs=3, grad_accum=2) == 9
-    assert total_optimizer_steps(batches_per_epoch=6, max_epochs=3, grad_accum=1) == 18
+    assert optimizer_steps(Epochs(5, 5, 5), max_epochs=3, grad_accum=2) == 9
+    assert optimizer_steps(Epochs(6, 6, 6), max_epochs=3, grad_accum=2) == 9
+    assert optimizer_steps(Epochs(6, 6, 6), max_epochs=3, grad_accum=1) == 18
+    assert optimizer_steps(Epochs(6, 5, 4), max_epochs=3, grad_accum=2, epoch=1) == 5
 
 
 def _lrs(name: str, length: ScheduleLength, steps: int) -> list[float]:

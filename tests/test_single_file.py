@@ -19,7 +19,7 @@ from config.errors import UserError
 from models import ModelBundle, classify_resume_ckpt, load_models
 from models.loading import SourceKind
 from models.single_file import write_single_file
-from training.checkpoint import save_checkpoint
+from training.checkpointing.writer import SaveOptions, save_checkpoint
 
 TINY = ("tiny-sd15", "tiny-sd21")
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -50,7 +50,12 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_diffusers_loads_the_single_file_with_the_folders_weights(
     tiny: dict[str, ModelBundle], tmp_path: Path, name: str, full_precision: bool
 ) -> None:
-    folder = save_checkpoint(tmp_path / "ck", tiny[name], None, full_precision, single_file=True)
+    folder = save_checkpoint(
+        tmp_path / "ck",
+        tiny[name],
+        None,
+        SaveOptions(full_precision=full_precision, single_file=True),
+    )
     file = tmp_path / "ck.safetensors"
     dtypes = keys_and_dtypes(file)
     assert set(dtypes.values()) == {"F32" if full_precision else "F16"}
@@ -96,7 +101,7 @@ def test_single_file_gets_the_usual_file_mode(tiny: dict[str, ModelBundle], tmp_
 
 
 def test_no_single_file_unless_asked(tiny: dict[str, ModelBundle], tmp_path: Path) -> None:
-    save_checkpoint(tmp_path / "ck", tiny["tiny-sd21"], None, False)
+    save_checkpoint(tmp_path / "ck", tiny["tiny-sd21"], None)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 

@@ -15,8 +15,8 @@ from config.errors import UserError
 from models import load_models
 from models.single_file import write_single_file
 from tests.e2e import ADAMW, checkpoints, run, run_folders, scalars, write_config
-from training.checkpoint import save_checkpoint
-from training.find_last import find_last_checkpoint
+from training.checkpointing.find_last import find_last_checkpoint
+from training.checkpointing.writer import SaveOptions, save_checkpoint
 
 
 def single_files(folder: Path) -> list[str]:
@@ -148,7 +148,7 @@ def test_sd15_random_single_file_loads_in_diffusers_and_alone_as_resume_ckpt(
     capsys, tmp_path: Path
 ) -> None:
     bundle = load_models("sd15-random")
-    folder = save_checkpoint(tmp_path / "ck", bundle, None, False, single_file=True)
+    folder = save_checkpoint(tmp_path / "ck", bundle, None, SaveOptions(single_file=True))
     del bundle
     file = tmp_path / "ck.safetensors"
     from_file = StableDiffusionPipeline.from_single_file(

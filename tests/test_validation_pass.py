@@ -10,6 +10,7 @@ import torch
 
 import training.validation.evaluate as evaluate
 from config.cli import parse_command_line
+from config.live import LiveSettings
 from tests.e2e import EXAMPLE_DATA, write_config
 from training.build import build_from_command_line
 from training.precision import choose_precision
@@ -49,7 +50,11 @@ def built(tmp_path_factory):
 def evaluator(built, shard: Shard | None = None) -> Evaluator:
     run, models, precision = built
     shard = Shard() if shard is None else shard
-    return Evaluator(models, run.train.config, precision, run.device, shard, show_progress=False)
+    return Evaluator(models, run.train.config.clip_skip, precision, run.device, shard, False)
+
+
+def settings(built) -> LiveSettings:
+    return LiveSettings.of(built[0].train.config)
 
 
 def test_a_pass_repeats_exactly_and_leaves_the_training_state_alone(built):
@@ -62,10 +67,10 @@ def test_a_pass_repeats_exactly_and_leaves_the_training_state_alone(built):
     run.models.text_encoder.train(True)
     list(run.models.text_encoder.modules())[3].eval()  # a mixed state is restored too
     modes = [m.training for m in run.models.text_encoder.modules()]
-    first = evaluator(built).loss(val)
-    second = evaluator(built).loss(val)
-    evaluator(built).loss(stabilized)  # other passes in between change nothing
-    assert evaluator(built).loss(val) == first == second
+    first = evaluator(built).loss(val, settings(built))
+    second = evaluator(built).loss(val, settings(built))
+    evaluator(built).loss(stabilized, settings(built))  # other passes in between change nothing
+    assert evaluator(built).loss(val, settings(built)) == first == second
     assert torch.equal(torch.get_rng_state(), rng) and torch.equal(generator.get_state(), gen)
     assert [m.training for m in run.models.text_encoder.modules()] == modes
     assert run.models.unet.training
@@ -78,7 +83,7 @@ def test_processes_share_the_batches_and_get_the_single_process_mean(built, monk
     """Each process takes batches i ≡ rank (mod processes); summing their (loss, images) pairs
     gives the one-process value: the draws of a batch do not depend on who evaluates it."""
     val = built[0].validation.sets[0]
-    single = evaluator(built).loss(val)
+    single = evaluator(built).loss(val, settings(built))
     sums: list[torch.Tensor] = []
 
     def keep(values: torch.Tensor) -> torch.Tensor:
@@ -87,7 +92,7 @@ def test_processes_share_the_batches_and_get_the_single_process_mean(built, monk
 
     monkeypatch.setattr(evaluate, "sum_over_processes", keep)
     for rank in range(2):
-        evaluator(built, Shard(rank, 2)).loss(val)
+        evaluator(built, Shard(rank, 2)).loss(val, settings(built))
     total = sums[0] + sums[1]
     assert sums[0][1] > 0 and sums[1][1] > 0
     assert float(total[0] / total[1]) == pytest.approx(single, rel=1e-12)
@@ -95,15 +100,15 @@ def test_processes_share_the_batches_and_get_the_single_process_mean(built, monk
 
 def test_cached_latents_give_the_same_loss(built):
     val = built[0].validation.sets[0]
-    plain = evaluator(built).loss(val)
+    plain = evaluator(built).loss(val, settings(built))
     cached = evaluator(built)
     cached.cache_latents([val])
-    assert cached.loss(val) == pytest.approx(plain, rel=1e-5)
+    assert cached.loss(val, settings(built)) == pytest.approx(plain, rel=1e-5)
 
 
 def test_the_loss_is_mse_without_the_training_extras(built):
     run, _, _ = built
-    config = evaluate.evaluation_config(run.train.config)
+    config = evaluate.evaluation_settings(LiveSettings.of(run.train.config))
     assert config.min_snr_gamma is None and config.embedding_perturbation == 0.0
     assert config.zero_frequency_noise_ratio == 0.0 and config.loss_type == "mse"
     assert config.pyramid_noise_discount == 0.1  # the training's noise otherwise

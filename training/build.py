@@ -24,27 +24,28 @@ from models.loading import SourceKind
 from models.single_file_load import single_file_text_encoder_layers
 from optimizer.build import (
     FreezeReport,
+    ModelTraining,
     apply_text_encoder_freezing,
     build_model_training,
     freeze_plan,
 )
 from optimizer.config import OptimizerConfig, load_optimizer_config
-from optimizer.schedulers import optimizer_steps_per_epoch
 from plugins.loading import load_plugins
 from plugins.runner import PluginTransforms
-from training.checkpoint import restore_full_precision_weights
-from training.distributed import make_accelerator, training_device
-from training.ema import ema_settings
-from training.find_last import resolve_findlast
-from training.names import check_output_names
-from training.run import Run
-from training.samples import SampleSettings, load_sample_settings
-from training.state import (
+from training.checkpointing.find_last import resolve_findlast
+from training.checkpointing.names import check_output_names, longest_checkpoint_dir
+from training.checkpointing.state import (
     TrainingState,
     check_fingerprint,
     has_training_state,
     load_training_state,
 )
+from training.checkpointing.writer import restore_full_precision_weights
+from training.distributed import make_accelerator, training_device
+from training.ema import ema_settings
+from training.length import RunLength, optimizer_steps
+from training.run import Run
+from training.samples import SampleSettings, load_sample_settings
 from training.validation.sets import load_validation_settings, prepare_validation
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ def data_settings(
         rank=rank,
         world_size=world_size,
         device_type=device_type,
-        grad_accum=c.grad_accum,
         max_epochs=c.max_epochs,
         rated_dataset=c.rated_dataset,
         rated_dataset_target_dropout_percent=c.rated_dataset_target_dropout_percent,
@@ -139,11 +139,6 @@ def base_model_of(resume_ckpt: str, resume_state: TrainingState | None) -> str:
     return resume_ckpt
 
 
-def checkpoint_dir_of(config: TrainConfig) -> Path:
-    """Where checkpoints go: save_ckpt_dir, else the run folder inside logdir."""
-    return Path(config.save_ckpt_dir if config.save_ckpt_dir is not None else config.logdir)
-
-
 def sample_settings(train: LoadedTrainConfig, seed: int) -> SampleSettings | None:
     """The sample prompts file, read and checked before any model loads."""
     c = train.config
@@ -164,12 +159,27 @@ def seed_of(configured: int, resume_state: TrainingState | None) -> int:
     return resume_state.seed
 
 
-def run_length(dataset: TrainDataset, config: TrainConfig) -> int:
-    """Optimizer steps of the whole run (epochs of a rated dataset differ in length)."""
-    return sum(
-        optimizer_steps_per_epoch(dataset.batches_in_epoch(epoch), config.grad_accum)
-        for epoch in range(config.max_epochs)
+def run_length(
+    dataset: TrainDataset, config: TrainConfig, resume_state: TrainingState | None
+) -> RunLength:
+    """The length the LR schedule and the EMA are sized for: with the grad_accum of the run's
+    start (a resumed run keeps its own: `training.length`)."""
+    accum = config.grad_accum
+    if resume_state is not None:
+        saved = resume_state.counters.get("schedule_grad_accum")
+        if isinstance(saved, int) and saved >= 1:
+            accum = saved
+    return RunLength.plan(dataset, config.max_epochs, accum)
+
+
+def check_names(config: TrainConfig, dataset: TrainDataset) -> None:
+    """Every checkpoint name the run can need fits the file system's limits (checked with the
+    most optimizer steps it can take: one per batch)."""
+    folder = longest_checkpoint_dir(
+        config.save_ckpt_dir, config.logdir, config.project_name, config.run_name
     )
+    steps = optimizer_steps(dataset, config.max_epochs, 1)
+    check_output_names(config.project_name, folder, config.max_epochs, steps)
 
 
 def load_trainable_models(
@@ -221,14 +231,13 @@ def build_run(
     transforms = PluginTransforms(plugins) if plugins else None
     dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type), transforms)
     dataset, validation_data = prepare_validation(validation, dataset)  # held-out images leave
-    total = run_length(dataset, c)
-    check_output_names(c.project_name, checkpoint_dir_of(c), c.max_epochs, total)
-    ema = ema_settings(
-        c, total, device, resume_state is not None and "ema" in resume_state.components
-    )
+    length = run_length(dataset, c, resume_state)
+    check_names(c, dataset)
+    resumed_ema = resume_state is not None and "ema" in resume_state.components
+    ema = ema_settings(c, length.planned_steps, device, resumed_ema)
 
     models, freezing = load_trainable_models(train, optim, resume_state, device)
-    on_cuda = device.type == "cuda"
+    unet, text_encoder = build_trainings(models, optim, length.planned_steps, device)
     run = Run(
         train=train,
         optim=optim,
@@ -237,11 +246,9 @@ def build_run(
         dataset=dataset,
         models=models,
         freezing=freezing,
-        unet=build_model_training("unet", models.unet, optim.unet, total, on_cuda),
-        text_encoder=build_model_training(
-            "text_encoder", models.text_encoder, optim.text_encoder, total, on_cuda
-        ),
-        total_optimizer_steps=total,
+        unet_training=unet,
+        text_encoder_training=text_encoder,
+        length=length,
         samples=samples,
         resume_state=resume_state,
         base_model=base_model_of(c.resume_ckpt, resume_state),
@@ -252,6 +259,19 @@ def build_run(
     if resume_state is not None:
         check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
     return run
+
+
+def build_trainings(
+    models: ModelBundle, optim: OptimizerConfig, planned_steps: int, device: torch.device
+) -> tuple[ModelTraining | None, ModelTraining | None]:
+    """The UNet's and the text encoder's optimizer and LR scheduler (None: not trained)."""
+    on_cuda = device.type == "cuda"
+    return (
+        build_model_training("unet", models.unet, optim.unet, planned_steps, on_cuda),
+        build_model_training(
+            "text_encoder", models.text_encoder, optim.text_encoder, planned_steps, on_cuda
+        ),
+    )
 
 
 def build_from_command_line(command_line: CommandLine) -> tuple[Run, Accelerator]:

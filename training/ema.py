@@ -30,7 +30,7 @@ from config.ema import ema_enabled
 from config.errors import UserError
 from config.train_config import TrainConfig
 from models import ModelBundle, classify_resume_ckpt
-from training.find_last import FINDLAST, find_last_checkpoint
+from training.checkpointing.find_last import FINDLAST, find_last_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from training.sources import BatchSource
 from training.step import Shard
 
 
-@dataclass
+@dataclass(frozen=True)
 class Environment:
     """What the trainer and its components need to know about this process and run.
 

@@ -46,9 +46,11 @@ class LatentCache:
     def __len__(self) -> int:
         return len(self.means)
 
-    def batches(self, epoch: int, start_batch: int, end_epoch: int) -> Iterator[Batch]:
+    def batches(
+        self, epoch: int, start_batch: int, end_epoch: int, grad_accum: int
+    ) -> Iterator[Batch]:
         """The batches of the run from (epoch, start_batch) on, without pixels."""
-        return cached_batches(self.dataset, epoch, start_batch, end_epoch)
+        return self.dataset.batches_without_pixels(epoch, start_batch, end_epoch, grad_accum)
 
     def latents(self, batch: Batch) -> LatentDistribution:
         keys = list(zip(batch.image_indices, batch.flipped, strict=True))
@@ -92,11 +94,3 @@ def build_latent_cache(
         time.perf_counter() - started,
     )
     return LatentCache(dataset, means, stds, device)
-
-
-def cached_batches(
-    dataset: TrainDataset, epoch: int, start_batch: int, end_epoch: int
-) -> Iterator[Batch]:
-    """The batches from (epoch, start_batch) to the end of epoch end_epoch - 1, without pixels
-    (the latent cache supplies them); captions are made as the loader makes them."""
-    return dataset.batches_without_pixels(epoch, start_batch, end_epoch)

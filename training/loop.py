@@ -4,10 +4,13 @@ An epoch's batches are split into accumulation windows of ``grad_accum`` batches
 afresh each epoch (the last one may be shorter); each batch's loss is divided by its window's
 length, and the optimizers and schedulers step once per window. Everything else a run does
 (progress, logging, samples, checkpoints, EMA, validation, plugins) is a `Component` called at
-the loop's hooks (see `training.components.base`). The position (epoch, batch in epoch) always
-names the next batch, so a checkpoint taken between windows continues exactly; the position and
-RNG states at the start of the current window are kept, so that even a checkpoint saved after
-a crash or a divergence mid-window is an exact resume point.
+the loop's hooks with the run's `TrainingContext` (see `training.components.base`). Components
+ask for checkpoints and setting changes through the context; the trainer carries them out.
+
+The position (epoch, batch in epoch) always names the next batch, so a checkpoint taken between
+windows continues exactly; the position, RNG states and settings at the start of the current
+window are kept, so that even a checkpoint saved after a crash or a divergence mid-window is an
+exact resume point. Live settings change only at epoch boundaries (`training.live`).
 """
 
 from __future__ import annotations
@@ -15,22 +18,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from data import Batch
-from training.checkpointing import Checkpointer, Counters, ResumePoint
-from training.components.base import Component, OptimizerStep
+from training.checkpointing.checkpointer import Checkpointer, Resumables, ResumePoint
+from training.checkpointing.state import TrainingState
+from training.components.base import Component, Hooks, OptimizerStep, SavedCheckpoint
+from training.context import Commands, Counters, LoopState, TrainingContext
 from training.distributed import any_process
 from training.environment import Environment
 from training.interrupt import StopRequest
+from training.live import LiveUpdates
 from training.precision import make_grad_scaler, tweak_grad_scaler
 from training.run import Run
-from training.state import TrainingState
 from training.step import StepModels, batch_loss
 
 logger = logging.getLogger(__name__)
@@ -62,32 +66,39 @@ class Trainer:
         self, run: Run, models: StepModels, env: Environment, components: Sequence[Component]
     ) -> None:
         self.run = run
-        self.config = run.train.config  # replaced between epochs when settings are reloaded
         self.models = models
         self.env = env
-        self.components = list(components)
-        self.trainings = run.trainings
-        self.grad_accum = self.config.grad_accum
-        self.counters = Counters()
+        self.hooks = Hooks(components)
         self.scaler = make_grad_scaler(env.precision)
         self.generator = torch.Generator(device=env.device).manual_seed(run.seed)
-        self.last_captions: list[str] = []
-        self.last_checkpoint: Path | None = None
-        self.checkpoints = Checkpointer(self)
+        self.commands = Commands()
+        self.live = LiveUpdates(run, env)
+        self.state: LoopState = self.live.start()
+        self.context = TrainingContext(
+            config=run.train.config,
+            env=env,
+            models=models,
+            dataset=run.dataset,
+            optimizers={t.model_name: t.optimizer for t in run.trainings},
+            state=self.state,
+            commands=self.commands,
+        )
+        resumables = Resumables(self.scaler, self.generator, self.hooks.states)
+        self.checkpoints = Checkpointer(run, env, resumables)
         self._window = _Window()
         self._consecutive_nonfinite = 0
         self._steps_this_session = 0
         self._stepping = False
-        self._resume_point = self.checkpoints.point()
+        self._resume_point = self._point()
 
     # --- the loop ---------------------------------------------------------------------------
 
     def train(self, stop: StopRequest) -> str:
         """Train to the end or until ``stop.requested``; returns "finished" or "interrupted"."""
         try:
-            self._call("on_training_start")
-            outcome = "interrupted" if self._run(stop) else "finished"
-            self._call("on_training_end", outcome)
+            self.hooks.training_start(self.context)
+            outcome = self._train_batches(stop)
+            self.hooks.training_end(self.context, outcome)
             self.save("last" if outcome == "finished" else "interrupted", with_state=True)
             return outcome
         except StopTraining:
@@ -97,45 +108,83 @@ class Trainer:
             raise
         except Exception:
             if self._steps_this_session > 0:
-                self.checkpoints.save_after_crash(self._resume_point, self._stepping)
+                self._save_after_crash()
             raise
         finally:
-            for component in self.components:
-                component.close()
+            self.hooks.close()
 
-    def _run(self, stop: StopRequest) -> bool:
-        """Every remaining batch; True when a stop was requested."""
-        c = self.counters
-        source = self.env.source
-        for batch in source.batches(c.epoch, c.batch_in_epoch, self.config.max_epochs):
+    def _train_batches(self, stop: StopRequest) -> str:
+        """Every remaining batch: "interrupted" when a stop was requested, else "finished"."""
+        max_epochs = self.run.train.config.max_epochs
+        if self.state.counters.batch_in_epoch == 0 and self.state.counters.epoch < max_epochs:
+            self._start_epoch()
+        for batch in self._batches():
+            c = self.state.counters
             assert (batch.epoch, batch.index) == (c.epoch, c.batch_in_epoch), "loader disagrees"
-            epoch = c.epoch
-            if c.batch_in_epoch == 0:
-                self._call("on_epoch_start", epoch)
-            self._call("on_step_start", batch)
-            length, last = self._window_of(c.batch_in_epoch, self.batches_in_epoch(epoch))
-            with self._gradient_sync(last):
-                loss = self._micro_step(batch, length)
-            c.batch_in_epoch += 1
-            if c.batch_in_epoch == self.batches_in_epoch(epoch):
-                c.epoch, c.batch_in_epoch = epoch + 1, 0
-            if last:
-                self._call("on_optimizer_step", self._optimizer_step(epoch))
-            self._call("on_step_end", batch, loss)
-            if c.batch_in_epoch == 0:
-                self._call("on_epoch_end", epoch)
+            epoch, last = self._train_batch(batch)
+            ended = self.state.counters.batch_in_epoch == 0
+            if ended:
+                self.hooks.epoch_end(self.context, epoch)
+                self._apply_settings()
+                self._carry_out_checkpoints()
             if last and any_process(stop.requested, self.env.device):
-                return True
-        return False
+                return "interrupted"
+            if ended and self.state.counters.epoch < max_epochs:
+                self._start_epoch()
+        return "finished"
 
-    def batches_in_epoch(self, epoch: int) -> int:
-        """Batches in ``epoch`` for this process (epochs of a rated dataset differ)."""
-        return self.run.dataset.batches_in_epoch(epoch)
+    def _batches(self) -> Iterator[Batch]:
+        """The run's remaining batches. When grad_accum changes and the data's plan depends on
+        it (batch ids), the batches are planned again from the new epoch's start."""
+        max_epochs = self.run.train.config.max_epochs
+        replans = self.run.dataset.plan_uses_grad_accum
+        while (c := self.state.counters).epoch < max_epochs:
+            accum = self.state.settings.grad_accum
+            source = self.env.source.batches(c.epoch, c.batch_in_epoch, max_epochs, accum)
+            for batch in source:
+                yield batch
+                new_epoch = self.state.counters.batch_in_epoch == 0
+                if replans and new_epoch and self.state.settings.grad_accum != accum:
+                    break
+            else:
+                return
+
+    def _start_epoch(self) -> None:
+        """The hooks of an epoch's start, then the setting changes they asked for, before the
+        epoch's first batch is read."""
+        self.hooks.epoch_start(self.context, self.state.counters.epoch)
+        self._apply_settings()
+
+    def _apply_settings(self) -> None:
+        """The setting changes components asked for (at an epoch boundary)."""
+        self.live.apply(self.state, self.commands.take_settings())
+        self._resume_point = self._point()
+
+    def _train_batch(self, batch: Batch) -> tuple[int, bool]:
+        """Forward and backward of one batch, the optimizer step when it ends a window, and
+        their hooks; returns (the batch's epoch, whether it ended a window)."""
+        c = self.state.counters
+        epoch = c.epoch
+        self.hooks.step_start(self.context, batch)
+        length, last = self._window_of(c.batch_in_epoch, self.run.dataset.batches_in_epoch(epoch))
+        with self._gradient_sync(last):
+            loss = self._micro_step(batch, length)
+        c = self.state.counters  # the step may have counted a non-finite loss
+        if c.batch_in_epoch + 1 == self.run.dataset.batches_in_epoch(epoch):
+            self.state.counters = replace(c, epoch=epoch + 1, batch_in_epoch=0)
+        else:
+            self.state.counters = replace(c, batch_in_epoch=c.batch_in_epoch + 1)
+        if last:
+            self.hooks.optimizer_step(self.context, self._optimizer_step(epoch, batch.index))
+            self._carry_out_checkpoints()
+        self.hooks.step_end(self.context, batch, loss)
+        return epoch, last
 
     def _window_of(self, index: int, batches: int) -> tuple[int, bool]:
         """(length of the window that batch ``index`` is in, whether it is its last batch)."""
-        start = index - index % self.grad_accum
-        length = min(self.grad_accum, batches - start)
+        accum = self.state.settings.grad_accum
+        start = index - index % accum
+        length = min(accum, batches - start)
         return length, index == start + length - 1
 
     def _gradient_sync(self, last_in_window: bool) -> contextlib.AbstractContextManager:
@@ -154,14 +203,20 @@ class Trainer:
         env = self.env
         latents = env.source.latents(batch)
         loss = batch_loss(
-            self.models, latents, batch, self.config, self.generator, env.precision, env.shard
+            self.models,
+            latents,
+            batch,
+            self.state.settings,
+            self.generator,
+            env.precision,
+            env.shard,
         )
         value = loss.detach().item()
         if any_process(not math.isfinite(value), env.device):
             self._nonfinite(batch)
             return None
         self._consecutive_nonfinite = 0
-        self.last_captions = list(batch.captions)
+        self.state.last_captions = batch.captions
         self.scaler.scale(loss / window_length).backward()
         self._window.losses.append(value)
         self._window.images += len(batch) * env.shard.world_size
@@ -169,7 +224,8 @@ class Trainer:
 
     def _nonfinite(self, batch: Batch) -> None:
         """Count a non-finite loss; its whole window is skipped (in every process)."""
-        self.counters.nonfinite_losses += 1
+        c = self.state.counters
+        self.state.counters = replace(c, nonfinite_losses=c.nonfinite_losses + 1)
         self._consecutive_nonfinite += 1
         self._window.skipped = True
         logger.warning(
@@ -185,61 +241,100 @@ class Trainer:
                 "mixed_precision 'no'"
             )
 
-    def _optimizer_step(self, epoch: int) -> OptimizerStep:
+    def _optimizer_step(self, epoch: int, last_index: int) -> OptimizerStep:
         window, self._window = self._window, _Window()
         stepped = bool(window.losses) and not window.skipped
+        settings = self.state.settings
         measure = self.run.optim.log_grad_norm and (
-            (self.counters.global_step + 1) % self.config.log_step == 0
+            (self.state.counters.global_step + 1) % settings.log_step == 0
         )
-        norms: dict[str, float] = {}
         self._stepping = True
-        if stepped:
-            for training in self.trainings:
-                self.scaler.unscale_(training.optimizer)
-                norm = self._clip(training.parameters, measure)
-                if norm is not None:
-                    norms[training.model_name] = norm
-            for training in self.trainings:
-                self.scaler.step(training.optimizer)
-            self.scaler.update()
-        for training in self.trainings:
+        norms = self._step_optimizers(measure) if stepped else {}
+        for training in self.run.trainings:
             training.optimizer.zero_grad(set_to_none=True)
             training.scheduler.step()
         self._stepping = False
-        self.counters.global_step += 1
-        self.counters.images_seen += window.images
+        c = self.state.counters
+        self.state.counters = replace(
+            c, global_step=c.global_step + 1, images_seen=c.images_seen + window.images
+        )
         self._steps_this_session += 1
         if self.run.optim.apply_grad_scaler_step_tweaks:
-            tweak_grad_scaler(self.scaler, self.counters.global_step)
-        self._resume_point = self.checkpoints.point()
-        loss = sum(window.losses) / len(window.losses) if window.losses else None
-        lrs = {t.model_name: t.scheduler.get_last_lr()[0] for t in self.trainings}
+            tweak_grad_scaler(self.scaler, self.state.counters.global_step)
+        self._resume_point = self._point()
+        accum = settings.grad_accum
         return OptimizerStep(
-            self.counters.global_step, epoch, loss, window.images, stepped, lrs, norms
+            global_step=self.state.counters.global_step,
+            epoch=epoch,
+            window=last_index // accum,
+            windows_in_epoch=-(-self.run.dataset.batches_in_epoch(epoch) // accum),
+            loss=sum(window.losses) / len(window.losses) if window.losses else None,
+            images=window.images,
+            stepped=stepped,
+            lrs={t.model_name: t.scheduler.get_last_lr()[0] for t in self.run.trainings},
+            grad_norms=norms,
+            grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
         )
+
+    def _step_optimizers(self, measure: bool) -> dict[str, float]:
+        """Unscale, clip (and measure) each model's gradients, step; the norms measured."""
+        norms: dict[str, float] = {}
+        for training in self.run.trainings:
+            self.scaler.unscale_(training.optimizer)
+            norm = self._clip(training.parameters, measure)
+            if norm is not None:
+                norms[training.model_name] = norm
+        for training in self.run.trainings:
+            self.scaler.step(training.optimizer)
+        self.scaler.update()
+        return norms
 
     def _clip(self, parameters: list[torch.nn.Parameter], measure: bool) -> float | None:
         with_grad = [p for p in parameters if p.grad is not None]
-        if self.config.clip_grad_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(with_grad, self.config.clip_grad_norm)
+        limit = self.state.settings.clip_grad_norm
+        if limit is not None:
+            norm = torch.nn.utils.clip_grad_norm_(with_grad, limit)
             return float(norm) if measure else None
         if measure:
             return float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
         return None
 
-    def _call(self, hook: str, *args: Any) -> None:
-        for component in self.components:
-            getattr(component, hook)(self, *args)
-
     # --- checkpoints (see training.checkpointing) ------------------------------------------
+
+    def _point(self) -> ResumePoint:
+        return self.checkpoints.point(self.state, self.commands.settings)
+
+    def _carry_out_checkpoints(self) -> None:
+        """The checkpoints components asked for at this point."""
+        for kind, with_state in self.commands.take_checkpoints():
+            self.save(kind, with_state)
 
     def save(
         self, kind: str, with_state: bool, point: ResumePoint | None = None, sync: bool = True
     ) -> Path | None:
-        """Save a checkpoint of ``kind`` (main process); see `Checkpointer.save`."""
-        return self.checkpoints.save(kind, with_state, point, sync)
+        """Save a checkpoint of ``kind`` at ``point`` (default: now; main process writes, every
+        process waits), then call the components' ``on_checkpoint``."""
+        point = self._point() if point is None else point
+        path = self.checkpoints.save(kind, point, with_state, sync)
+        if path is not None:
+            self.state.last_checkpoint = path
+            self.hooks.checkpoint(self.context, SavedCheckpoint(path, kind))
+        return path
+
+    def _save_after_crash(self) -> None:
+        path = self.checkpoints.save_after_crash(self._resume_point, self._stepping)
+        if path is not None:
+            self.state.last_checkpoint = path
+            self.hooks.checkpoint(self.context, SavedCheckpoint(path, "crashed"))
 
     def restore(self, state: TrainingState) -> None:
         """Continue from a checkpoint's training state (weights are restored by the caller)."""
-        self.checkpoints.restore(state)
-        self._resume_point = self.checkpoints.point()
+        counters = self.checkpoints.restore(state)
+        self.hooks.load_states(state.components)
+        self.live.resume(self.state, state, counters, self.commands)
+        self._resume_point = self._point()
+
+    @property
+    def counters(self) -> Counters:
+        """Where the run is (read-only)."""
+        return self.state.counters

@@ -10,19 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from config.errors import UserError
+from training.checkpointing.names import RUN_FOLDER_NUMBER_DIGITS, RUN_STAMP, run_folder_name
 
 logger = logging.getLogger(__name__)
 
 
 def create_run_folder(logdir: str, project_name: str, run_name: str | None) -> Path:
     """``logdir/<project_name>_<timestamp>[_<run_name>]``, created now."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"{project_name}_{stamp}" + ("" if run_name is None else f"_{run_name}")
+    name = run_folder_name(project_name, run_name, datetime.now().strftime(RUN_STAMP))
     folder = Path(logdir) / name
     try:
         folder.mkdir(parents=True, exist_ok=False)
     except FileExistsError:
-        folder = folder.with_name(f"{name}-{time.time_ns() % 1_000_000}")
+        number = time.time_ns() % 10**RUN_FOLDER_NUMBER_DIGITS
+        folder = folder.with_name(f"{name}-{number}")
         folder.mkdir(parents=True)
     except OSError as error:
         raise UserError(f"logdir: cannot create {folder}: {error.strerror}") from None

@@ -44,7 +44,7 @@ def model_report(training: ModelTraining) -> dict[str, Any]:
 def memory_report(run: Run) -> dict[str, Any]:
     """Expected bytes of weights, gradients and optimizer state of each model."""
     out: dict[str, Any] = {}
-    for name, training in (("unet", run.unet), ("text_encoder", run.text_encoder)):
+    for name, training in run.trainings_by_model().items():
         model = getattr(run.models, name)
         if training is None:
             out[name] = model_memory(model, None)
@@ -69,8 +69,10 @@ def dry_run_report(run: Run) -> dict[str, Any]:
     sources = {f"train.{k}": v for k, v in run.train.sources.items()}
     sources |= run.optim.sources()
     return {
-        "unet": None if run.unet is None else model_report(run.unet),
-        "text_encoder": None if run.text_encoder is None else model_report(run.text_encoder),
+        **{
+            name: None if training is None else model_report(training)
+            for name, training in run.trainings_by_model().items()
+        },
         "text_encoder_freezing": run.freezing.as_dict(),
         "sources": sources,
         "data": run.dataset.summary(),
@@ -87,7 +89,7 @@ def dry_run_report(run: Run) -> dict[str, Any]:
             "max_epochs": c.max_epochs,
             "batch_size": c.batch_size,
             "grad_accum": c.grad_accum,
-            "total_optimizer_steps": run.total_optimizer_steps,
+            "total_optimizer_steps": run.length.planned_steps,
             "apply_grad_scaler_step_tweaks": run.optim.apply_grad_scaler_step_tweaks,
             "log_grad_norm": run.optim.log_grad_norm,
         },

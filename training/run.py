@@ -13,9 +13,10 @@ from models import ModelBundle
 from optimizer.build import FreezeReport, ModelTraining
 from optimizer.config import OptimizerConfig
 from plugins.plugins import BasePlugin
+from training.checkpointing.state import TrainingState
 from training.ema import EmaSettings
+from training.length import RunLength
 from training.samples import SampleSettings
-from training.state import TrainingState
 from training.validation.sets import ValidationData
 
 
@@ -30,9 +31,9 @@ class Run:
     dataset: TrainDataset
     models: ModelBundle
     freezing: FreezeReport
-    unet: ModelTraining | None
-    text_encoder: ModelTraining | None
-    total_optimizer_steps: int
+    unet_training: ModelTraining | None  # the UNet's optimizer and LR scheduler; None: frozen
+    text_encoder_training: ModelTraining | None
+    length: RunLength  # what the LR schedule and the EMA were sized for
     samples: SampleSettings | None
     resume_state: TrainingState | None
     base_model: str  # where the weights the run started from are (for frozen models' exactness)
@@ -49,10 +50,14 @@ class Run:
                 "optimizer": training.settings.name,
                 "trainable_parameters": training.trainable_parameters,
             }
-            for name, training in (("unet", self.unet), ("text_encoder", self.text_encoder))
+            for name, training in self.trainings_by_model().items()
         }
+
+    def trainings_by_model(self) -> dict[str, ModelTraining | None]:
+        """Model name -> its optimizer and scheduler (None: not trained)."""
+        return {"unet": self.unet_training, "text_encoder": self.text_encoder_training}
 
     @property
     def trainings(self) -> list[ModelTraining]:
         """The optimizers that exist (a model that is not trained has none)."""
-        return [t for t in (self.unet, self.text_encoder) if t is not None]
+        return [t for t in self.trainings_by_model().values() if t is not None]

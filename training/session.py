@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config.errors import UserError
+from training.checkpointing.names import checkpoint_dir
 from training.components import Component, build_components
 from training.environment import Environment
 from training.interrupt import stop_on_signals
@@ -40,8 +41,8 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
     """Train/eval modes, memory and speed options, DDP wrapping where several processes run."""
     c = run.train.config
     bundle = run.models
-    train_unet = run.unet is not None
-    train_text_encoder = run.text_encoder is not None
+    train_unet = run.unet_training is not None
+    train_text_encoder = run.text_encoder_training is not None
     bundle.vae.eval()
     bundle.unet.train(train_unet)
     bundle.text_encoder.train(train_text_encoder)
@@ -79,7 +80,7 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
 
 
 def log_summary(run: Run, precision_name: str, world_size: int) -> None:
-    """The start-up summary: model, data, batch, steps, optimizers, trainable parameters, EMA."""
+    """The start-up summary: model, data, batch, steps, memory, optimizers."""
     c = run.train.config
     data = run.dataset.summary()
     logger.info("model: %s (%s prediction)", c.resume_ckpt, run.models.prediction_type)
@@ -97,13 +98,18 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
         c.batch_size * world_size * c.grad_accum,
     )
     logger.info(
-        "steps: %d epochs x %d optimizer steps = %d; precision %s on %s",
+        "steps: %d optimizer steps in %d epochs; precision %s on %s",
+        run.length.planned_steps,
         c.max_epochs,
-        run.total_optimizer_steps // c.max_epochs,
-        run.total_optimizer_steps,
         precision_name,
         run.device,
     )
+    log_memory(run)
+    log_optimizers(run)
+
+
+def log_memory(run: Run) -> None:
+    """Expected memory for weights, gradients, optimizer state and the EMA."""
     memory = memory_report(run)
     logger.info(
         "memory for weights, gradients and optimizer state: %.2f GiB (unet %.2f, text encoder "
@@ -121,7 +127,11 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
             ema["device"],
             "" if ema["counted_in_total"] else " (not in the total above)",
         )
-    for name, training in (("unet", run.unet), ("text_encoder", run.text_encoder)):
+
+
+def log_optimizers(run: Run) -> None:
+    """Each model's optimizer, schedule and trainable parameters (or that it does not train)."""
+    for name, training in run.trainings_by_model().items():
         if training is None:
             logger.info("%s: not trained", name)
             continue
@@ -181,9 +191,7 @@ def run_training(
             log_summary(run, precision.describe(), accelerator.num_processes)
             metrics = make_metrics(run, folder, report)
             stack.callback(metrics.close)
-        checkpoint_dir = folder if folder is not None else Path(c.logdir)
-        if c.save_ckpt_dir is not None:
-            checkpoint_dir = Path(c.save_ckpt_dir)
+        run_folder = folder if folder is not None else Path(c.logdir)  # not written elsewhere
         env = Environment(
             device=run.device,
             shard=Shard(accelerator.process_index, accelerator.num_processes),
@@ -192,7 +200,7 @@ def run_training(
             is_main_process=main,
             run_id="" if folder is None else f"{folder.name}.{uuid.uuid4().hex[:12]}",
             run_folder=folder,
-            checkpoint_dir=checkpoint_dir,
+            checkpoint_dir=checkpoint_dir(c.save_ckpt_dir, run_folder),
             metrics=metrics,
             barrier=accelerator.wait_for_everyone,
         )
@@ -219,6 +227,7 @@ def _train(trainer: Trainer, log_path: Path | None) -> str:
         raise TrainingCrashedError(
             f"training crashed: {type(error).__name__}: {error}{where}"
         ) from error
-    if trainer.env.is_main_process and trainer.last_checkpoint is not None:
-        logger.info("%s: %s", outcome, trainer.last_checkpoint)
+    last = trainer.state.last_checkpoint
+    if trainer.env.is_main_process and last is not None:
+        logger.info("%s: %s", outcome, last)
     return outcome

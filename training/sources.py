@@ -22,8 +22,11 @@ from training.step import LatentDistribution, encode_latent_distribution
 class BatchSource(Protocol):
     """Batches from a position to the end of the run, and their latents."""
 
-    def batches(self, epoch: int, start_batch: int, end_epoch: int) -> Iterable[Batch]:
-        """Every batch from batch ``start_batch`` of ``epoch`` to the end of ``end_epoch - 1``."""
+    def batches(
+        self, epoch: int, start_batch: int, end_epoch: int, grad_accum: int
+    ) -> Iterable[Batch]:
+        """Every batch from batch ``start_batch`` of ``epoch`` to the end of ``end_epoch - 1``,
+        planned with accumulation windows of ``grad_accum`` batches."""
         ...
 
     def latents(self, batch: Batch) -> LatentDistribution:
@@ -42,9 +45,18 @@ class PixelSource:
         self.precision = precision
         self.device = device
 
-    def batches(self, epoch: int, start_batch: int, end_epoch: int) -> Iterable[Batch]:
+    def batches(
+        self, epoch: int, start_batch: int, end_epoch: int, grad_accum: int
+    ) -> Iterable[Batch]:
         pin = self.device.type == "cuda"
-        return make_loader(self.dataset, epoch, start_batch, pin_memory=pin, end_epoch=end_epoch)
+        return make_loader(
+            self.dataset,
+            epoch,
+            start_batch,
+            pin_memory=pin,
+            end_epoch=end_epoch,
+            grad_accum=grad_accum,
+        )
 
     def latents(self, batch: Batch) -> LatentDistribution:
         assert batch.pixel_values is not None, "the loader always decodes pixels"

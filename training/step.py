@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
-from config.train_config import TrainConfig
+from config.live import StepSettings
 from data import Batch
 from models import encode_prompts, tokenize
 from models.bundle import ModelBundle
@@ -119,7 +119,7 @@ class Noised:
 def noise_latents(
     scheduler: DDPMScheduler,
     latents_dist: LatentDistribution,
-    config: TrainConfig,
+    config: StepSettings,
     generator: torch.Generator,
     shard: Shard,
 ) -> Noised:
@@ -156,7 +156,7 @@ def batch_loss(
     models: StepModels,
     latents_dist: LatentDistribution,
     batch: Batch,
-    config: TrainConfig,
+    config: StepSettings,
     generator: torch.Generator,
     precision: Precision,
     shard: Shard,
@@ -165,7 +165,7 @@ def batch_loss(
 
     VAE sample → noise and timesteps → noisy latents; captions → text embeddings (perturbed);
     UNet → prediction; loss against the target per image, times each image's loss scale,
-    averaged over the batch. ``config`` supplies the train.json keys that shape the step.
+    averaged over the batch. ``config`` holds the live settings that shape the step.
     """
     scheduler = models.noise_scheduler
     noised = noise_latents(scheduler, latents_dist, config, generator, shard)

@@ -7,19 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from training.components.base import Component, OptimizerStep
-from training.components.checkpoints import PeriodicCheckpoints
+from training.checkpointing.periodic import PeriodicCheckpoints
+from training.components.base import Component, OptimizerStep, SavedCheckpoint
 from training.components.ema import EMA
+from training.components.plan_writer import PlanWriter
 from training.components.plugins import PluginHooks
 from training.components.progress import ProgressBar
 from training.components.reload import SettingsReloader
 from training.components.samples import Samples
 from training.components.scalars import TrainingScalars
-from training.components.schedule import ScheduleWriter
 from training.components.validation import Validation
 from training.run import Run
 
-__all__ = ["Component", "OptimizerStep", "build_components"]
+__all__ = ["Component", "OptimizerStep", "SavedCheckpoint", "build_components"]
 
 
 def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Component]:
@@ -32,11 +32,11 @@ def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Componen
         ema,  # before samples and checkpoints: they see the EMA of the same step
         Validation(run.validation) if run.validation is not None else None,
         Samples(run.samples, ema) if run.samples is not None else None,
-        PluginHooks(run.plugins) if run.plugins else None,
-        ScheduleWriter() if c.write_schedule else None,
+        PluginHooks(run.plugins, ema) if run.plugins else None,
+        PlanWriter() if c.write_schedule else None,
         PeriodicCheckpoints(),
         TrainingScalars(),
-        ProgressBar(run.total_optimizer_steps),
+        ProgressBar(),
         *extra,
     ]
     return [component for component in components if component is not None]

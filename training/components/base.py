@@ -8,30 +8,33 @@ resume covers it without the trainer knowing what it holds. Building a component
 effects; resources (files, writers, bars) are opened in `on_training_start` and released in
 `close`.
 
-The hooks, in the order the trainer calls them:
+Every hook receives the run's `training.context.TrainingContext`: what the component may read,
+and the commands it may give (a checkpoint, a change of a live setting). No component assigns to
+the trainer. The hooks, in the order the trainer calls them:
 
 - ``on_training_start`` once, after a resume's state is loaded;
-- ``on_epoch_start(epoch)`` before an epoch's first batch;
+- ``on_epoch_start(epoch)`` before an epoch's first batch (setting changes requested here apply
+  to this epoch);
 - ``on_step_start(batch)`` and ``on_step_end(batch, loss)`` around each batch (micro-batch);
   ``loss`` is None when the batch was skipped;
 - ``on_optimizer_step(step)`` after each optimizer step (between ``on_step_start`` and
   ``on_step_end`` of a window's last batch), when the run's position already points at the
   next batch, so a checkpoint taken here resumes exactly;
 - ``on_epoch_end(epoch)`` after an epoch's last batch;
-- ``on_checkpoint(path, kind)`` after each checkpoint is written;
+- ``on_checkpoint(checkpoint)`` after each checkpoint is written (main process);
 - ``on_training_end(outcome)`` when the loop ends ("finished" or "interrupted"), before the
   final checkpoint; ``close`` always, last.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from data import Batch
-    from training.loop import Trainer
+from data import Batch
+from training.context import TrainingContext
 
 
 @dataclass(frozen=True)
@@ -40,11 +43,22 @@ class OptimizerStep:
 
     global_step: int  # optimizer steps done, this one included
     epoch: int  # the epoch the step's batches belong to (0-based)
+    window: int  # the accumulation window's index in that epoch (0-based)
+    windows_in_epoch: int  # accumulation windows (optimizer steps) of that epoch
     loss: float | None  # mean loss of the window's batches (this process's share); None: none
     images: int  # images of all processes in the window
     stepped: bool  # False when the window was skipped (a non-finite loss)
     lrs: dict[str, float]  # model name -> learning rate after the step
     grad_norms: dict[str, float]  # model name -> gradient norm (when measured)
+    grad_scale: float | None = None  # the fp16 grad scaler's scale after the step; None: off
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint just written: where, and why (one of the checkpoint kinds)."""
+
+    path: Path
+    kind: str
 
 
 class Component:
@@ -52,28 +66,28 @@ class Component:
 
     name: ClassVar[str] = ""
 
-    def on_training_start(self, trainer: Trainer) -> None:
+    def on_training_start(self, ctx: TrainingContext) -> None:
         """Before the first batch (after a resumed state is loaded)."""
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: TrainingContext, epoch: int) -> None:
         """Before the first batch of ``epoch`` (0-based)."""
 
-    def on_step_start(self, trainer: Trainer, batch: Batch) -> None:
+    def on_step_start(self, ctx: TrainingContext, batch: Batch) -> None:
         """Before each batch."""
 
-    def on_step_end(self, trainer: Trainer, batch: Batch, loss: float | None) -> None:
+    def on_step_end(self, ctx: TrainingContext, batch: Batch, loss: float | None) -> None:
         """After each batch (and after the optimizer step it completed, if any)."""
 
-    def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
+    def on_optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
         """After each optimizer step."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_end(self, ctx: TrainingContext, epoch: int) -> None:
         """After the last batch of ``epoch``."""
 
-    def on_checkpoint(self, trainer: Trainer, path: Path, kind: str) -> None:
-        """After a checkpoint was written at ``path`` (main process)."""
+    def on_checkpoint(self, ctx: TrainingContext, checkpoint: SavedCheckpoint) -> None:
+        """After a checkpoint was written (main process)."""
 
-    def on_training_end(self, trainer: Trainer, outcome: str) -> None:
+    def on_training_end(self, ctx: TrainingContext, outcome: str) -> None:
         """When the loop ends ("finished" or "interrupted"), before the final checkpoint."""
 
     def close(self) -> None:
@@ -89,3 +103,59 @@ class Component:
     def describe(self) -> dict[str, Any] | None:
         """A JSON-able summary for the dry run and the run's config.json; None: nothing."""
         return None
+
+
+class Hooks:
+    """The components of a run, called in order at each hook."""
+
+    def __init__(self, components: Sequence[Component]) -> None:
+        self.components = list(components)
+
+    def training_start(self, ctx: TrainingContext) -> None:
+        for component in self.components:
+            component.on_training_start(ctx)
+
+    def epoch_start(self, ctx: TrainingContext, epoch: int) -> None:
+        for component in self.components:
+            component.on_epoch_start(ctx, epoch)
+
+    def step_start(self, ctx: TrainingContext, batch: Batch) -> None:
+        for component in self.components:
+            component.on_step_start(ctx, batch)
+
+    def step_end(self, ctx: TrainingContext, batch: Batch, loss: float | None) -> None:
+        for component in self.components:
+            component.on_step_end(ctx, batch, loss)
+
+    def optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
+        for component in self.components:
+            component.on_optimizer_step(ctx, step)
+
+    def epoch_end(self, ctx: TrainingContext, epoch: int) -> None:
+        for component in self.components:
+            component.on_epoch_end(ctx, epoch)
+
+    def checkpoint(self, ctx: TrainingContext, checkpoint: SavedCheckpoint) -> None:
+        for component in self.components:
+            component.on_checkpoint(ctx, checkpoint)
+
+    def training_end(self, ctx: TrainingContext, outcome: str) -> None:
+        for component in self.components:
+            component.on_training_end(ctx, outcome)
+
+    def close(self) -> None:
+        for component in self.components:
+            component.close()
+
+    def states(self) -> dict[str, Any]:
+        """Every named component's state (what the training state stores)."""
+        return {
+            c.name: state
+            for c in self.components
+            if c.name and (state := c.state_dict()) is not None
+        }
+
+    def load_states(self, states: dict[str, Any]) -> None:
+        for component in self.components:
+            if component.name and component.name in states:
+                component.load_state_dict(states[component.name])

@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from torch import nn
 
 from config.errors import UserError
-from training.checkpoint import save_checkpoint
-from training.components.base import Component, OptimizerStep
+from models.copies import sharing_copy
+from training.checkpointing.writer import SaveOptions, save_checkpoint
+from training.components.base import Component, OptimizerStep, SavedCheckpoint
+from training.context import TrainingContext
 from training.ema import (
     EMA_SUFFIX,
     EmaSettings,
@@ -23,9 +27,6 @@ from training.ema import (
     load_start_weights,
     tracked_parameters,
 )
-
-if TYPE_CHECKING:
-    from training.loop import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +47,16 @@ class EMA(Component):
         self.updates = 0
         self._saved: dict[str, Any] | None = None
 
-    def on_training_start(self, trainer: Trainer) -> None:
+    def on_training_start(self, ctx: TrainingContext) -> None:
         saved, self._saved = self._saved, None
-        if not trainer.env.is_main_process:
+        if not ctx.env.is_main_process:
             return
-        trained = [training.model_name for training in trainer.trainings]
-        parameters = tracked_parameters(trainer.models.bundle, trained)
+        trained = list(ctx.optimizers)
+        parameters = tracked_parameters(ctx.models.bundle, trained)
         names = [name for name, _ in parameters]
         s = self.settings
         if saved is not None:
-            where = f"the training state of {trainer.config.resume_ckpt}"
+            where = f"the training state of {ctx.config.resume_ckpt}"
             origin, start = f"resume_ckpt: the EMA in {where}", saved["weights"]
             self.updates = int(saved["updates"])
         elif s.start_model is not None:
@@ -75,31 +76,29 @@ class EMA(Component):
             where,
         )
 
-    def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
+    def on_optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
         if self.weights is not None and step.global_step % self.settings.interval == 0:
             self.weights.update(self.settings.decay)
             self.updates += 1
 
-    def on_checkpoint(self, trainer: Trainer, path: Path, kind: str) -> None:
+    def on_checkpoint(self, ctx: TrainingContext, checkpoint: SavedCheckpoint) -> None:
         """``<path>_ema``: the pipeline with the EMA weights (and ``<path>_ema.safetensors``)."""
         if self.weights is None:
             return
         note = {
-            "run": trainer.env.run_id,
-            "kind": kind,
+            "run": ctx.env.run_id,
+            "kind": checkpoint.kind,
             "ema": True,
             "decay": self.settings.decay,
             "ema_updates": self.updates,
         }
+        options = SaveOptions(
+            full_precision=ctx.settings.save_full_precision,
+            single_file=not ctx.settings.no_save_ckpt,
+            note=note,
+        )
         with self.weights.swapped_in():
-            save_checkpoint(
-                ema_checkpoint_path(path),
-                trainer.models.bundle,
-                None,
-                trainer.config.save_full_precision,
-                note=note,
-                single_file=not trainer.config.no_save_ckpt,
-            )
+            save_checkpoint(ema_checkpoint_path(checkpoint.path), ctx.models.bundle, None, options)
 
     def sample_weights(self) -> list[tuple[str, contextlib.AbstractContextManager[Any]]]:
         """What samples are drawn with: (name suffix, context in which the live modules hold
@@ -110,6 +109,19 @@ class EMA(Component):
         if self.settings.sample_ema and self.weights is not None:
             weights.append((EMA_SUFFIX, self.weights.swapped_in()))
         return weights
+
+    def modules(self, ctx: TrainingContext) -> dict[str, nn.Module]:
+        """Model name -> a module holding the EMA weights (the EMA's own tensors, shared; the
+        frozen ones are the live model's), for plugins; empty until training starts."""
+        if self.weights is None:
+            return {}
+        ema = self.weights.state_dict()
+        views = {}
+        for name in dict.fromkeys(key.split(".", 1)[0] for key in ema):
+            prefix = f"{name}."
+            mine = {k.removeprefix(prefix): v for k, v in ema.items() if k.startswith(prefix)}
+            views[name] = sharing_copy(getattr(ctx.models.bundle, name), mine)
+        return views
 
     def state_dict(self) -> dict[str, Any] | None:
         if self.weights is None:

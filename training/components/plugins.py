@@ -5,32 +5,33 @@ see `plugins.runner.PluginTransforms`). ``global_step`` is this trainer's optimi
 (EveryDream2 counts batches: the same with ``grad_accum`` 1). ``batch`` is a dict with
 EveryDream2's keys (``image``: pixels in [-1, 1] or None with cached latents, ``tokens``,
 ``captions``, ``loss_scale``, ``runt_size``), ``ed_state`` an object with EveryDream2's
-attribute names. ``arg_update_callback("grad_accum", n)`` changes the accumulation from the
-next epoch (from this one when called in ``on_epoch_start``), like EveryDream2's; other
-arguments are errors.
+attribute names. ``arg_update_callback(key, value)`` changes a live setting (EveryDream2 knows
+only ``grad_accum``; every key that may change during a run is accepted here) from the next
+epoch, or from this one when called in ``on_epoch_start``; other keys are errors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from config.errors import UserError
 from data import Batch
 from plugins.plugins import BasePlugin
 from plugins.runner import PluginError, call
 from training.components.base import Component
-from training.distributed import broadcast_int
-
-if TYPE_CHECKING:
-    from training.loop import Trainer
+from training.components.ema import EMA
+from training.context import TrainingContext
 
 
 @dataclass
 class EveryDreamState:
     """What EveryDream2 passes as ``ed_state``, under its names (``optimizer`` holds this
-    trainer's per-model optimizers; ``unet_ema``/``text_encoder_ema`` are the EMA copies)."""
+    trainer's per-model optimizers; ``unet_ema``/``text_encoder_ema`` are modules holding the
+    EMA weights, None without EMA or for a model that does not train)."""
 
     optimizer: Any
     train_batch: Any
@@ -46,117 +47,115 @@ class EveryDreamState:
 class PluginHooks(Component):
     """Calls each plugin's hooks in the order train.json lists them."""
 
-    def __init__(self, plugins: list[BasePlugin]) -> None:
+    def __init__(self, plugins: list[BasePlugin], ema: EMA | None = None) -> None:
         self.plugins = plugins
-        self._requested_accum: int | None = None
+        self.ema = ema
+        self._ema_modules: dict[str, torch.nn.Module] | None = None
 
-    def _each(self, trainer: Trainer, hook: str, **kwargs: Any) -> None:
-        if trainer.env.is_main_process:
+    def _each(self, ctx: TrainingContext, hook: str, **kwargs: Any) -> None:
+        if ctx.env.is_main_process:
             for plugin in self.plugins:
                 call(plugin, hook, **kwargs)
 
-    def _common(self, trainer: Trainer) -> dict[str, Any]:
+    @staticmethod
+    def _common(ctx: TrainingContext) -> dict[str, Any]:
         return {
-            "global_step": trainer.counters.global_step,
-            "project_name": trainer.config.project_name,
-            "log_folder": str(trainer.env.run_folder or ""),
+            "global_step": ctx.progress.global_step,
+            "project_name": ctx.config.project_name,
+            "log_folder": str(ctx.env.run_folder or ""),
         }
 
-    def on_training_start(self, trainer: Trainer) -> None:
-        common = self._common(trainer)
+    def on_training_start(self, ctx: TrainingContext) -> None:
+        common = self._common(ctx)
         self._each(
-            trainer,
+            ctx,
             "on_training_start",
             log_folder=common["log_folder"],
             project_name=common["project_name"],
         )
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_start(self, ctx: TrainingContext, epoch: int) -> None:
         self._each(
-            trainer,
+            ctx,
             "on_epoch_start",
             epoch=epoch,
-            epoch_length=trainer.batches_in_epoch(epoch),
-            data_root=trainer.config.data_root,
-            arg_update_callback=self._update_arg,
-            **self._common(trainer),
+            epoch_length=ctx.batches_in_epoch(epoch),
+            data_root=ctx.config.data_root,
+            arg_update_callback=self._update_arg(ctx),
+            **self._common(ctx),
         )
-        self._apply_accum(trainer)
 
-    def on_step_start(self, trainer: Trainer, batch: Batch) -> None:
+    def on_step_start(self, ctx: TrainingContext, batch: Batch) -> None:
         self._each(
-            trainer,
+            ctx,
             "on_step_start",
             epoch=batch.epoch,
             local_step=batch.index,
-            batch=self._batch(trainer, batch),
-            ed_state=self._state(trainer),
-            **self._common(trainer),
+            batch=self._batch(ctx, batch),
+            ed_state=self._state(ctx),
+            **self._common(ctx),
         )
 
-    def on_step_end(self, trainer: Trainer, batch: Batch, loss: float | None) -> None:
+    def on_step_end(self, ctx: TrainingContext, batch: Batch, loss: float | None) -> None:
         self._each(
-            trainer,
+            ctx,
             "on_step_end",
             epoch=batch.epoch,
             local_step=batch.index,
-            data_root=trainer.config.data_root,
-            batch=self._batch(trainer, batch),
-            ed_state=self._state(trainer),
-            **self._common(trainer),
+            data_root=ctx.config.data_root,
+            batch=self._batch(ctx, batch),
+            ed_state=self._state(ctx),
+            **self._common(ctx),
         )
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_end(self, ctx: TrainingContext, epoch: int) -> None:
         self._each(
-            trainer,
+            ctx,
             "on_epoch_end",
             epoch=epoch,
-            data_root=trainer.config.data_root,
-            arg_update_callback=self._update_arg,
-            **self._common(trainer),
+            data_root=ctx.config.data_root,
+            arg_update_callback=self._update_arg(ctx),
+            **self._common(ctx),
         )
-        self._apply_accum(trainer)
 
-    def on_training_end(self, trainer: Trainer, outcome: str) -> None:
-        self._each(trainer, "on_training_end")
-
-    def _update_arg(self, arg: str, value: Any) -> None:
-        """EveryDream2's ``arg_update_callback``: only ``grad_accum`` can be changed."""
-        if arg != "grad_accum":
-            raise PluginError(f"arg_update_callback: '{arg}' cannot be changed; only grad_accum")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise PluginError(
-                f"arg_update_callback: grad_accum must be a whole number >= 1, got {value!r}"
-            )
-        self._requested_accum = value
-
-    def _apply_accum(self, trainer: Trainer) -> None:
-        """A new grad_accum, the same in every process (the main one decides)."""
-        wanted = self._requested_accum if self._requested_accum is not None else 0
-        wanted = broadcast_int(wanted, trainer.env.device)
-        self._requested_accum = None
-        if wanted:
-            trainer.grad_accum = wanted
+    def on_training_end(self, ctx: TrainingContext, outcome: str) -> None:
+        self._each(ctx, "on_training_end")
 
     @staticmethod
-    def _batch(trainer: Trainer, batch: Batch) -> dict[str, Any]:
+    def _update_arg(ctx: TrainingContext) -> Callable[[str, Any], None]:
+        """EveryDream2's ``arg_update_callback``: a live setting changes at the next epoch."""
+
+        def update(arg: str, value: Any) -> None:
+            try:
+                ctx.change_setting(arg, value, source="a plugin's arg_update_callback")
+            except UserError as error:
+                raise PluginError(f"arg_update_callback: {error}") from None
+
+        return update
+
+    @staticmethod
+    def _batch(ctx: TrainingContext, batch: Batch) -> dict[str, Any]:
         return {
             "image": batch.pixel_values,
-            "tokens": trainer.models.tokens(list(batch.captions)),
+            "tokens": ctx.models.tokens(list(batch.captions)),
             "captions": list(batch.captions),
             "loss_scale": torch.tensor(batch.loss_scales),
             "runt_size": 0,
         }
 
-    @staticmethod
-    def _state(trainer: Trainer) -> EveryDreamState:
-        bundle = trainer.models.bundle
+    def _state(self, ctx: TrainingContext) -> EveryDreamState:
+        bundle = ctx.models.bundle
+        if self._ema_modules is None and self.ema is not None and self.ema.weights is not None:
+            self._ema_modules = self.ema.modules(ctx)
+        views = self._ema_modules or {}
         return EveryDreamState(
-            optimizer={t.model_name: t.optimizer for t in trainer.trainings},
-            train_batch=trainer.run.dataset,
+            optimizer=dict(ctx.optimizers),
+            train_batch=ctx.dataset,
             unet=bundle.unet,
             text_encoder=bundle.text_encoder,
             tokenizer=bundle.tokenizer,
-            scheduler=trainer.models.noise_scheduler,
+            scheduler=ctx.models.noise_scheduler,
             vae=bundle.vae,
+            unet_ema=views.get("unet"),
+            text_encoder_ema=views.get("text_encoder"),
         )

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from training.components.base import Component, OptimizerStep
-
-if TYPE_CHECKING:
-    from training.loop import Trainer
+from training.context import TrainingContext
 
 WIDTH = 80
 # step counter, then [elapsed<remaining, epoch, loss, LR, speed]; the bar fills the rest
@@ -46,18 +43,17 @@ def postfix_text(
 class ProgressBar(Component):
     """A tqdm bar in the main process (the LR shown is the UNet's, else the text encoder's)."""
 
-    def __init__(self, total_steps: int) -> None:
-        self.total_steps = total_steps
+    def __init__(self) -> None:
         self._bar: tqdm | None = None
         self._since = 0.0
         self._rate: float | None = None
 
-    def on_training_start(self, trainer: Trainer) -> None:
-        if not trainer.env.is_main_process:
+    def on_training_start(self, ctx: TrainingContext) -> None:
+        if not ctx.env.is_main_process:
             return
         self._bar = tqdm(
-            total=self.total_steps,
-            initial=trainer.counters.global_step,
+            total=ctx.total_optimizer_steps,
+            initial=ctx.progress.global_step,
             unit="step",
             ncols=WIDTH,
             bar_format=BAR_FORMAT,
@@ -65,15 +61,16 @@ class ProgressBar(Component):
         )
         self._since = time.perf_counter()
 
-    def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
+    def on_optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
         if self._bar is None:
             return
+        self._bar.total = ctx.total_optimizer_steps  # changes with grad_accum
         now = time.perf_counter()
         rate = step.images / max(now - self._since, 1e-9)
         self._since = now
         self._rate = rate if self._rate is None else SMOOTHING * rate + (1 - SMOOTHING) * self._rate
         lr = next(iter(step.lrs.values()), None)
-        text = postfix_text(step.epoch, trainer.config.max_epochs, step.loss, lr, self._rate)
+        text = postfix_text(step.epoch, ctx.config.max_epochs, step.loss, lr, self._rate)
         self._bar.set_postfix_str(text, refresh=False)
         self._bar.update(1)
 

@@ -1,73 +1,54 @@
 """``load_settings_every_epoch``: read train.json again before each epoch, as EveryDream2 does.
 
-Keys that the loop reads as it goes change from that epoch on (`LIVE_KEYS`); a change to any
-other key is logged as ignored until the next run (the data plan, models and optimizers are
-built once). Flags typed on the command line still win over the file. A file that no longer
-reads or validates is reported and the settings in force are kept: an edit never stops a run.
+The live keys (`config.live.LIVE_KEYS`) that the file changes take effect from that epoch on; a
+change to any other key is logged as ignored until the next run (the data plan, models and
+optimizers are built once). Flags typed on the command line still win over the file. A file
+that no longer reads or validates is reported and the settings in force are kept: an edit never
+stops a run. A change is compared with what the file said before, so a value a plugin set stays
+until the file itself changes that key. The main process reads the file; every process applies
+what it read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
 
 from config.cli import CommandLine
 from config.errors import UserError
+from config.live import LIVE_KEYS, LiveSettings
 from config.load import CLI_SOURCE, LoadedTrainConfig, load_train_config
+from config.train_config import TrainConfig
 from training.components.base import Component
-
-if TYPE_CHECKING:
-    from training.loop import Trainer
+from training.context import TrainingContext
 
 logger = logging.getLogger(__name__)
 
-LIVE_KEYS = (
-    "grad_accum",
-    "clip_grad_norm",
-    "zero_frequency_noise_ratio",
-    "pyramid_noise_discount",
-    "timestep_start",
-    "timestep_end",
-    "loss_type",
-    "min_snr_gamma",
-    "embedding_perturbation",
-    "log_step",
-    "sample_steps",
-    "save_every_n_epochs",
-    "ckpt_every_n_minutes",
-    "save_ckpts_from_n_epochs",
-    "save_optimizer",
-    "save_full_precision",
-    "no_save_ckpt",
-)
 # Resolved at start-up (findlast, the random seed): the file's words differ from the values.
 NOT_COMPARED = ("resume_ckpt", "seed", "load_settings_every_epoch")
 
 
 class SettingsReloader(Component):
-    """Before every epoch after the first of a session, train.json's live keys again."""
+    """Before every epoch but the one a session starts with, train.json's live keys again."""
 
     def __init__(self, loaded: LoadedTrainConfig) -> None:
         self.loaded = loaded
-        self._first = True
+        self._session_start: tuple[int, int] | None = None
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        if self._first:  # the settings were read a moment ago
-            self._first = False
-            return
+    def on_training_start(self, ctx: TrainingContext) -> None:
+        self._session_start = (ctx.progress.epoch, ctx.progress.batch_in_epoch)
+
+    def on_epoch_start(self, ctx: TrainingContext, epoch: int) -> None:
+        if (epoch, 0) == self._session_start or not ctx.env.is_main_process:
+            return  # the settings were read a moment ago / the main process reads for all
         fresh = self._read()
         if fresh is None:
             return
-        current = trainer.config
-        changes = {
-            k: getattr(fresh, k) for k in LIVE_KEYS if getattr(fresh, k) != getattr(current, k)
-        }
         ignored = [
             f.name
-            for f in dataclasses.fields(current)
+            for f in dataclasses.fields(fresh)
             if f.name not in LIVE_KEYS + NOT_COMPARED
-            and getattr(fresh, f.name) != getattr(current, f.name)
+            and getattr(fresh, f.name) != getattr(self.loaded.config, f.name)
         ]
         if ignored:
             logger.warning(
@@ -76,18 +57,11 @@ class SettingsReloader(Component):
                 ", ".join(ignored),
                 ", ".join(LIVE_KEYS),
             )
-        if changes:
-            logger.info(
-                "epoch %d: settings from %s: %s",
-                epoch + 1,
-                self.loaded.path,
-                ", ".join(f"{k}={v!r}" for k, v in changes.items()),
-            )
-            trainer.config = dataclasses.replace(current, **changes)
-            if "grad_accum" in changes:
-                trainer.grad_accum = changes["grad_accum"]
+        changes = ctx.configured_settings.differences(LiveSettings.of(fresh))
+        for key, value in changes.items():
+            ctx.change_setting(key, value, source=str(self.loaded.path), configured=True)
 
-    def _read(self) -> Any:
+    def _read(self) -> TrainConfig | None:
         """The file's settings with the typed flags over them; None (and a warning) when the
         file cannot be used now."""
         typed = {

@@ -4,31 +4,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from training.components.base import Component, OptimizerStep
-from training.samples import SampleSettings, generate_samples
-
-if TYPE_CHECKING:
-    from training.components.ema import EMA
-    from training.loop import Trainer
-
-
-class _MetricsImages:
-    """What `generate_samples` writes images to, forwarded to the run's metrics."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.metrics = trainer.env.metrics
-
-    def add_image(self, tag: str, image: np.ndarray, step: int, dataformats: str = "HWC") -> None:
-        if self.metrics is not None:
-            self.metrics.image(tag, image, step)
-
-    def flush(self) -> None:
-        if self.metrics is not None:
-            self.metrics.flush()
+from training.components.ema import EMA
+from training.context import TrainingContext
+from training.samples import SampleBatch, SampleSettings, SamplingModel, generate_samples
 
 
 class Samples(Component):
@@ -42,45 +23,50 @@ class Samples(Component):
         self.settings = settings
         self.ema = ema
 
-    def every_n_steps(self, trainer: Trainer) -> int:
+    def every_n_steps(self, ctx: TrainingContext) -> int:
         file_value = self.settings.every_n_steps
-        return trainer.config.sample_steps if file_value is None else file_value
+        return ctx.settings.sample_steps if file_value is None else file_value
 
-    def on_training_start(self, trainer: Trainer) -> None:
-        if self.settings.pretrain and trainer.counters.global_step == 0:
-            self.make(trainer)
+    def on_training_start(self, ctx: TrainingContext) -> None:
+        if self.settings.pretrain and ctx.progress.global_step == 0:
+            self.make(ctx)
 
-    def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
-        if step.global_step % self.every_n_steps(trainer) == 0:
-            self.make(trainer)
+    def on_optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
+        if step.global_step % self.every_n_steps(ctx) == 0:
+            self.make(ctx)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_end(self, ctx: TrainingContext, epoch: int) -> None:
         every = self.settings.every_n_epochs
         if every is not None and (epoch + 1) % every == 0:
-            self.make(trainer)
+            self.make(ctx)
 
-    def make(self, trainer: Trainer) -> list[Path]:
+    def make(self, ctx: TrainingContext) -> list[Path]:
         """Sample images with the model as it is now (main process; the others wait)."""
         paths: list[Path] = []
-        env = trainer.env
+        env = ctx.env
         if env.is_main_process and env.run_folder is not None:
+            model = SamplingModel(
+                bundle=ctx.models.bundle,
+                device=env.device,
+                clip_skip=ctx.config.clip_skip,
+                noise_scheduler_config=ctx.models.noise_scheduler.config,
+                autocast=env.precision.autocast,
+            )
+            on_image = None if env.metrics is None else env.metrics.image
             for suffix, weights in self._weights():
+                batch = SampleBatch(
+                    requests=list(self.settings.requests),
+                    out_dir=env.run_folder / "samples",
+                    step=ctx.progress.global_step,
+                    scheduler_name=self.settings.scheduler,
+                    captions=ctx.last_captions,
+                    name_suffix=suffix,
+                    show_progress_bars=self.settings.show_progress_bars,
+                )
                 with weights:
-                    paths += generate_samples(
-                        trainer.models.bundle,
-                        list(self.settings.requests),
-                        trainer.config.clip_skip,
-                        env.device,
-                        env.run_folder / "samples",
-                        trainer.counters.global_step,
-                        writer=_MetricsImages(trainer),
-                        scheduler_name=self.settings.scheduler,
-                        captions=trainer.last_captions,
-                        show_progress_bars=self.settings.show_progress_bars,
-                        noise_scheduler_config=trainer.models.noise_scheduler.config,
-                        autocast=env.precision.autocast,
-                        name_suffix=suffix,
-                    )
+                    paths += generate_samples(model, batch, on_image)
+            if env.metrics is not None:
+                env.metrics.flush()
         env.barrier()
         return paths
 

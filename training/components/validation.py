@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from config.validation_config import COMBINED_NAME
-from optimizer.schedulers import optimizer_steps_per_epoch
 from training.components.base import Component, OptimizerStep
+from training.context import TrainingContext
+from training.validation.cadence import validates_after_epoch, validation_step_indices
 from training.validation.evaluate import Evaluator
-from training.validation.schedule import validates_after_epoch, validation_step_indices
 from training.validation.sets import STABILIZE, ValidationData
-
-if TYPE_CHECKING:
-    from training.loop import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -44,42 +41,37 @@ class Validation(Component):
         self._references: dict[str, float] = {}  # first value of each tag (use_relative_loss)
         self._history: dict[str, list[float]] = {}  # recent values (the trend warning)
 
-    def on_training_start(self, trainer: Trainer) -> None:
-        env = trainer.env
+    def on_training_start(self, ctx: TrainingContext) -> None:
+        env = ctx.env
         self._evaluator = Evaluator(
-            trainer.models,
-            trainer.config,
+            ctx.models,
+            ctx.config.clip_skip,
             env.precision,
             env.device,
             env.shard,
             show_progress=env.is_main_process,
         )
-        if trainer.config.cache_latents:
+        if ctx.config.cache_latents:
             self._evaluator.cache_latents(self.data.sets)
-        if trainer.counters.global_step == 0:  # once per run: not again after a resume
-            self.validate(trainer)
+        if ctx.progress.global_step == 0:  # once per run: not again after a resume
+            self.validate(ctx)
 
-    def on_optimizer_step(self, trainer: Trainer, step: OptimizerStep) -> None:
+    def on_optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
         every = self.settings.every_n_epochs
-        if every >= 1:
-            return
-        batches = trainer.batches_in_epoch(step.epoch)
-        c = trainer.counters
-        done = c.batch_in_epoch if c.epoch == step.epoch else batches  # batches of the epoch
-        index = (done - 1) // trainer.grad_accum
-        steps = optimizer_steps_per_epoch(batches, trainer.grad_accum)
-        if index in validation_step_indices(every, steps):
-            self.validate(trainer)
+        if every < 1 and step.window in validation_step_indices(every, step.windows_in_epoch):
+            self.validate(ctx)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+    def on_epoch_end(self, ctx: TrainingContext, epoch: int) -> None:
         if validates_after_epoch(self.settings.every_n_epochs, epoch):
-            self.validate(trainer)
+            self.validate(ctx)
 
-    def validate(self, trainer: Trainer) -> dict[str, float]:
-        """One pass over every set; returns the logged values by tag."""
+    def validate(self, ctx: TrainingContext) -> dict[str, float]:
+        """One pass over every set with the step settings in force; returns the logged values
+        by tag."""
         assert self._evaluator is not None, "on_training_start builds the evaluator"
         started = time.perf_counter()
-        losses = {s.name: self._evaluator.loss(s) for s in self.data.sets}
+        settings = ctx.settings
+        losses = {s.name: self._evaluator.loss(s, settings) for s in self.data.sets}
         validation = [losses[s.name] for s in self.data.sets if s.kind != STABILIZE]
         if len(validation) > 1:
             losses[COMBINED_NAME] = sum(validation) / len(validation)
@@ -88,13 +80,13 @@ class Validation(Component):
             if self.settings.use_relative_loss:
                 loss -= self._references.setdefault(name, loss)
             logged[f"loss/{name}"] = loss
-        step = trainer.counters.global_step
-        metrics = trainer.env.metrics
+        step = ctx.progress.global_step
+        metrics = ctx.env.metrics
         if metrics is not None:
             metrics.scalars(logged, step)
             metrics.flush()
         seconds = time.perf_counter() - started
-        if trainer.env.is_main_process:
+        if ctx.env.is_main_process:
             values = ", ".join(f"{tag} {value:.5f}" for tag, value in logged.items())
             logger.info("validation at step %d: %s (%.1f s)", step, values, seconds)
             self._warn_on_rising_loss(losses)

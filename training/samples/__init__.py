@@ -7,7 +7,7 @@
 - `training.samples.settings`: `SampleRequest` and `SampleSettings`.
 """
 
-from training.samples.images import generate_samples
+from training.samples.images import ImageSink, SampleBatch, SamplingModel, generate_samples
 from training.samples.prompts import (
     load_sample_prompts,
     load_sample_settings,
@@ -19,8 +19,11 @@ from training.samples.settings import DEFAULT_SCHEDULER, SampleRequest, SampleSe
 __all__ = [
     "DEFAULT_SCHEDULER",
     "SCHEDULERS",
+    "ImageSink",
+    "SampleBatch",
     "SampleRequest",
     "SampleSettings",
+    "SamplingModel",
     "generate_samples",
     "load_sample_prompts",
     "load_sample_settings",

@@ -25,7 +25,6 @@ from training.samples.settings import DEFAULT_SCHEDULER, RANDOM_SEED, SampleRequ
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from PIL.Image import Image
-    from torch.utils.tensorboard import SummaryWriter
 
     from models.bundle import ModelBundle
 
@@ -148,93 +147,102 @@ def _describe(
     return "\n".join(lines) + "\n"
 
 
+ImageSink = Callable[[str, np.ndarray, int], None]
+"""Where a sample image also goes: ``(tag, image as an HWC uint8 array, step)``."""
+
+
+@dataclass(frozen=True)
+class SamplingModel:
+    """The model samples are drawn with, and how it runs.
+
+    The modules must be on ``device``. ``autocast`` makes the models' autocast (None: bf16/fp16
+    on CUDA, none elsewhere); ``noise_scheduler_config`` is the training noise scheduler's
+    (None: the bundle's): a zero-terminal-SNR one samples with trailing timesteps and guidance
+    rescale 0.7.
+    """
+
+    bundle: ModelBundle
+    device: torch.device
+    clip_skip: int = 0
+    noise_scheduler_config: Mapping[str, Any] | None = None
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """What to draw and where: one image per request at ``step`` into ``out_dir``, named
+    ``step-{step:06d}-{index:02d}{name_suffix}.png``; ``random_caption`` requests draw from
+    ``captions``."""
+
+    requests: Sequence[SampleRequest]
+    out_dir: Path
+    step: int
+    scheduler_name: str = DEFAULT_SCHEDULER
+    captions: Sequence[str] = ()
+    name_suffix: str = ""
+    show_progress_bars: bool = False
+
+
 def generate_samples(
-    bundle: ModelBundle,
-    requests: Sequence[SampleRequest],
-    clip_skip: int,
-    device: torch.device,
-    out_dir: Path,
-    step: int,
-    writer: SummaryWriter | None = None,
-    scheduler_name: str = DEFAULT_SCHEDULER,
-    *,
-    captions: Sequence[str] = (),
-    show_progress_bars: bool = False,
-    noise_scheduler_config: Mapping[str, Any] | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-    name_suffix: str = "",
+    model: SamplingModel, batch: SampleBatch, on_image: ImageSink | None = None
 ) -> list[Path]:
     """Make one image per request with the model being trained; return the PNG paths.
 
-    Each image is ``out_dir/step-{step:06d}-{index:02d}{name_suffix}.png`` with a ``.txt`` (the
-    prompt, then the settings used) and, with a ``writer``, the image ``samples/{index}{suffix}``
-    at ``step``. The modules must be on ``device``; ``random_caption`` draws from ``captions``.
+    Each PNG gets a ``.txt`` beside it (the prompt, then the settings used); ``on_image`` also
+    receives each image, tagged ``samples/{index}{name_suffix}``.
 
-    ``autocast`` makes the models' autocast (None: bf16/fp16 on CUDA, none elsewhere);
-    ``noise_scheduler_config`` is the training noise scheduler's (None: the bundle's): a
-    zero-terminal-SNR one samples with trailing timesteps and guidance rescale 0.7.
-
-    Training is unaffected: the global torch RNG state (CPU and ``device``), every module's
+    Training is unaffected: the global torch RNG state (CPU and the device), every module's
     train/eval mode and every parameter's ``requires_grad`` are as they were before.
     """
-    if not requests:
+    if not batch.requests:
         return []
-    drawing = _drawing(bundle, scheduler_name, clip_skip, noise_scheduler_config)
-    drawing.pipe.set_progress_bar_config(disable=not show_progress_bars, leave=False)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    drawing = _drawing(model, batch.scheduler_name)
+    drawing.pipe.set_progress_bar_config(disable=not batch.show_progress_bars, leave=False)
+    batch.out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = batch.name_suffix
     logger.info(
         "making %d sample images%s at step %d in %s",
-        len(requests),
-        f" ({name_suffix})" if name_suffix else "",
-        step,
-        out_dir,
+        len(batch.requests),
+        f" ({suffix})" if suffix else "",
+        batch.step,
+        batch.out_dir,
     )
     paths: list[Path] = []
-    with _sampling_context(bundle, device, autocast):
-        for index, request in enumerate(requests):
-            path = out_dir / f"step-{step:06d}-{index:02d}{name_suffix}.png"
-            image = _save_image(drawing, request, captions, path)
-            if writer is not None:
-                tag = f"samples/{index}{name_suffix}"
-                writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+    with _sampling_context(model):
+        for index, request in enumerate(batch.requests):
+            path = batch.out_dir / f"step-{batch.step:06d}-{index:02d}{suffix}.png"
+            image = _save_image(drawing, request, batch.captions, path)
+            if on_image is not None:
+                on_image(f"samples/{index}{suffix}", np.asarray(image), batch.step)
             paths.append(path)
-    if writer is not None:
-        writer.flush()
     return paths
 
 
-def _drawing(
-    bundle: ModelBundle,
-    scheduler_name: str,
-    clip_skip: int,
-    noise_scheduler_config: Mapping[str, Any] | None,
-) -> _Drawing:
+def _drawing(model: SamplingModel, scheduler_name: str) -> _Drawing:
     """The pipeline around the bundle's modules and what each image is drawn with."""
-    config = (
-        bundle.noise_scheduler.config if noise_scheduler_config is None else noise_scheduler_config
-    )
+    bundle = model.bundle
+    config = model.noise_scheduler_config
+    config = bundle.noise_scheduler.config if config is None else config
     return _Drawing(
         pipe=_build_pipeline(bundle, scheduler_name, config),
         bundle=bundle,
         scheduler_name=scheduler_name,
-        clip_skip=clip_skip,
+        clip_skip=model.clip_skip,
         guidance_rescale=ZERO_SNR_GUIDANCE_RESCALE if is_zero_terminal_snr(config) else 0.0,
     )
 
 
 @contextlib.contextmanager
-def _sampling_context(
-    bundle: ModelBundle,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] | None,
-) -> Iterator[None]:
+def _sampling_context(model: SamplingModel) -> Iterator[None]:
     """Eval mode, a forked RNG, no gradients and the autocast, all undone afterwards."""
+    bundle = model.bundle
     modules = [bundle.unet, bundle.text_encoder, bundle.vae]
+    autocast = _autocast(model.device) if model.autocast is None else model.autocast()
     with (
         _sampling_mode(modules),
-        torch.random.fork_rng(devices=_forked_devices(device)),
+        torch.random.fork_rng(devices=_forked_devices(model.device)),
         torch.no_grad(),
-        _autocast(device) if autocast is None else autocast(),
+        autocast,
     ):
         yield
 

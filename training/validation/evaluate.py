@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from config.train_config import TrainConfig
+from config.live import StepSettings
 from data import Batch, BatchPlan
 from data.fixed_loader import fixed_batch_loader
 from models.bundle import ModelBundle
@@ -50,15 +50,17 @@ def batch_seed(seed: int, set_name: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def evaluation_config(config: TrainConfig) -> TrainConfig:
-    """The training settings with what EveryDream2's validation step leaves out turned off."""
-    return dataclasses.replace(
-        config,
-        zero_frequency_noise_ratio=0.0,
-        embedding_perturbation=0.0,
-        loss_type="mse",
-        min_snr_gamma=None,
-    )
+def evaluation_settings(config: StepSettings) -> StepSettings:
+    """The step settings in force with what EveryDream2's validation step leaves out turned
+    off (a `StepSettings`, whatever subclass ``config`` is)."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(StepSettings)}
+    values |= {
+        "zero_frequency_noise_ratio": 0.0,
+        "embedding_perturbation": 0.0,
+        "loss_type": "mse",
+        "min_snr_gamma": None,
+    }
+    return StepSettings(**values)
 
 
 def evaluation_models(models: StepModels, clip_skip: int) -> StepModels:
@@ -95,14 +97,13 @@ class Evaluator:
     def __init__(
         self,
         models: StepModels,
-        config: TrainConfig,
+        clip_skip: int,
         precision: Precision,
         device: torch.device,
         shard: Shard,
         show_progress: bool,
     ) -> None:
-        self.models = evaluation_models(models, config.clip_skip)
-        self.config = evaluation_config(config)
+        self.models = evaluation_models(models, clip_skip)
         self.precision = precision
         self.device = device
         self.shard = shard
@@ -121,8 +122,10 @@ class Evaluator:
                     eval_set.dataset, self.bundle, self.precision, self.device
                 )
 
-    def loss(self, eval_set: EvalSet) -> float:
-        """The mean loss over the set's images (every process gets the same value)."""
+    def loss(self, eval_set: EvalSet, settings: StepSettings) -> float:
+        """The mean loss over the set's images (every process gets the same value), with the
+        step settings in force (see `evaluation_settings`)."""
+        settings = evaluation_settings(settings)
         mine = eval_set.plans[self.shard.rank :: self.shard.world_size]
         modules = [self.bundle.unet, self.bundle.text_encoder, self.bundle.vae]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -142,7 +145,7 @@ class Evaluator:
                 seed = batch_seed(eval_set.dataset.settings.seed, eval_set.name, batch.index)
                 generator = torch.Generator(device=self.device).manual_seed(seed)
                 loss = batch_loss(
-                    self.models, latents, batch, self.config, generator, self.precision, Shard()
+                    self.models, latents, batch, settings, generator, self.precision, Shard()
                 )
                 total += loss.double() * len(batch)
                 images += len(batch)

@@ -221,7 +221,6 @@ def _eval_set(
         shuffle_tags=False,
         rank=0,
         world_size=1,
-        grad_accum=1,
         rated_dataset=False,
     )
     dataset = TrainDataset(data_settings, evaluated, skipped or [], transforms=None)

@@ -9,7 +9,8 @@
   the trainer's components (EMA weights, ...), written with ``torch.save`` and read back with
   ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers: no code
   runs when a checkpoint is loaded;
-- ``<component>.safetensors``: fp32 copies of the trained models (see `training.checkpoint`).
+- ``<component>.safetensors``: fp32 copies of the trained models (see
+  `training.checkpointing.writer`).
 """
 
 from __future__ import annotations

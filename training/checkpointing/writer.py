@@ -1,24 +1,24 @@
-"""Checkpoints (SPEC §9): a diffusers pipeline folder, plus the training state that resumes a run.
+"""Checkpoints: a diffusers pipeline folder, plus the training state that resumes a run.
 
 A checkpoint folder is what ``StableDiffusionPipeline.save_pretrained`` writes (safetensors,
 no safety checker), so ``StableDiffusionPipeline.from_pretrained(path)`` and
 `models.load_models` load it as it is. A ``dreamtrainer.json`` beside ``model_index.json``
 names the run that wrote it (so that one run never replaces another run's checkpoint). A
-resumable checkpoint also holds ``training_state/`` (see `training.state`), with fp32 copies of
-the models that train when the pipeline files are fp16. Frozen models are never copied: when
-fp16 would round them, the state records where their exact weights are (the run's base model,
-with a SHA-256 of the weights) and resuming loads them from there.
+resumable checkpoint also holds ``training_state/`` (see `training.checkpointing.state`), with
+fp32 copies of the models that train when the pipeline files are fp16. Frozen models are never
+copied: when fp16 would round them, the state records where their exact weights are (the run's
+base model, with a SHA-256 of the weights) and resuming loads them from there.
 
 Saving is atomic (`storage.atomic`).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ from safetensors import SafetensorError
 
 from config.errors import UserError
 from models import ModelBundle
+from models.copies import empty_copy
 from models.single_file import write_single_file
 from models.text_keys import standardize_text_encoder_file
 from storage.atomic import atomic_folder, write_error
-from training.state import (
+from training.checkpointing.state import (
     STATE_DIR,
     TrainingState,
     read_state_json,
@@ -52,25 +53,29 @@ RUN_MARKER = "dreamtrainer.json"
 WHAT = "checkpoint"
 
 
+@dataclass(frozen=True)
+class SaveOptions:
+    """How a checkpoint is written: fp32 or fp16 weights, a single file beside it, its note."""
+
+    full_precision: bool = False
+    single_file: bool = False
+    note: dict[str, Any] | None = None  # JSON-able, written to dreamtrainer.json
+
+
 def save_checkpoint(
     path: Path,
     bundle: ModelBundle,
-    state: TrainingState | None,
-    full_precision: bool,
-    trained: tuple[str, ...] = TRAINABLE,
-    note: dict[str, Any] | None = None,
-    single_file: bool = False,
+    state: TrainingState | None = None,
+    options: SaveOptions = SaveOptions(),
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically; returns ``path``.
 
-    With ``single_file``, ``<path>.safetensors`` (LDM layout, see `models.single_file`) is
-    written beside the folder once the folder is in place.
-
-    The pipeline weights are fp16 unless ``full_precision`` (then fp32). The models in ``bundle``
-    are left as they are (dtype, device, values): fp16 weights are written from CPU copies.
-    With a ``state``, ``training_state/`` is written too, with fp32 copies of the ``trained``
-    models when the pipeline is fp16. ``note`` (JSON-able, e.g. the run's name) is written to
-    ``dreamtrainer.json``.
+    The pipeline weights are fp16 unless ``options.full_precision`` (then fp32). The models in
+    ``bundle`` are left as they are (dtype, device, values): fp16 weights are written from CPU
+    copies. With a ``state``, ``training_state/`` is written too, with fp32 copies of the models
+    it has optimizers for when the pipeline is fp16. ``options.note`` is written to
+    ``dreamtrainer.json``. With ``options.single_file``, ``<path>.safetensors`` (LDM layout, see
+    `models.single_file`) is written beside the folder once the folder is in place.
 
     An existing checkpoint at ``path`` is replaced only once the new one is complete. A folder
     at ``path`` that is not a checkpoint is never replaced. Any OS error while writing (an
@@ -78,20 +83,19 @@ def save_checkpoint(
     temporary folder is removed and a previous checkpoint at ``path`` stays as it was.
     """
     path = Path(path)
-    unknown = set(trained) - set(TRAINABLE)
-    assert not unknown, f"trained names {sorted(unknown)} are not among {TRAINABLE}"
     started = time.monotonic()
     _check_target(path)
+    full_precision = options.full_precision
     try:
         with atomic_folder(path, WHAT) as temp:
             _write_pipeline(temp, bundle, full_precision)
-            if note is not None:
-                (temp / RUN_MARKER).write_text(json.dumps(note, indent=2) + "\n", "utf-8")
+            if options.note is not None:
+                (temp / RUN_MARKER).write_text(json.dumps(options.note, indent=2) + "\n", "utf-8")
             if state is not None:
-                _write_training_state(temp / STATE_DIR, bundle, state, full_precision, trained)
+                _write_training_state(temp / STATE_DIR, bundle, state, full_precision)
     except SafetensorError as error:
         raise write_error(path, error, WHAT) from error
-    if single_file:
+    if options.single_file:
         write_single_file(path.with_name(f"{path.name}.safetensors"), bundle, full_precision)
     logger.info(
         "checkpoint written to %s in %.1f s (%s weights%s)",
@@ -166,11 +170,7 @@ def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """
     if _floating_dtypes(model) <= {dtype}:
         return model
-    with torch.device("meta"):
-        if hasattr(model.config, "to_dict"):  # transformers
-            clone = type(model)(copy.deepcopy(model.config))
-        else:  # diffusers
-            clone = type(model).from_config(model.config)
+    clone = empty_copy(model)
     weights = {
         name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
         for name, tensor in model.state_dict().items()
@@ -190,14 +190,13 @@ def rounded_by_fp16(model: torch.nn.Module) -> bool:
 
 
 def _write_training_state(
-    folder: Path,
-    bundle: ModelBundle,
-    state: TrainingState,
-    full_precision: bool,
-    trained: tuple[str, ...],
+    folder: Path, bundle: ModelBundle, state: TrainingState, full_precision: bool
 ) -> None:
+    """The training state, with fp32 copies of the models it has optimizers for (fp16 files)."""
     folder.mkdir()
-    copies = [] if full_precision else [name for name in COMPONENTS if name in trained]
+    unknown = set(state.optimizers) - set(TRAINABLE)
+    assert not unknown, f"optimizers of {sorted(unknown)}: not among {TRAINABLE}"
+    copies = [] if full_precision else [n for n in COMPONENTS if n in state.optimizers]
     for name in copies:
         safetensors.torch.save_model(getattr(bundle, name), str(folder / f"{name}.safetensors"))
     write_training_state(folder, state, copies)

@@ -20,6 +20,10 @@ PATH_MAX = 4095  # bytes in a path (Linux)
 # What can be added to a checkpoint's name: a "-NN" to make it unique, "_ema" for the EMA
 # pipeline, ".safetensors" for the single file, and the temporary ".<name>.partial-<pid>-<hex>"
 # (process ids up to 7 digits, 8 hex digits) while it is written.
+# Run folders: a timestamp (`RUN_STAMP`), and a number when two runs start in the same second.
+RUN_STAMP = "%Y%m%d-%H%M%S"
+RUN_STAMP_EXAMPLE = "20261203-074859"
+RUN_FOLDER_NUMBER_DIGITS = 6
 SUFFIX_RESERVE = len("-99") + len("_ema") + len(".safetensors")
 TEMPORARY_RESERVE = len(".") + len(".partial-") + 7 + len("-") + 8
 
@@ -46,13 +50,35 @@ def free_path(folder: Path, name: str, is_ours: Callable[[Path], bool]) -> Path:
     return path
 
 
+def run_folder_name(project_name: str, run_name: str | None, stamp: str) -> str:
+    """``<project_name>_<timestamp>[_<run_name>]``: the run folder inside ``logdir``."""
+    return f"{project_name}_{stamp}" + ("" if run_name is None else f"_{run_name}")
+
+
+def checkpoint_dir(save_ckpt_dir: str | None, run_folder: Path) -> Path:
+    """Where a run's checkpoints go: ``save_ckpt_dir`` when set, else the run folder."""
+    return run_folder if save_ckpt_dir is None else Path(save_ckpt_dir)
+
+
+def longest_checkpoint_dir(
+    save_ckpt_dir: str | None, logdir: str, project_name: str, run_name: str | None
+) -> Path:
+    """`checkpoint_dir` before the run folder exists: its longest possible path."""
+    stamp = "0" * len(RUN_STAMP_EXAMPLE) + "-" + "9" * RUN_FOLDER_NUMBER_DIGITS
+    return checkpoint_dir(
+        save_ckpt_dir, Path(logdir) / run_folder_name(project_name, run_name, stamp)
+    )
+
+
 def check_output_names(
     project_name: str, checkpoint_dir: Path, max_epochs: int, total_steps: int
 ) -> None:
     """`UserError` when a checkpoint this run may write would have a name or path too long.
 
     Checked before training starts, with the largest epoch and step numbers of the run, so a
-    run never trains to the end and then fails to save.
+    run never trains to the end and then fails to save. ``checkpoint_dir`` is the longest the
+    run can have (`longest_checkpoint_dir`); ``total_steps`` an upper bound of its optimizer
+    steps.
     """
     longest = checkpoint_name(project_name, "interrupted", max_epochs, total_steps, False)
     name_bytes = len(longest.encode("utf-8", "surrogateescape")) + SUFFIX_RESERVE
