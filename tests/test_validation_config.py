@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from training.validation.schedule import validates_after_epoch, validation_step_indices
+from training.validation.cadence import validates_after_epoch, validation_step_indices
 
 import models
 import training.build
