@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §9): a diffusers pipeline folder, plus the training state that resumes a run.
+"""Checkpoints: a diffusers pipeline folder, plus the training state that resumes a run.
 
 A checkpoint folder is what ``StableDiffusionPipeline.save_pretrained`` writes (safetensors,
 no safety checker), so ``StableDiffusionPipeline.from_pretrained(path)`` and
