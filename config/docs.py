@@ -1,9 +1,10 @@
-"""The README's key tables, generated from the configuration classes.
+"""The key tables of docs/reference.md, generated from the configuration classes.
 
     python -m config.docs            # print the tables
-    python -m config.docs --write    # replace them in README.md between their markers
+    python -m config.docs --write    # replace them in docs/reference.md between their markers
 
-A test checks that README.md holds exactly what this module generates.
+Each table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` markers. A test
+checks that docs/reference.md holds exactly what this module generates.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from config.fields import allowed_text, rule_of, strip_optional
 from config.train_config import TrainConfig
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "reference.md"
 
 
 class Words(str):
@@ -177,13 +178,14 @@ def _pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"(<!-- table:{name} -->\n)(.*?)(\n<!-- /table:{name} -->)", re.DOTALL)
 
 
-def readme_table(text: str, name: str) -> str | None:
-    """The table between a README's markers, or None without markers."""
+def marked_table(text: str, name: str) -> str | None:
+    """The table between a document's markers for ``name``, or None without markers."""
     match = _pattern(name).search(text)
     return None if match is None else match.group(2)
 
 
-def write_tables(path: Path = README) -> None:
+def write_tables(path: Path = REFERENCE) -> None:
+    """Replace every table between its markers in ``path`` with what the code generates."""
     text = path.read_text(encoding="utf-8")
     for name, make in TABLES.items():
         text = _pattern(name).sub(lambda m, make=make: m.group(1) + make() + m.group(3), text)
@@ -192,7 +194,7 @@ def write_tables(path: Path = README) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    parser.add_argument("--write", action="store_true", help="update docs/reference.md in place")
     if parser.parse_args().write:
         write_tables()
     else:

@@ -1,5 +1,5 @@
 """EveryDream2-compatible training data: folder scan, captions, aspect buckets, epoch plans,
-data transforms and the loader. See SPEC §8 and the README's "Training data" section."""
+data transforms and the loader. See docs/data.md."""
 
 from data.batch import Batch
 from data.buckets import bucket_name, bucket_step, make_buckets, nearest_bucket

@@ -1,4 +1,4 @@
-"""The built-in models (SPEC §10): their configurations as plain data, and building them.
+"""The built-in models (docs/models.md): their configurations as plain data, and building them.
 
 Every built-in model is built in code from the configurations below after ``torch.manual_seed(0)``
 (the caller's RNG state is left as it was), with tokenizer files kept in the repository: the tiny

@@ -1,4 +1,4 @@
-"""optimizer.json: its schema, and the merge with train.json and the CLI (SPEC §2-§3).
+"""optimizer.json: its schema, and the merge with train.json and the CLI (docs/configuration.md).
 
 Precedence, lowest first: built-in defaults < optimizer.json < train.json < typed CLI flags.
 Only ``lr``, ``lr_scheduler``, ``lr_warmup_steps`` and ``lr_decay_steps`` exist in train.json;

@@ -1,4 +1,4 @@
-"""Text-encoder freezing (SPEC §6): which parts of a CLIP text encoder stay trainable."""
+"""Text-encoder freezing: which parts of a CLIP text encoder stay trainable."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LR schedules through `diffusers.optimization.get_scheduler` (SPEC §5).
+"""LR schedules through `diffusers.optimization.get_scheduler` (docs/configuration.md).
 
 The run-length defaults are EveryDream2's (``optimizer/optimizers.py``), counted in optimizer
 steps: ``lr_decay_steps`` null → ``int(1.5 × steps)``, ``lr_warmup_steps`` null →

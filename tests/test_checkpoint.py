@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §9): pipeline folder, training state, exact weights, atomic writes."""
+"""Checkpoints: pipeline folder, training state, exact weights, atomic writes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""train.json + command line: types, precedence, provenance and error messages (SPEC §2)."""
+"""train.json + command line: types, precedence, provenance and error messages."""
 
 from __future__ import annotations
 

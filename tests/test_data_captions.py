@@ -1,4 +1,4 @@
-"""Captions and folder files (SPEC §8): sources, precedence, folder settings, bad sidecars."""
+"""Captions and folder files (docs/data.md): sources, precedence, folder settings, bad sidecars."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Buckets (SPEC §8) and decoding: sizes, assignment, cover-resize and crop, flips, EXIF, modes."""
+"""Buckets and decoding: sizes, assignment, cover-resize and crop, flips, EXIF, modes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Discovery and bad input (SPEC §8, issue 3): skipped files, user errors, summary."""
+"""Discovery and bad input (issue 3; see docs/data.md): skipped files, user errors, summary."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""--dry_run (SPEC §7) and bad input: exit 2, one message, no traceback, before any model."""
+"""--dry_run and bad input: exit 2, one message, no traceback, before any model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Text-encoder freezing (SPEC §6) on the tiny 12- and 23-layer encoders."""
+"""Text-encoder freezing (docs/configuration.md) on the tiny 12- and 23-layer encoders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""optimizer.json resolution: inheritance, scaling, overrides, provenance (SPEC §2-§3)."""
+"""optimizer.json resolution: inheritance, scaling, overrides, provenance."""
 
 from __future__ import annotations
 

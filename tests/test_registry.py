@@ -1,4 +1,4 @@
-"""The optimizer registry (SPEC §4): real classes, exact keywords, real steps, state round-trip."""
+"""The optimizer registry: real classes, exact keywords, real steps, state round-trip."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ EXPECTED_CLASSES = {
     "prodigy": "prodigyopt.prodigy.Prodigy",
 }
 
-# SPEC §4 "takes" column, under the classes' own keyword names.
+# The "takes" column in docs/configuration.md, under the classes' own keyword names.
 EXPECTED_KEYWORDS = {
     "adamw": {"lr", "betas", "eps", "weight_decay"},
     "adamw8bit": {"lr", "betas", "eps", "weight_decay"},

@@ -1,4 +1,4 @@
-"""LR schedules (SPEC §5): names, run-length defaults, one step per optimizer step."""
+"""LR schedules (docs/configuration.md): names, run-length defaults, one step per optimizer step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""train.py for real on tiny models: training, checkpoints, exact resume, interrupts (SPEC §9)."""
+"""train.py for real on tiny models: training, checkpoints, exact resume, interrupts."""
 
 from __future__ import annotations
 

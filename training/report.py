@@ -1,4 +1,4 @@
-"""The dry run's JSON description of a built run (SPEC §7)."""
+"""The dry run's JSON description of a built run (docs/configuration.md)."""
 
 from __future__ import annotations
 
