@@ -1,8 +1,8 @@
 """Typed configuration fields: one declaration gives the default, the help text and the rules.
 
 A configuration class is a dataclass whose fields are declared with `setting(...)`. The same
-declaration drives JSON validation, command-line flags, ``--help`` and the README's key tables,
-so a key, its flag and its field are always the same word.
+declaration drives JSON validation, command-line flags, ``--help`` and the key tables of
+docs/reference.md, so a key, its flag and its field are always the same word.
 
 `null` (None) always means "not set": it is accepted for every field and leaves the default (or
 an inherited value) in place. Any other value must have the field's type and satisfy its rules:
@@ -130,7 +130,7 @@ def strip_optional(tp: Any) -> Any:
 
 
 def allowed_text(rule: Rule) -> str:
-    """What a rule allows, for messages, ``--help`` and the README: ``>= 1; <= 1024``."""
+    """What a rule allows, for messages, ``--help`` and docs/reference.md: ``>= 1; <= 1024``."""
     parts = []
     choices = rule.allowed_choices()
     if choices is not None:

@@ -134,7 +134,7 @@ class TrainConfig(TrainingKeys):
     load_settings_every_epoch: bool = setting(
         False,
         "Read train.json again before each epoch; the keys the loop reads as it goes change "
-        "(see the README's list).",
+        "(see docs/checkpoints.md).",
         group="logging",
     )
     wandb: bool = setting(
@@ -146,7 +146,7 @@ class TrainConfig(TrainingKeys):
     plugins: list[str] | None = setting(
         None,
         "EveryDream2 plugins to load, each 'module.Class' (a subclass of "
-        "plugins.plugins.BasePlugin); see the README's Plugins section.",
+        "plugins.plugins.BasePlugin); see docs/plugins.md.",
         group="logging",
     )
     no_save_ckpt: bool = setting(
@@ -246,7 +246,7 @@ class TrainConfig(TrainingKeys):
     validation_config: str | None = setting(
         None,
         "EveryDream2's validation settings file (validation_default.json); null disables "
-        "validation. See the README's Validation section.",
+        "validation. See docs/validation.md.",
         text="path",
         group="logging",
     )
