@@ -78,6 +78,16 @@ def sdxl_hidden_state_index(clip_skip: int, num_layers: int) -> int:
     return -max(clip_skip, SDXL_DEFAULT_CLIP_SKIP)
 
 
+def sdxl_unused_final_layers(clip_skip: int) -> tuple[int, int]:
+    """How many final layers of each SDXL encoder get no gradient: ``(first, second)``.
+
+    The first encoder's layers after the one `sdxl_hidden_state_index` picks are never run for
+    anything SDXL uses, nor is its final layer norm (freeze both, or DDP finds unused
+    parameters). The second encoder's last layer makes the pooled embedding: all are used.
+    """
+    return max(clip_skip, SDXL_DEFAULT_CLIP_SKIP) - 1, 0
+
+
 def encode_prompts_sdxl(
     text_encoder: CLIPTextModel,
     text_encoder_2: CLIPTextModelWithProjection,
