@@ -9,7 +9,13 @@ folders). Nothing is downloaded and every build gives the same weights.
 - ``tiny-sd15`` / ``tiny-sd21``: tiny random models shaped like SD1.5 / SD2.1 (12 / 23 text-encoder
   layers, epsilon / v-prediction) that train on a CPU at 64×64 in well under a second a step;
 - ``sd15-random`` / ``sd21-random``: the real SD1.5 / SD2.1 architectures at full size with random
-  weights, for speed and memory measurements.
+  weights, for speed and memory measurements;
+- ``tiny-sdxl``: a tiny random model shaped like SDXL (two text encoders of 12 and 32 layers, a
+  UNet with SDXL's ``text_time`` conditioning and several transformer layers per block);
+- ``sdxl-random``: the real SDXL 1.0 base architecture at full size with random weights.
+
+SDXL configurations have a ``text_encoder_2`` entry (a ``CLIPTextModelWithProjection``); its
+tokenizer pads with ``!`` as the ``tokenizer_2/`` of the SDXL diffusers folders does.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from config.errors import UserError, did_you_mean
 from models.bundle import ModelBundle
@@ -48,6 +54,8 @@ CLIP_TOKEN_IDS: dict[str, int] = {
 # SD2.x's tokenizer pads with "!" (id 0), as the tokenizer/ folder of the SD2 diffusers repos does.
 OPEN_CLIP_PAD_TOKEN = "!"
 OPEN_CLIP_TOKEN_IDS: dict[str, int] = {**CLIP_TOKEN_IDS, "pad_token_id": 0}
+# "!" is id 0 in the tiny tokenizer too, so the tiny SDXL's second tokenizer pads like the real one.
+TINY_OPEN_CLIP_TOKEN_IDS: dict[str, int] = {**TOKENIZER_TOKEN_IDS, "pad_token_id": 0}
 SEED = 0
 
 _SD_SCHEDULER: dict[str, Any] = {
@@ -141,7 +149,84 @@ _TINY_TEXT: dict[str, Any] = {
     "projection_dim": 32,
 }
 
-# name -> {"text_encoder": CLIPTextConfig kwargs, "unet" / "vae" / "scheduler": diffusers configs}
+# SDXL 1.0 base as its diffusers folder ships it: OpenAI CLIP ViT-L/14 (as SD1.x) and OpenCLIP
+# ViT-bigG/14 with its projection (all 32 layers), a three-level UNet whose cross-attention sees
+# both encoders' hidden states side by side (768 + 1280) and whose ``text_time`` embedding takes
+# the pooled projection (1280) and six size/crop numbers of 256 sinusoidal channels each.
+_OPEN_CLIP_BIGG_TEXT: dict[str, Any] = {
+    **_CLIP_VIT_L_TEXT,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+    **OPEN_CLIP_TOKEN_IDS,
+}
+TIME_IDS = 6  # original height, width; crop top, left; target height, width
+
+
+def _sdxl_unet(
+    text: dict[str, Any], text_2: dict[str, Any], time_embed_dim: int, **unet: Any
+) -> dict[str, Any]:
+    """An SDXL UNet config whose conditioning widths follow from the two text encoders."""
+    return {
+        **unet,
+        "cross_attention_dim": text["hidden_size"] + text_2["hidden_size"],
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_embed_dim,
+        "projection_class_embeddings_input_dim": text_2["projection_dim"]
+        + TIME_IDS * time_embed_dim,
+        "use_linear_projection": True,
+        "norm_num_groups": 32,
+        "act_fn": "silu",
+        "in_channels": 4,
+        "out_channels": 4,
+    }
+
+
+_SDXL_UNET = _sdxl_unet(
+    _CLIP_VIT_L_TEXT,
+    _OPEN_CLIP_BIGG_TEXT,
+    256,
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+)
+# Euler in the SDXL folder; the same betas, spacing and offset (training always uses DDPM).
+_SDXL_SCHEDULER: dict[str, Any] = {**_SD_SCHEDULER, "timestep_spacing": "leading"}
+_SDXL_SCALING_FACTOR = 0.13025
+
+# The tiny SDXL: widths 32 and 64 and a projection to 40, all different, so that a swapped
+# encoder or an untransposed projection changes a shape instead of passing unnoticed.
+_TINY_TEXT_2: dict[str, Any] = {
+    **_TINY_TEXT,
+    **TINY_OPEN_CLIP_TOKEN_IDS,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 32,
+    "hidden_act": "gelu",
+    "projection_dim": 40,
+}
+_TINY_SDXL_UNET = _sdxl_unet(
+    _TINY_TEXT,
+    _TINY_TEXT_2,
+    8,
+    sample_size=8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=(1, 2),
+)
+
+# name -> {"text_encoder" (and SDXL's "text_encoder_2"): CLIPTextConfig kwargs,
+#          "unet" / "vae" / "scheduler": diffusers configs}
 BUILTIN_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny-sd15": {
         "text_encoder": _TINY_TEXT,
@@ -189,6 +274,20 @@ BUILTIN_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
         "vae": {**_SD_VAE, "sample_size": 768},
         "scheduler": {**_SD_SCHEDULER, "prediction_type": "v_prediction"},
     },
+    "tiny-sdxl": {
+        "text_encoder": _TINY_TEXT,
+        "text_encoder_2": _TINY_TEXT_2,
+        "unet": _TINY_SDXL_UNET,
+        "vae": {**_TINY_VAE, "scaling_factor": _SDXL_SCALING_FACTOR},
+        "scheduler": _SDXL_SCHEDULER,
+    },
+    "sdxl-random": {
+        "text_encoder": _CLIP_VIT_L_TEXT,
+        "text_encoder_2": _OPEN_CLIP_BIGG_TEXT,
+        "unet": _SDXL_UNET,
+        "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": _SDXL_SCALING_FACTOR},
+        "scheduler": _SDXL_SCHEDULER,
+    },
 }
 
 BUILTIN_MODELS: tuple[str, ...] = tuple(BUILTIN_CONFIGS)
@@ -209,12 +308,20 @@ def _config(name: str) -> dict[str, dict[str, Any]]:
 
 
 def builtin_text_encoder_layers(name: str) -> int:
-    """The text encoder's layer count of built-in model ``name``, without building anything."""
+    """The (first) text encoder's layer count of built-in model ``name``, building nothing."""
     return int(_config(name)["text_encoder"]["num_hidden_layers"])
 
 
-def load_builtin_tokenizer() -> CLIPTokenizer:
-    """The tiny CLIP tokenizer kept in ``models/tokenizer/``."""
+def builtin_text_encoder_2_layers(name: str) -> int | None:
+    """The second text encoder's layer count of an SDXL built-in; None for SD1.x/2.x ones."""
+    text_2 = _config(name).get("text_encoder_2")
+    return None if text_2 is None else int(text_2["num_hidden_layers"])
+
+
+def load_builtin_tokenizer(open_clip: bool = False) -> CLIPTokenizer:
+    """The tiny CLIP tokenizer of ``models/tokenizer/``; it pads with ``!`` if ``open_clip``."""
+    if open_clip:
+        return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=OPEN_CLIP_PAD_TOKEN)
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
@@ -225,13 +332,25 @@ def load_clip_tokenizer(open_clip: bool) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
 
 
-def builtin_tokenizer(name: str) -> CLIPTokenizer:
-    """The tokenizer of built-in model ``name``: chosen by its embedding table's size."""
-    text = _config(name)["text_encoder"]
+def tokenizer_for(text: dict[str, Any]) -> CLIPTokenizer:
+    """The tokenizer of a text-encoder config: its embedding table's size picks the files, its
+    pad token id (0 is ``!``) the padding."""
+    pads_with_exclamation_mark = text["pad_token_id"] == 0
     if text["vocab_size"] == CLIP_VOCAB_SIZE:
-        return load_clip_tokenizer(open_clip=text["hidden_act"] == "gelu")
-    assert text["vocab_size"] == TINY_VOCAB_SIZE, f"no tokenizer for {name}"
-    return load_builtin_tokenizer()
+        return load_clip_tokenizer(open_clip=pads_with_exclamation_mark)
+    assert text["vocab_size"] == TINY_VOCAB_SIZE, f"no tokenizer for {text['vocab_size']} tokens"
+    return load_builtin_tokenizer(open_clip=pads_with_exclamation_mark)
+
+
+def builtin_tokenizer(name: str) -> CLIPTokenizer:
+    """The (first) tokenizer of built-in model ``name``."""
+    return tokenizer_for(_config(name)["text_encoder"])
+
+
+def builtin_tokenizer_2(name: str) -> CLIPTokenizer | None:
+    """SDXL's second tokenizer of built-in model ``name`` (pads with ``!``); None for SD1.x/2.x."""
+    text_2 = _config(name).get("text_encoder_2")
+    return None if text_2 is None else tokenizer_for(text_2)
 
 
 def build_builtin(name: str) -> ModelBundle:
@@ -241,11 +360,15 @@ def build_builtin(name: str) -> ModelBundle:
     """
     config = _config(name)
     logger.info("building built-in model %s (random weights, seed %d)", name, SEED)
+    text_encoder_2 = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         text_encoder = CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))
         unet = UNet2DConditionModel.from_config(config["unet"])
         vae = AutoencoderKL.from_config(config["vae"])
+        if "text_encoder_2" in config:
+            text_config_2 = CLIPTextConfig(**config["text_encoder_2"])
+            text_encoder_2 = CLIPTextModelWithProjection(text_config_2).eval()
     return ModelBundle(
         unet=unet.eval(),
         text_encoder=text_encoder.eval(),
@@ -253,4 +376,6 @@ def build_builtin(name: str) -> ModelBundle:
         vae=vae.eval(),
         noise_scheduler=DDPMScheduler.from_config(config["scheduler"]),
         source=name,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=builtin_tokenizer_2(name),
     )

@@ -5,14 +5,41 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+# The model families, as `ModelBundle.family` names them.
+SD1 = "sd1"
+SD2 = "sd2"
+SDXL = "sdxl"
+FAMILIES = (SD1, SD2, SDXL)
+# The UNet's extra conditioning of SDXL: pooled text embedding plus the six time ids.
+TEXT_TIME = "text_time"
+
+
+# OpenCLIP's text encoders use GELU, OpenAI's CLIP quick GELU: how SD2.x is told from SD1.x.
+OPEN_CLIP_ACT = "gelu"
+
+
+def uses_open_clip(text_encoder: CLIPTextModel) -> bool:
+    """Whether the text encoder is OpenCLIP's (SD2.x, SDXL's second) or OpenAI's CLIP."""
+    return str(text_encoder.config.hidden_act) == OPEN_CLIP_ACT
+
+
+def model_family(hidden_act: str, has_text_encoder_2: bool) -> str:
+    """``"sdxl"`` with a second text encoder, else ``"sd2"`` for an OpenCLIP (first) text
+    encoder (``hidden_act`` GELU), else ``"sd1"``."""
+    if has_text_encoder_2:
+        return SDXL
+    return SD2 if hidden_act == OPEN_CLIP_ACT else SD1
 
 
 @dataclass
 class ModelBundle:
-    """UNet, CLIP text encoder and tokenizer, VAE and the training noise scheduler of one model.
+    """UNet, CLIP text encoder(s) and tokenizer(s), VAE and the training noise scheduler.
 
     ``source`` is where it came from: a built-in name, a local folder or a hub id, as given.
+    ``text_encoder_2`` and ``tokenizer_2`` are SDXL's second encoder (OpenCLIP ViT-bigG/14 with
+    its projection) and its tokenizer; both are None for SD1.x/2.x.
     """
 
     unet: UNet2DConditionModel
@@ -21,8 +48,32 @@ class ModelBundle:
     vae: AutoencoderKL
     noise_scheduler: DDPMScheduler
     source: str
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    def __post_init__(self) -> None:
+        assert (self.text_encoder_2 is None) == (self.tokenizer_2 is None), (
+            "text_encoder_2 and tokenizer_2 come together"
+        )
+        text_time = self.unet.config.get("addition_embed_type") == TEXT_TIME
+        assert text_time == (self.text_encoder_2 is not None), (
+            "an SDXL UNet (addition_embed_type text_time) needs a second text encoder, and only it"
+        )
 
     @property
     def prediction_type(self) -> str:
         """What the UNet predicts: ``"epsilon"`` (SD1.x, SD2.x base) or ``"v_prediction"``."""
         return str(self.noise_scheduler.config.prediction_type)
+
+    @property
+    def family(self) -> str:
+        """``"sdxl"`` with a second text encoder, else ``"sd2"`` (OpenCLIP) or ``"sd1"`` (CLIP)."""
+        hidden_act = str(self.text_encoder.config.hidden_act)
+        return model_family(hidden_act, self.text_encoder_2 is not None)
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel, ...]:
+        """The text encoders in order: one for SD1.x/2.x, two for SDXL."""
+        if self.text_encoder_2 is None:
+            return (self.text_encoder,)
+        return (self.text_encoder, self.text_encoder_2)

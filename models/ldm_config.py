@@ -16,8 +16,7 @@ from typing import Any
 import yaml
 
 from config.errors import UserError
-from models.bundle import ModelBundle
-from models.ldm_layout import uses_open_clip
+from models.bundle import SDXL, ModelBundle, uses_open_clip
 
 V_PREDICTION = "v_prediction"
 EPSILON = "epsilon"
@@ -81,7 +80,11 @@ def _vae_params(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def original_config(bundle: ModelBundle) -> dict[str, Any]:
-    """The LDM inference config (as Stability's ``v1-inference.yaml``/``v2-inference-v.yaml``)."""
+    """The LDM inference config (as Stability's ``v1-inference.yaml``/``v2-inference-v.yaml``).
+
+    SD1.x/2.x only: SDXL single files mark v-prediction with a ``v_pred`` key instead.
+    """
+    assert bundle.family != SDXL, "SDXL single files carry no .yaml"
     scheduler = bundle.noise_scheduler.config
     if uses_open_clip(bundle.text_encoder):
         text = {

@@ -9,7 +9,12 @@ the layout of the original CompVis/Stability code:
   transformers' ``CLIPTextModel``;
 - ``cond_stage_model.model.*``: SD2.x's OpenCLIP text encoder (``transformer.resblocks.N`` with
   fused ``in_proj`` query/key/value, ``token_embedding``, ``positional_embedding``, ``ln_final``,
-  ``text_projection``).
+  ``text_projection``);
+- SDXL instead: ``conditioner.embedders.0.transformer.text_model.*`` (OpenAI CLIP ViT-L/14, as
+  SD1.x's) and ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG/14 in OpenCLIP's layout,
+  with its real ``text_projection``, stored as OpenCLIP multiplies by it: width × projection, the
+  transpose of the ``nn.Linear`` weight of transformers). Its UNet adds ``label_emb.0.{0,2}``
+  (diffusers' ``add_embedding``, the pooled-text-and-time-ids embedding).
 
 The mapping is computed from each model's configuration (number of blocks, layers per block,
 which blocks have attention), so it covers the tiny built-in models as well as the full-size ones.
@@ -25,14 +30,18 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from models.bundle import uses_open_clip
 from models.text_keys import standard_text_encoder_state_dict
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD1.x: OpenAI CLIP in transformers' keys
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2.x: OpenCLIP
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's first encoder, CLIP's keys
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's second encoder, OpenCLIP's
+TEXT_PROJECTION = "text_projection.weight"  # CLIPTextModelWithProjection's projection
 
 # Converts one tensor as it is written (dtype, device); the identity keeps the model's tensors.
 Convert = Callable[[torch.Tensor], torch.Tensor]
@@ -43,6 +52,8 @@ _UNET_TOP = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",  # SDXL
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET = {
     "norm1.": "in_layers.0.",
@@ -91,32 +102,36 @@ def _resnet(rest: str) -> str:
 # --- text encoder ----------------------------------------------------------------------------
 
 
-def uses_open_clip(text_encoder: CLIPTextModel) -> bool:
-    """Whether the text encoder is SD2.x's OpenCLIP (GELU) rather than SD1.x's CLIP (quick GELU)."""
-    return str(text_encoder.config.hidden_act) == "gelu"
-
-
-def clip_to_ldm(standard: dict[str, torch.Tensor], convert: Convert) -> Iterator[tuple[str, Any]]:
-    """SD1.x: the transformers keys under ``cond_stage_model.transformer.``."""
+def clip_to_ldm(
+    standard: dict[str, torch.Tensor], convert: Convert, prefix: str = CLIP_PREFIX
+) -> Iterator[tuple[str, Any]]:
+    """SD1.x (and SDXL's first encoder): the transformers keys under ``prefix``."""
     for key, tensor in standard.items():
-        yield CLIP_PREFIX + key, convert(tensor)
+        yield prefix + key, convert(tensor)
 
 
 def open_clip_to_ldm(
-    standard: dict[str, torch.Tensor], hidden_size: int, convert: Convert
+    standard: dict[str, torch.Tensor],
+    hidden_size: int,
+    convert: Convert,
+    prefix: str = OPEN_CLIP_PREFIX,
 ) -> Iterator[tuple[str, Any]]:
-    """SD2.x: OpenCLIP's keys under ``cond_stage_model.model.``, query/key/value fused.
+    """SD2.x (and SDXL's second encoder): OpenCLIP's keys under ``prefix``, q/k/v fused.
 
-    ``CLIPTextModel`` has no ``text_projection`` (SD2.x conditions on the penultimate layer's
-    hidden states, never on the projected pooled output); an identity of OpenCLIP's shape
-    (hidden × hidden) is written in its place so the file has every key UIs expect.
+    A ``CLIPTextModelWithProjection`` (SDXL) has a ``text_projection``: it is written transposed,
+    as OpenCLIP stores it. ``CLIPTextModel`` (SD2.x) has none (SD2.x conditions on the
+    penultimate layer's hidden states, never on the projected pooled output); an identity of
+    OpenCLIP's shape (hidden × hidden) is written in its place so the file has every key UIs
+    expect.
     """
+    text_projection = standard.get(TEXT_PROJECTION)
+    standard = {k: v for k, v in standard.items() if k != TEXT_PROJECTION}
     layer = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)")
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in standard.items():
         top = _OPEN_CLIP_TOP.get(key)
         if top is not None:
-            yield OPEN_CLIP_PREFIX + top, convert(tensor)
+            yield prefix + top, convert(tensor)
             continue
         match = layer.fullmatch(key)
         if match is None:
@@ -130,12 +145,15 @@ def open_clip_to_ldm(
         renamed = _replace_prefix(rest, _OPEN_CLIP_LAYER)
         if renamed is None:
             raise KeyError(f"unknown text-encoder weight '{key}'")
-        yield f"{OPEN_CLIP_PREFIX}transformer.resblocks.{index}.{renamed}", convert(tensor)
+        yield f"{prefix}transformer.resblocks.{index}.{renamed}", convert(tensor)
     for target, parts in fused.items():
         assert sorted(parts) == ["k", "q", "v"], f"{target}: incomplete query/key/value"
-        yield OPEN_CLIP_PREFIX + target, convert(torch.cat([parts[p] for p in "qkv"]))
-    dtype = next(iter(standard.values())).dtype
-    yield OPEN_CLIP_PREFIX + "text_projection", convert(torch.eye(hidden_size, dtype=dtype))
+        yield prefix + target, convert(torch.cat([parts[p] for p in "qkv"]))
+    if text_projection is None:
+        text_projection = torch.eye(hidden_size, dtype=next(iter(standard.values())).dtype)
+    else:
+        text_projection = text_projection.T  # OpenCLIP: x @ projection; nn.Linear: x @ weight.T
+    yield prefix + "text_projection", convert(text_projection)
 
 
 # --- UNet ------------------------------------------------------------------------------------
@@ -230,23 +248,39 @@ def vae_to_ldm(vae: AutoencoderKL, convert: Convert) -> Iterator[tuple[str, Any]
 # --- all of it -------------------------------------------------------------------------------
 
 
+def text_to_ldm(
+    text_encoder: CLIPTextModel,
+    text_encoder_2: CLIPTextModelWithProjection | None,
+    convert: Convert,
+) -> Iterator[tuple[str, Any]]:
+    """The text encoder(s) in the LDM layout: SD1.x, SD2.x, or SDXL's two."""
+    standard = standard_text_encoder_state_dict(text_encoder)
+    if text_encoder_2 is not None:
+        yield from clip_to_ldm(standard, convert, SDXL_CLIP_PREFIX)
+        hidden_size = int(text_encoder_2.config.hidden_size)
+        standard_2 = standard_text_encoder_state_dict(text_encoder_2)
+        yield from open_clip_to_ldm(standard_2, hidden_size, convert, SDXL_OPEN_CLIP_PREFIX)
+    elif uses_open_clip(text_encoder):
+        hidden_size = int(text_encoder.config.hidden_size)
+        yield from open_clip_to_ldm(standard, hidden_size, convert)
+    else:
+        yield from clip_to_ldm(standard, convert)
+
+
 def ldm_state_dict(
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel,
     convert: Convert = lambda tensor: tensor,
+    text_encoder_2: CLIPTextModelWithProjection | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every weight of the three models in the LDM layout, each passed through ``convert``.
+    """Every weight of the models in the LDM layout, each passed through ``convert``.
 
-    With the identity the values are the models' own tensors (or views of them), so no copy is
-    made; query/key/value fusing in SD2.x's text encoder makes the only new tensors.
+    ``text_encoder_2`` (SDXL's second encoder) makes it the SDXL layout. With the identity the
+    values are the models' own tensors (or views of them), so no copy is made; query/key/value
+    fusing in the OpenCLIP text encoders makes the only new tensors.
     """
-    standard = standard_text_encoder_state_dict(text_encoder)
-    if uses_open_clip(text_encoder):
-        hidden_size = int(text_encoder.config.hidden_size)
-        text = open_clip_to_ldm(standard, hidden_size, convert)
-    else:
-        text = clip_to_ldm(standard, convert)
+    text = text_to_ldm(text_encoder, text_encoder_2, convert)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in (*unet_to_ldm(unet, convert), *vae_to_ldm(vae, convert), *text):
         assert key not in out, f"two weights map to {key}"

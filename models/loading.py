@@ -6,10 +6,13 @@ How a value is read:
 2. an existing file ending in ``.safetensors`` or ``.ckpt`` → a single-file checkpoint in the
    original Stable Diffusion layout (see `models.single_file_load`);
 3. an existing folder → it must be a diffusers Stable Diffusion folder (what
-   ``StableDiffusionPipeline.save_pretrained`` writes); each component is loaded with
-   ``from_pretrained(folder, subfolder=...)``;
+   ``StableDiffusionPipeline.save_pretrained`` or ``StableDiffusionXLPipeline.save_pretrained``
+   writes); each component is loaded with ``from_pretrained(folder, subfolder=...)``. A folder
+   is SDXL when its ``model_index.json`` names a ``text_encoder_2`` (or, without one, when it
+   has a ``text_encoder_2/`` folder): then ``text_encoder_2/`` and ``tokenizer_2/`` load too;
 4. ``owner/name`` (the shape of every hub id) → loaded the same way from the local Hugging Face
-   cache, else downloaded from the hub; without a network that fails at once with one line;
+   cache, else downloaded from the hub (SD or SDXL by its ``model_index.json``); without a
+   network that fails at once with one line;
 5. anything else (a missing path, a name with no ``/`` that is not built in) → `UserError`.
 
 The prediction type of any of them can be overridden (train.json's ``prediction_type``).
@@ -17,6 +20,7 @@ The prediction type of any of them can be overridden (train.json's ``prediction_
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -25,10 +29,10 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from config.errors import UserError, did_you_mean
 from models.builtin import BUILTIN_MODELS, build_builtin, is_builtin
@@ -46,6 +50,13 @@ REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "vae": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
+# What an SDXL folder needs besides.
+REQUIRED_FILES_SDXL: dict[str, tuple[str, ...]] = {
+    "text_encoder_2": ("config.json",),
+    "tokenizer_2": ("vocab.json", "tokenizer.json"),
+}
+MODEL_INDEX = "model_index.json"
+SECOND_ENCODER = "text_encoder_2"
 
 # A Hugging Face hub model id: exactly "owner/name".
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -74,10 +85,31 @@ def _alternatives(value: str) -> str:
     )
 
 
+def folder_is_sdxl(folder: Path) -> bool:
+    """Whether a diffusers folder is SDXL's: its ``model_index.json`` names a second text
+    encoder; without a readable one, whether it has a ``text_encoder_2/`` folder."""
+    try:
+        index = json.loads((Path(folder) / MODEL_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return (Path(folder) / SECOND_ENCODER).is_dir()
+    return _names_second_encoder(index)
+
+
+def _names_second_encoder(index: object) -> bool:
+    """Whether a ``model_index.json`` document names a ``text_encoder_2`` component."""
+    if not isinstance(index, dict):
+        return False
+    entry = index.get(SECOND_ENCODER)
+    return isinstance(entry, list) and any(part is not None for part in entry)
+
+
 def missing_files(folder: Path) -> list[str]:
-    """What ``folder`` lacks to be a diffusers Stable Diffusion folder (empty when nothing)."""
+    """What ``folder`` lacks to be a diffusers Stable Diffusion (or SDXL) folder."""
     missing = []
-    for sub, names in REQUIRED_FILES.items():
+    required = dict(REQUIRED_FILES)
+    if folder_is_sdxl(folder):
+        required |= REQUIRED_FILES_SDXL
+    for sub, names in required.items():
         if not (folder / sub).is_dir():
             missing.append(f"{sub}/")
         elif not any((folder / sub / name).is_file() for name in names):
@@ -128,7 +160,24 @@ def _load_components(source: str, local_files_only: bool) -> ModelBundle:
         return _from_pretrained(source, options)
 
 
+def _is_sdxl_source(source: str, options: dict[str, bool]) -> bool:
+    """Whether the folder or hub repo ``source`` is SDXL, by its ``model_index.json``."""
+    if Path(source).is_dir():
+        return folder_is_sdxl(Path(source))
+    try:
+        index = DiffusionPipeline.load_config(source, **options)
+    except (OSError, ValueError):
+        return False  # loading the components reports what is missing
+    return _names_second_encoder(index)
+
+
 def _from_pretrained(source: str, options: dict[str, bool]) -> ModelBundle:
+    text_encoder_2 = tokenizer_2 = None
+    if _is_sdxl_source(source, options):
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            source, subfolder=SECOND_ENCODER, dtype=LOAD_DTYPE, **options
+        )
+        tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **options)
     return ModelBundle(
         unet=UNet2DConditionModel.from_pretrained(
             source, subfolder="unet", torch_dtype=LOAD_DTYPE, **options
@@ -142,6 +191,8 @@ def _from_pretrained(source: str, options: dict[str, bool]) -> ModelBundle:
         ),
         noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **options),
         source=source,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
     )
 
 

@@ -1,8 +1,10 @@
 """Single-file checkpoints (``.safetensors``, ``.ckpt``) in the original Stable Diffusion layout.
 
 Writing: `write_single_file` puts every weight of a `ModelBundle` into one ``.safetensors`` in
-the LDM key layout (`models.ldm_layout`), fp16 unless full precision, plus for v-prediction
-models a ``.yaml`` of the same name (`models.ldm_config`) so that UIs use v-parameterization.
+the LDM key layout (`models.ldm_layout`), fp16 unless full precision, plus for SD1.x/2.x
+v-prediction models a ``.yaml`` of the same name (`models.ldm_config`) so that UIs use
+v-parameterization. SDXL files carry that in the file instead, as ComfyUI and the SDXL v-prediction
+fine-tunes do: an empty ``v_pred`` tensor, and ``ztsnr`` for a zero-terminal-SNR schedule.
 Both are written atomically: into hidden temporary files in the same folder, flushed to disk,
 then renamed over the targets, so a crash never leaves a file that looks whole, and an older file
 of the same name stays until the new one is complete.
@@ -24,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 
 from config.errors import UserError
-from models.bundle import ModelBundle
+from models.bundle import SDXL, ModelBundle
 from models.ldm_config import V_PREDICTION, original_config_yaml
 from models.ldm_layout import ldm_state_dict
 from storage.atomic import atomic_file, write_error
@@ -36,6 +38,9 @@ CKPT = ".ckpt"
 SINGLE_FILE_SUFFIXES = (SAFETENSORS, CKPT)
 YAML = ".yaml"
 WHAT = "single file"
+# Keys of an SDXL single file (empty tensors) that say how it was trained.
+V_PRED_MARKER = "v_pred"
+ZTSNR_MARKER = "ztsnr"
 # Where torch.load(weights_only=True) puts the reason in its long message.
 _UNPICKLER_REASON = "WeightsUnpickler error:"
 
@@ -51,8 +56,9 @@ def yaml_beside(path: Path) -> Path:
 def write_single_file(path: Path, bundle: ModelBundle, full_precision: bool) -> Path:
     """Write the bundle's UNet, VAE and text encoder to ``path`` as one LDM-layout safetensors.
 
-    fp16 unless ``full_precision``. For a v-prediction model ``<path stem>.yaml`` is written
-    first (a stale one of another model is removed after the model file). The models are left
+    fp16 unless ``full_precision``. For an SD1.x/2.x v-prediction model ``<path stem>.yaml`` is
+    written first (a stale one of another model is removed after the model file); an SDXL file
+    holds `sdxl_markers` instead. The models are left
     as they are. At most one converted copy of the weights is held at a time (none for fp32
     models on the CPU written in fp32). An OS error (unwritable folder, full disk) is a
     `UserError` naming the file; an older file at ``path`` stays intact.
@@ -62,22 +68,28 @@ def write_single_file(path: Path, bundle: ModelBundle, full_precision: bool) -> 
     started = time.monotonic()
     dtype = torch.float32 if full_precision else torch.float16
     yaml_file = yaml_beside(path)
-    if bundle.prediction_type == V_PREDICTION:
+    writes_yaml = bundle.prediction_type == V_PREDICTION and bundle.family != SDXL
+    if writes_yaml:
         text = original_config_yaml(bundle)
         atomic_file(yaml_file, lambda temp: temp.write_text(text, encoding="utf-8"), WHAT)
 
     def write(temp: Path) -> None:
         tensors = ldm_state_dict(
-            bundle.unet, bundle.vae, bundle.text_encoder, lambda t: _for_file(t, dtype)
+            bundle.unet,
+            bundle.vae,
+            bundle.text_encoder,
+            lambda t: _for_file(t, dtype),
+            text_encoder_2=bundle.text_encoder_2,
         )
+        tensors |= sdxl_markers(bundle)
         safetensors.torch.save_file(tensors, str(temp), metadata={"format": "pt"})
 
     try:
         atomic_file(path, write, WHAT)
     except SafetensorError as error:
         raise write_error(path, error, WHAT) from error
-    if bundle.prediction_type != V_PREDICTION and yaml_file.exists():
-        logger.info("removing %s: the model at %s predicts epsilon", yaml_file, path)
+    if not writes_yaml and yaml_file.exists():
+        logger.info("removing %s: it does not describe the model at %s", yaml_file, path)
         yaml_file.unlink()
     logger.info(
         "single file written to %s in %.1f s (%s)",
@@ -86,6 +98,19 @@ def write_single_file(path: Path, bundle: ModelBundle, full_precision: bool) -> 
         "fp32" if full_precision else "fp16",
     )
     return path
+
+
+def sdxl_markers(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """The empty marker tensors of an SDXL file: ``v_pred`` for v-prediction, ``ztsnr`` for a
+    zero-terminal-SNR schedule (as ComfyUI reads them); none for SD1.x/2.x or epsilon models."""
+    if bundle.family != SDXL:
+        return {}
+    markers = {}
+    if bundle.prediction_type == V_PREDICTION:
+        markers[V_PRED_MARKER] = torch.zeros(0)
+        if bundle.noise_scheduler.config.get("rescale_betas_zero_snr", False):
+            markers[ZTSNR_MARKER] = torch.zeros(0)
+    return markers
 
 
 def _for_file(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,9 @@ transformers 4.x keeps ``embeddings``, ``encoder`` and ``final_layer_norm`` of `
 under ``text_model``; transformers 5.x's ``CLIPTextModel`` holds them itself, and a model built
 there (not loaded from a file) saves keys without the prefix. Every real Stable Diffusion folder
 and single file uses the prefixed keys, and both transformers versions load them, so checkpoints
-are written with them.
+are written with them. ``CLIPTextModelWithProjection`` (SDXL's second encoder) keeps the
+``text_model`` wrapper in both versions: its keys (``text_model.*`` and ``text_projection.*``) are
+standard as they are.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ WEIGHTS_FILE = "model.safetensors"
 
 
 def standard_text_encoder_state_dict(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
-    """The text encoder's state dict with every key under ``text_model.``."""
-    return {
-        key if key.startswith(TEXT_MODEL) else TEXT_MODEL + key: tensor
-        for key, tensor in text_encoder.state_dict().items()
-    }
+    """The text encoder's state dict with the transformer's keys under ``text_model.``."""
+    state = text_encoder.state_dict()
+    if hasattr(text_encoder, TEXT_MODEL.rstrip(".")):  # already wrapped: the keys are standard
+        return state
+    return {TEXT_MODEL + key: tensor for key, tensor in state.items()}
 
 
 def standardize_text_encoder_file(text_encoder: CLIPTextModel, folder: Path) -> bool:
@@ -36,12 +38,10 @@ def standardize_text_encoder_file(text_encoder: CLIPTextModel, folder: Path) -> 
     """
     file = Path(folder) / WEIGHTS_FILE
     assert file.is_file(), f"{file}: expected one weights file (no shards)"
+    standard = standard_text_encoder_state_dict(text_encoder)
     with safe_open(str(file), framework="pt") as handle:
-        if all(key.startswith(TEXT_MODEL) for key in handle.keys()):  # noqa: SIM118
+        if set(handle.keys()) == set(standard):
             return False
-    weights = {
-        key: tensor.detach().to("cpu").contiguous()
-        for key, tensor in standard_text_encoder_state_dict(text_encoder).items()
-    }
+    weights = {key: tensor.detach().to("cpu").contiguous() for key, tensor in standard.items()}
     safetensors.torch.save_file(weights, str(file), metadata={"format": "pt"})
     return True

@@ -59,6 +59,8 @@ EXPECTED = {  # name -> (text-encoder layers, prediction type)
     "tiny-sd21": (23, "v_prediction"),
     "sd15-random": (12, "epsilon"),
     "sd21-random": (23, "v_prediction"),
+    "tiny-sdxl": (12, "epsilon"),
+    "sdxl-random": (12, "epsilon"),
 }
 CAPTION = "a photo of ted, smiling"
 
@@ -200,7 +202,14 @@ def test_each_builtin_has_the_tokenizer_its_config_expects(name: str) -> None:
 
 
 def test_builtin_names() -> None:
-    assert BUILTIN_MODELS == ("tiny-sd15", "tiny-sd21", "sd15-random", "sd21-random")
+    assert BUILTIN_MODELS == (
+        "tiny-sd15",
+        "tiny-sd21",
+        "sd15-random",
+        "sd21-random",
+        "tiny-sdxl",
+        "sdxl-random",
+    )
     assert all(is_builtin(name) for name in BUILTIN_MODELS)
     assert not is_builtin("tiny-sd1.5")
 
