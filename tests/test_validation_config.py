@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from training.validation.cadence import validates_after_epoch, validation_step_indices
 
 import models
 import training.build
 from config.errors import ConfigError
 from config.validation_config import load_validation_config
 from tests.e2e import EXAMPLE_DATA, run, write_config
+from training.validation.cadence import validates_after_epoch, validation_step_indices
 
 SHIPPED = Path("/work/shared/reference/everydream2")
 
