@@ -54,7 +54,18 @@ def merged_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mod
         else:  # diffusers
             plain = type(model).from_config(model.config)
     plain.load_state_dict(merged_state_dict(model, dtype), strict=True, assign=True)
+    _copy_unsaved_buffers(plain, model)
     return plain.eval()
+
+
+def _copy_unsaved_buffers(plain: nn.Module, model: nn.Module) -> None:
+    """Buffers a state dict leaves out (CLIP's ``position_ids``), copied to the CPU."""
+    source = dict(model.named_buffers())
+    for name, buffer in list(plain.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            value = source[name].detach().to("cpu", copy=True)
+            plain.get_submodule(owner).register_buffer(leaf, value, persistent=False)
 
 
 def merged_bundle(bundle: ModelBundle, dtype: torch.dtype = torch.float32) -> ModelBundle:
