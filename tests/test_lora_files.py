@@ -159,3 +159,15 @@ def assert_same_outputs_unet_only(pipe, bundle) -> None:
     loaded_hidden, loaded_sample = outputs(pipe.unet, pipe.text_encoder)
     torch.testing.assert_close(loaded_hidden, hidden, rtol=0, atol=0)
     torch.testing.assert_close(loaded_sample, sample, rtol=1e-5, atol=1e-5)
+
+
+def test_files_of_a_partly_frozen_text_encoder_load_the_same(tmp_path):
+    """Only the trained layers have adapters; diffusers' metadata must not adapt the others."""
+    bundle = adapted("tiny-sd15", frozen=range(7))
+    kohya = write_both(bundle, RANK4, tmp_path)
+    for source in (kohya, tmp_path):
+        pipe = base_pipeline("tiny-sd15")
+        pipe.load_lora_weights(str(source))
+        layers = {n.split(".")[2] for n, _ in pipe.text_encoder.named_modules() if "lora_A" in n}
+        assert layers == {"7", "8", "9", "10", "11"}
+        assert_same_outputs(pipe, bundle)

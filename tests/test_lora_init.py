@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
 
 from config.errors import UserError
 from lora.adapters import adapter_parameters, adapter_state_dict, load_adapter_state_dict
@@ -152,3 +155,20 @@ def test_merged_models_compute_what_the_adapted_ones_do(name, settings):
     torch.testing.assert_close(merged_sample, sample, rtol=1e-4, atol=1e-5)
     after = bundle.unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the live model unchanged
+
+
+def test_older_diffusers_key_names_are_converted_and_alpha_is_the_rank(tmp_path):
+    """Files of diffusers' older training scripts: ``to_q.lora.down`` and
+    ``lora_linear_layer`` names, no metadata (so each alpha is its rank)."""
+    trained = adapted("tiny-sd15")
+    layers = {
+        part: convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        for part, model in models_of(trained).items()
+    }
+    assert any(".lora.down." in k for k in layers["unet"])
+    assert any(".lora_linear_layer." in k for k in layers["text_encoder"])
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"]
+    )
+    bundle, lora_file = start_from(tmp_path, "tiny-sd15", LoraSettings.of(4))
+    assert lora_file.format == "diffusers" and same_adapters(bundle, trained)
