@@ -150,7 +150,9 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def adapter_configs(models: Mapping[str, nn.Module | None], parts: list[str]) -> dict[str, dict]:
+def adapter_configs(
+    models: Mapping[str, nn.Module | None], parts: list[str]
+) -> dict[str, dict[str, Any]]:
     """Each part's peft ``LoraConfig`` as a dict (what diffusers stores in the file)."""
     return {part: models[part].peft_config[ADAPTER].to_dict() for part in parts}  # type: ignore[union-attr]
 
@@ -180,7 +182,11 @@ def write_diffusers_file(
 
 
 def _verify_diffusers_file(
-    temp: Path, shown: Path, weights: Weights, configs: dict[str, dict], dtype: torch.dtype
+    temp: Path,
+    shown: Path,
+    weights: Weights,
+    configs: dict[str, dict[str, Any]],
+    dtype: torch.dtype,
 ) -> None:
     meant = {
         f"{part}.{key}": tensor

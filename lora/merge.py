@@ -20,7 +20,9 @@ from models.bundle import ModelBundle
 BASE_LAYER = ".base_layer"
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict:
+def merged_state_dict(
+    model: nn.Module, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """``model``'s weights with every adapter merged, under a plain model's keys, on the CPU.
 
     Floating-point tensors are returned in ``dtype``; ``model`` is not changed.

@@ -21,7 +21,8 @@ from lora.adapters import ADAPTER, file_module_name, named_layers
 from lora.kohya import ALPHA, DOWN, UP, kohya_module_name
 from lora.targets import Target
 
-Shapes = dict[str, dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]
+ModuleShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+Shapes = dict[str, ModuleShapes]
 
 
 def live_shapes(models: Mapping[str, nn.Module | None]) -> Shapes:
@@ -39,9 +40,9 @@ def live_shapes(models: Mapping[str, nn.Module | None]) -> Shapes:
     return shapes
 
 
-def target_shapes(part: str, model: nn.Module, targets: list[Target]) -> dict:
+def target_shapes(part: str, model: nn.Module, targets: list[Target]) -> ModuleShapes:
     """module name in files -> (down shape, up shape) that ``targets`` would get in ``model``."""
-    shapes = {}
+    shapes: ModuleShapes = {}
     for target in targets:
         module = model.get_submodule(target.name)
         if isinstance(module, nn.Conv2d):
