@@ -32,6 +32,7 @@ LR_SCHEDULERS = (
 GROUPS = {
     "model": "model and precision",
     "data": "training data",
+    "lora": "LoRA / LoCon adapters (train adapters instead of the weights)",
     "optimizer": "optimizer (optimizer.json holds the rest)",
     "schedule": "run length and LR schedule",
     "training": "noise, timesteps and loss",

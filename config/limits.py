@@ -25,6 +25,11 @@ MAX_GPU_INDEX = 1023
 MAX_TIMESTEPS = 1000  # Stable Diffusion 1.x/2.x train with 1000 noising timesteps
 MAX_CLIP_SKIP = 4  # EveryDream2's choices: 0-4
 MAX_TEXT_ENCODER_LAYERS = 1000  # freezing counts: far more than any CLIP text encoder has
+# LoRA rank: past the width of the layers it adapts (320 to 1280 in SD's UNet, 768/1024 in its
+# text encoders) a rank adds parameters and nothing else; kohya users train 4 to 256.
+MAX_LORA_RANK = 1024
+# LoRA alpha: the adapter's output is scaled by alpha / rank; 10^4 is far past any useful scale.
+MAX_LORA_ALPHA = 10_000.0
 
 # --- seeds --------------------------------------------------------------------------------
 # -1 asks for a random seed. 2^32 - 1 is the largest seed every common generator takes

@@ -15,6 +15,7 @@ from config.ema import ema_problems
 from config.errors import ConfigError, UserError
 from config.fields import defaults_of, parse_fields, rule_of
 from config.jsonfile import read_json_object
+from config.lora import lora_problems
 from config.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,8 @@ def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
             f"{loaded.where('disable_unet_training')}: "
             "both models are disabled; nothing would train"
         )
-    return problems + ema_problems(loaded) + _check_output_names(loaded)
+    problems += ema_problems(loaded) + lora_problems(loaded)
+    return problems + _check_output_names(loaded)
 
 
 def _check_output_names(loaded: LoadedTrainConfig) -> list[str]:

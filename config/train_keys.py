@@ -257,3 +257,58 @@ class TrainingKeys:
     gpuid: int = setting(
         0, "CUDA device index to train on.", minimum=0, maximum=lim.MAX_GPU_INDEX, group="model"
     )
+
+    # --- LoRA / LoCon adapters (lora/) ----------------------------------------------------
+    lora_rank: int = setting(
+        0,
+        "Train LoRA adapters of this rank instead of the weights (kohya's network_dim); 0 is a "
+        "full fine-tune.",
+        minimum=0,
+        maximum=lim.MAX_LORA_RANK,
+        group="lora",
+    )
+    lora_alpha: float | None = setting(
+        None,
+        "LoRA alpha: the adapters' output is scaled by alpha / rank; null is the rank (scale 1).",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=lim.MAX_LORA_ALPHA,
+        group="lora",
+    )
+    lora_dropout: float = setting(
+        0.0,
+        "Dropout on the adapters' input while training (peft's lora_dropout).",
+        minimum=0.0,
+        maximum=1.0,
+        exclusive_maximum=True,
+        group="lora",
+    )
+    lora_conv_rank: int = setting(
+        0,
+        "LoCon: also adapt the UNet's 3x3 convolutions (ResNet blocks, down/upsamplers) at this "
+        "rank (kohya's conv_dim); 0 is off. Needs lora_rank.",
+        minimum=0,
+        maximum=lim.MAX_LORA_RANK,
+        group="lora",
+    )
+    lora_conv_alpha: float | None = setting(
+        None,
+        "LoCon alpha of the 3x3 convolutions; null is lora_conv_rank (scale 1).",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=lim.MAX_LORA_ALPHA,
+        group="lora",
+    )
+    lora_init: str | None = setting(
+        None,
+        "A LoRA file (kohya or diffusers format, or a folder holding "
+        "pytorch_lora_weights.safetensors) whose adapters training starts from. Needs lora_rank.",
+        text="path",
+        group="lora",
+    )
+    lora_merge: bool = setting(
+        False,
+        "Also write the base model with the adapters merged into it, as a full checkpoint and "
+        "single file. Needs lora_rank.",
+        group="lora",
+    )
