@@ -10,7 +10,6 @@ weights are fp16 unless full precision; the text encoders' files use the standar
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from models.bundle import SDXL, ModelBundle
+from models.copies import empty_copy
 from models.text_keys import standardize_text_encoder_file
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -88,11 +88,7 @@ def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """
     if _floating_dtypes(model) <= {dtype}:
         return model
-    with torch.device("meta"):
-        if hasattr(model.config, "to_dict"):  # transformers
-            clone = type(model)(copy.deepcopy(model.config))
-        else:  # diffusers
-            clone = type(model).from_config(model.config)
+    clone = empty_copy(model)
     weights = {
         name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
         for name, tensor in model.state_dict().items()

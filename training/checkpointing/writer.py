@@ -24,14 +24,12 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors import SafetensorError
 
 from config.errors import UserError
 from models import ModelBundle
-from models.copies import empty_copy
+from models.pipeline_folder import write_pipeline_folder
 from models.single_file import write_single_file
-from models.text_keys import standardize_text_encoder_file
 from storage.atomic import atomic_folder, write_error
 from training.checkpointing.state import (
     STATE_DIR,
@@ -88,7 +86,7 @@ def save_checkpoint(
     full_precision = options.full_precision
     try:
         with atomic_folder(path, WHAT) as temp:
-            _write_pipeline(temp, bundle, full_precision)
+            write_pipeline_folder(temp, bundle, full_precision)
             if options.note is not None:
                 (temp / RUN_MARKER).write_text(json.dumps(options.note, indent=2) + "\n", "utf-8")
             if state is not None:
@@ -125,58 +123,6 @@ def _check_target(path: Path) -> None:
             f"cannot write the checkpoint {path}: that folder exists and is not a checkpoint "
             f"(no {PIPELINE_MARKER}); it is left alone. Move it or choose another save_ckpt_dir"
         )
-
-
-def _write_pipeline(folder: Path, bundle: ModelBundle, full_precision: bool) -> None:
-    """The diffusers pipeline folder, in fp32 or fp16, from the bundle's models untouched."""
-    dtype = torch.float32 if full_precision else torch.float16
-    pipeline = StableDiffusionPipeline(
-        vae=_in_dtype(bundle.vae, dtype),
-        text_encoder=_in_dtype(bundle.text_encoder, dtype),
-        tokenizer=bundle.tokenizer,
-        unet=_in_dtype(bundle.unet, dtype),
-        # A copy: the pipeline's constructor may rewrite an old-style scheduler config in place.
-        scheduler=type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    standardize_text_encoder_file(pipeline.text_encoder, folder / "text_encoder")
-    if dtype != torch.float32:
-        _default_load_dtype_float32(folder / "text_encoder" / "config.json")
-
-
-def _default_load_dtype_float32(config_file: Path) -> None:
-    """Make ``from_pretrained`` load the fp16 text encoder in fp32 unless told otherwise.
-
-    transformers loads in the config's ``dtype`` by default, diffusers in fp32: without this a
-    plain ``StableDiffusionPipeline.from_pretrained(path)`` would mix fp16 and fp32 and fail.
-    """
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["dtype"] = "float32"
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _floating_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
-    return {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
-
-
-def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``model`` itself when already all ``dtype``, else a CPU copy in ``dtype``.
-
-    The copy is built on the meta device and takes CPU tensors converted one by one, so no
-    second full-precision copy and no device memory are needed.
-    """
-    if _floating_dtypes(model) <= {dtype}:
-        return model
-    clone = empty_copy(model)
-    weights = {
-        name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
-        for name, tensor in model.state_dict().items()
-    }
-    clone.load_state_dict(weights, strict=True, assign=True)
-    return clone.eval()
 
 
 def rounded_by_fp16(model: torch.nn.Module) -> bool:
