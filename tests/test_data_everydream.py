@@ -73,9 +73,9 @@ def test_batch_id_batches_share_accumulation_windows(tmp_path):
     for k in range(7):
         write_image(tmp_path / "others" / f"o{k}.png")
     for seed in range(5):
-        dataset = load(tmp_path, batch_size=1, grad_accum=2, seed=seed)
+        dataset = load(tmp_path, batch_size=1, seed=seed)
         for epoch in range(4):
-            batches = dataset.epoch_batches(epoch)
+            batches = dataset.epoch_batches(epoch, grad_accum=2)
             assert len(batches) == dataset.batches_per_epoch() == 11
             kinds = [_names(dataset, batch)[0] for batch in batches]
             windows = [kinds[k : k + 2] for k in range(0, 10, 2)]
@@ -272,10 +272,9 @@ def test_fingerprint_covers_every_new_setting(tmp_path, file_name, text):
     assert load(tmp_path).fingerprint() != before
 
 
-def test_fingerprint_covers_rated_and_accumulation_settings(tmp_path):
+def test_fingerprint_covers_rated_settings_but_not_the_live_grad_accum(tmp_path):
     write_image(tmp_path / "x.png")
     base = load(tmp_path).fingerprint()
-    assert load(tmp_path, grad_accum=2).fingerprint() != base
     assert load(tmp_path, rated_dataset=True).fingerprint() != base
     rated = load(tmp_path, rated_dataset=True, max_epochs=5).fingerprint()
     assert load(tmp_path, rated_dataset=True, max_epochs=6).fingerprint() != rated
@@ -285,13 +284,13 @@ def test_fingerprint_covers_rated_and_accumulation_settings(tmp_path):
 def test_two_ranks_split_batch_id_and_rated_plans(tmp_path):
     _horses_and_others(tmp_path, horses=9, others=9)
     (tmp_path / "others" / "local.yaml").write_text("rating: 3\n", "utf-8")
-    options = {"rated_dataset": True, "max_epochs": 6, "grad_accum": 2, "shuffle_tags": True}
+    options = {"rated_dataset": True, "max_epochs": 6, "shuffle_tags": True}
     ranks = [load(tmp_path, batch_size=2, rank=r, world_size=2, **options) for r in range(2)]
     single = load(tmp_path, batch_size=4, **options)
     for epoch in range(6):
         steps = single.batches_in_epoch(epoch)
         assert ranks[0].batches_in_epoch(epoch) == ranks[1].batches_in_epoch(epoch) == steps
-        a, b, whole = (d.epoch_batches(epoch) for d in (*ranks, single))
+        a, b, whole = (d.epoch_batches(epoch, grad_accum=2) for d in (*ranks, single))
         assert len(a) == len(b) == len(whole) == steps
         for x, y, w in zip(a, b, whole, strict=True):
             assert x.bucket == y.bucket == w.bucket and x.items + y.items == w.items
