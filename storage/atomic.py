@@ -22,6 +22,11 @@ from pathlib import Path
 
 from config.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
 
 _PARTIAL = "partial"
@@ -141,17 +146,43 @@ def atomic_file(path: Path, write: Callable[[Path], None], what: str) -> Path:
     return path
 
 
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock over ``folder`` among the processes of this machine.
+
+    Taken while a name is chosen and claimed and while a folder is moved into place, so that
+    two runs writing into one folder never both take a name that looked free. It is
+    ``fcntl.flock`` on the folder itself (nothing is written); where there is no ``fcntl``, as
+    on Windows, there is no lock.
+    """
+    if fcntl is None:
+        yield
+        return
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise write_error(folder, error, "folder") from error
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
 def _move_into_place(temp: Path, path: Path) -> None:
     """Rename ``temp`` to ``path``; an older folder there is deleted only afterwards.
 
     While it is moved aside, the older folder has an ``.old-`` name that `recover_leftovers`
-    puts back if the process dies before the new one is in place.
+    puts back if the process dies before the new one is in place. The two renames happen under
+    the folder's lock, so another run never sees the name free in between.
     """
     old = None
-    if path.exists():
-        old = path.with_name(f"{_sibling_prefix(path, _OLD)}{secrets.token_hex(4)}")
-        path.rename(old)
-    temp.rename(path)
+    with folder_lock(path.parent):
+        if path.exists():
+            old = path.with_name(f"{_sibling_prefix(path, _OLD)}{secrets.token_hex(4)}")
+            path.rename(old)
+        temp.rename(path)
     _fsync(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

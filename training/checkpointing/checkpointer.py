@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from config.live import LiveSettings
-from training.checkpointing.names import checkpoint_name, free_path
+from training.checkpointing.names import checkpoint_name, claim_path, claimed_by
 from training.checkpointing.state import TrainingState
 from training.checkpointing.writer import (
     TRAINABLE,
@@ -178,7 +178,7 @@ class Checkpointer:
             position.global_step,
             config.no_prepend_last,
         )
-        path = free_path(self.env.checkpoint_dir, name, self._is_ours)
+        path = claim_path(self.env.checkpoint_dir, name, self.env.run_id, self._is_ours)
         state = self.state(point, settings.save_full_precision) if with_state else None
         note = {
             "run": self.env.run_id,
@@ -195,7 +195,9 @@ class Checkpointer:
 
     def _is_ours(self, path: Path) -> bool:
         note = checkpoint_note(path)
-        return note is not None and note.get("run") == self.env.run_id
+        if note is None:
+            return claimed_by(path) == self.env.run_id
+        return note.get("run") == self.env.run_id
 
     def save_after_crash(self, point: ResumePoint, stepping: bool) -> Path | None:
         """A ``crashed-`` checkpoint at ``point`` after an unexpected error (main process),

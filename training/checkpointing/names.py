@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from config.errors import UserError
+from storage.atomic import folder_lock, prepare_parent
 
 KINDS = ("periodic", "last", "interrupted", "diverged", "crashed")
+CLAIM_FILE = ".claimed-by-run"  # in a checkpoint folder a run has claimed and not yet written
 NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
 PATH_MAX = 4095  # bytes in a path (Linux)
 # What can be added to a checkpoint's name: a "-NN" to make it unique, "_ema" for the EMA
@@ -48,6 +50,30 @@ def free_path(folder: Path, name: str, is_ours: Callable[[Path], bool]) -> Path:
         path = folder / f"{name}-{number}"
         number += 1
     return path
+
+
+def claim_path(folder: Path, name: str, run_id: str, is_ours: Callable[[Path], bool]) -> Path:
+    """`free_path`, claimed for run ``run_id`` before any other run can take it.
+
+    Under the folder's lock, a free name gets its folder at once with a `CLAIM_FILE` naming the
+    run (the checkpoint later replaces it), so two runs that save at the same moment never write
+    to the same name. `claimed_by` reads the claim.
+    """
+    prepare_parent(folder / name, "checkpoint")
+    with folder_lock(folder):
+        path = free_path(folder, name, is_ours)
+        if not path.exists():
+            path.mkdir()
+            (path / CLAIM_FILE).write_text(run_id, encoding="utf-8")
+    return path
+
+
+def claimed_by(path: Path) -> str | None:
+    """The run that claimed the not yet written checkpoint folder ``path``; None: no claim."""
+    try:
+        return (path / CLAIM_FILE).read_text(encoding="utf-8")
+    except OSError:
+        return None
 
 
 def run_folder_name(project_name: str, run_name: str | None, stamp: str) -> str:

@@ -31,6 +31,7 @@ from models import ModelBundle
 from models.pipeline_folder import write_pipeline_folder
 from models.single_file import write_single_file
 from storage.atomic import atomic_folder, write_error
+from training.checkpointing.names import CLAIM_FILE
 from training.checkpointing.state import (
     STATE_DIR,
     TrainingState,
@@ -115,10 +116,11 @@ def checkpoint_note(path: Path) -> dict[str, Any] | None:
 
 
 def _check_target(path: Path) -> None:
-    """Refuse a target that exists and is not a checkpoint."""
+    """Refuse a target that exists and is not a checkpoint (or a folder claimed for one)."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UserError(f"cannot write the checkpoint {path}: it exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / PIPELINE_MARKER).is_file():
+    contents = [p for p in path.iterdir() if p.name != CLAIM_FILE] if path.is_dir() else []
+    if contents and not (path / PIPELINE_MARKER).is_file():
         raise UserError(
             f"cannot write the checkpoint {path}: that folder exists and is not a checkpoint "
             f"(no {PIPELINE_MARKER}); it is left alone. Move it or choose another save_ckpt_dir"
