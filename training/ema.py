@@ -88,6 +88,20 @@ def ema_device(setting: str, training_device: torch.device) -> torch.device:
     return training_device
 
 
+def _start_model(config: TrainConfig, resumed_ema: bool) -> str | None:
+    """``ema_resume_model`` resolved, or None: not set, or the resumed state holds the EMA."""
+    if config.ema_resume_model is None:
+        return None
+    if resumed_ema:
+        logger.warning(
+            "%s %s is not used: the training state being resumed holds the EMA weights",
+            KEY,
+            config.ema_resume_model,
+        )
+        return None
+    return resolve_start_model(config)
+
+
 def ema_settings(
     config: TrainConfig, total_steps: int, device: torch.device, resumed_ema: bool = False
 ) -> EmaSettings | None:
@@ -117,16 +131,7 @@ def ema_settings(
             interval,
             total_steps,
         )
-    start = None
-    if config.ema_resume_model is not None:
-        if resumed_ema:
-            logger.warning(
-                "%s %s is not used: the training state being resumed holds the EMA weights",
-                KEY,
-                config.ema_resume_model,
-            )
-        else:
-            start = resolve_start_model(config)
+    start = _start_model(config, resumed_ema)
     sample_ema = config.ema_sample_ema_model or not config.ema_sample_nonema_model
     return EmaSettings(
         decay=decay,

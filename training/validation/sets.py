@@ -108,31 +108,7 @@ def prepare_validation(
     if settings.holds_out:
         dataset, held_out = _hold_out(settings, dataset, batch_size, where)
         sets.append(held_out)
-    if settings.manual_data_root is not None:
-        root = settings.manual_data_root
-        sets.append(
-            _scanned(
-                VAL_NAME,
-                VALIDATION,
-                root,
-                dataset.settings,
-                settings,
-                batch_size,
-                f"{where}: manual_data_root",
-            )
-        )
-    for name, folder in settings.extra.items():
-        sets.append(
-            _scanned(
-                name,
-                EXTRA,
-                folder,
-                dataset.settings,
-                settings,
-                batch_size,
-                f"{where}: extra_manual_datasets.{name}",
-            )
-        )
+    sets.extend(_scanned_sets(settings, dataset, batch_size, where))
     if settings.stabilize_training_loss:
         proportion = settings.stabilize_split_proportion
         chosen, _ = split(dataset.images, proportion, settings.seed, "stabilize")
@@ -143,15 +119,34 @@ def prepare_validation(
             )
         )
     for eval_set in sets:
-        logger.info(
-            "validation set %s: %d images in %d batches, %s",
-            eval_set.name,
-            len(eval_set.dataset.images),
-            len(eval_set.plans),
-            eval_set.origin,
-        )
+        _log_set(eval_set)
     data = ValidationData(settings, tuple(sets), batch_size, len(dataset.images))
     return dataset, data
+
+
+def _scanned_sets(
+    settings: ValidationSettings, dataset: TrainDataset, batch_size: int, where: str
+) -> list[EvalSet]:
+    """The sets scanned from their own folders: ``manual_data_root`` and the extra datasets."""
+    folders: list[tuple[str, str, Path, str]] = []
+    if settings.manual_data_root is not None:
+        folders.append((VAL_NAME, VALIDATION, settings.manual_data_root, "manual_data_root"))
+    for name, folder in settings.extra.items():
+        folders.append((name, EXTRA, folder, f"extra_manual_datasets.{name}"))
+    return [
+        _scanned(name, kind, folder, dataset.settings, settings, batch_size, f"{where}: {key}")
+        for name, kind, folder, key in folders
+    ]
+
+
+def _log_set(eval_set: EvalSet) -> None:
+    logger.info(
+        "validation set %s: %d images in %d batches, %s",
+        eval_set.name,
+        len(eval_set.dataset.images),
+        len(eval_set.plans),
+        eval_set.origin,
+    )
 
 
 def _hold_out(
