@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,32 @@ def run_subprocess(config: Path, *flags: str, timeout: float = 300) -> subproces
         cwd=REPO,
         env=os.environ.copy(),
     )
+
+
+def accelerate_launch(script: Path, processes: int, *args: str) -> list[str]:
+    """The command that launches ``script`` in ``processes`` gloo processes on this machine, on a
+    free port (test workers run side by side: accelerate's default port would collide)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(script),
+        *args,
+    ]
 
 
 def run_folders(folder: Path) -> list[Path]:

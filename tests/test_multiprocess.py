@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from tests.e2e import (
     ADAMW,
     EXAMPLE_DATA,
     REPO,
+    accelerate_launch,
     checkpoints,
     run,
     run_folders,
@@ -29,24 +29,7 @@ pytestmark = pytest.mark.multiprocess
 
 
 def launch(config: Path, processes: int, *flags: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(REPO / "train.py"),
-        "--config",
-        str(config),
-        *flags,
-    ]
+    command = accelerate_launch(REPO / "train.py", processes, "--config", str(config), *flags)
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
 
 
@@ -154,23 +137,7 @@ def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_p
     script = tmp_path / "patched_train.py"
     script.write_text(PATCHED_TRAIN.format(repo=str(REPO)))
     config = write_config(tmp_path, ADAMW, max_epochs=1, grad_accum=2)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(script),
-        "--config",
-        str(config),
-    ]
+    command = accelerate_launch(script, 2, "--config", str(config))
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "non-finite loss at epoch 1 batch 3" in result.stderr
