@@ -33,6 +33,8 @@ FAST = {
     "flip_p": 0.5,
     "dataloader_num_workers": 0,
 }
+# A full checkpoint's marker file, and a LoRA checkpoint's.
+CHECKPOINT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors")
 ADAMW = {"base": {"optimizer": "adamw", "lr": 1e-4}}
 
 
@@ -102,7 +104,9 @@ def checkpoints(folder: Path, prefix: str = "") -> list[Path]:
         found += sorted(
             p
             for p in run_folder.iterdir()
-            if p.is_dir() and p.name.startswith(prefix) and (p / "model_index.json").exists()
+            if p.is_dir()
+            and p.name.startswith(prefix)
+            and any((p / marker).exists() for marker in CHECKPOINT_MARKERS)
         )
     return found
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from tests.data_fixtures import load
 from tests.e2e import EXAMPLE_DATA, run, run_folders, scalars, write_config
 
@@ -29,6 +31,7 @@ def test_dry_run_sizes_the_schedule_by_every_epoch(capsys, tmp_path):
     assert report["run"]["total_optimizer_steps"] == sum(math.ceil(n / 2) for n in steps)
 
 
+@pytest.mark.slow
 def test_a_rated_run_trains_every_epoch_in_full(tmp_path):
     config = write_config(tmp_path, {"base": {"optimizer": "adamw", "lr": 1e-4}}, **RATED)
     assert run(config) == 0

@@ -32,6 +32,7 @@ def dry_run(capsys, config, *flags: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_shipped_train_json_dry_runs_with_json_on_stdout_only():
     result = run_subprocess(REPO / "train.json", "--dry_run")
     assert result.returncode == 0, result.stderr
@@ -151,6 +152,7 @@ def test_bad_input_exits_2_before_any_model_is_built(
     assert file_named in errors[0] or name in ("missing_data", "model_typo")
 
 
+@pytest.mark.slow
 def test_user_error_shows_no_traceback(tmp_path):
     config = write_config(tmp_path, {"base": {"lr": "fast"}}, batch_size=0)
     result = run_subprocess(config, "--dry_run")

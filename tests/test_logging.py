@@ -72,6 +72,7 @@ def test_the_log_file_holds_the_run_log(logged_run):
     assert "run folder:" in text and "checkpoint written to" in text
 
 
+@pytest.mark.slow
 def test_log_lines_never_glue_onto_the_progress_bar(tmp_path):
     result = run_subprocess(write_config(tmp_path, ADAMW, max_epochs=1, save_every_n_epochs=1))
     assert result.returncode == 0
@@ -81,6 +82,7 @@ def test_log_lines_never_glue_onto_the_progress_bar(tmp_path):
     assert all(re.match(r"\s*(INFO|WARNING|ERROR) ", s) for s in logged), logged
 
 
+@pytest.mark.slow
 def test_wandb_logs_the_same_scalars_and_samples_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -25,7 +25,7 @@ from tests.e2e import (
     write_config,
 )
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 def launch(config: Path, processes: int, *flags: str) -> subprocess.CompletedProcess:

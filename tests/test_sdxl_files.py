@@ -231,6 +231,7 @@ def test_diffusers_loads_the_single_file_with_the_folders_weights(
     assert loaded.tokenizer("a photo").input_ids == tiny.tokenizer("a photo").input_ids
 
 
+@pytest.mark.slow
 def test_v_prediction_and_zero_terminal_snr_are_marked_in_the_file(
     tiny: ModelBundle, tmp_path: Path
 ) -> None:

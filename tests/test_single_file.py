@@ -160,6 +160,7 @@ def test_leftovers_of_a_killed_write_are_removed(
 # --- loading as resume_ckpt ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 def test_single_file_loads_as_resume_ckpt(
     tiny: dict[str, ModelBundle], tmp_path: Path, name: str

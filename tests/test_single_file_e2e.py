@@ -23,6 +23,7 @@ def single_files(folder: Path) -> list[str]:
     return sorted(p.name for run in run_folders(folder) for p in run.glob("*.safetensors"))
 
 
+@pytest.mark.slow
 def test_every_checkpoint_has_a_single_file_and_no_save_ckpt_skips_it(tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "on", ADAMW, resume_ckpt="tiny-sd21", max_epochs=2, save_every_n_epochs=1
@@ -55,6 +56,7 @@ def test_text_encoder_files_have_the_standard_keys(tmp_path: Path) -> None:
     assert keys and all(key.startswith("text_model.") for key in keys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sd21"])
 def test_a_single_file_trains_as_resume_ckpt(tmp_path: Path, model: str) -> None:
     source = tmp_path / "downloaded" / "model.safetensors"
@@ -92,6 +94,7 @@ def test_pickled_code_ckpt_exits_2(tmp_path: Path, caplog) -> None:
 # --- findlast --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_findlast_resumes_the_newest_checkpoint_of_the_project(capsys, tmp_path: Path) -> None:
     config = write_config(tmp_path, ADAMW, max_epochs=1)
     assert run(config) == 0

@@ -23,6 +23,7 @@ from tests.e2e import (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sd21"])
 def test_loss_is_finite_and_decreases(tmp_path, model):
     optimizer = {"base": {"optimizer": "adamw", "lr": 1e-3}}
@@ -136,6 +137,7 @@ def test_every_optimizer_trains_end_to_end(tmp_path, optimizer):
     assert state["fingerprint"]["unet"]["optimizer"] == optimizer
 
 
+@pytest.mark.slow
 def test_two_n_steps_equal_n_plus_resume_plus_n(tmp_path):
     """Exact resume at an epoch boundary, with accumulation and a warm-up/cosine schedule."""
     optimizer = {"base": {"optimizer": "adamw8bit", "lr": 1e-4, "lr_scheduler": "cosine"}}
@@ -161,6 +163,7 @@ def test_two_n_steps_equal_n_plus_resume_plus_n(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the straight run"
 
 
+@pytest.mark.slow
 def test_resume_from_plain_weights_starts_a_new_run(tmp_path):
     first = write_config(tmp_path / "first", ADAMW, max_epochs=1)
     assert run(first) == 0
@@ -196,6 +199,7 @@ class Interrupt(BasePlugin):
 """
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_resumable_checkpoint_that_resumes_exactly(tmp_path):
     """Ctrl-C mid-window: the window is finished, an exact resume point is saved, exit 0."""
     keys = {"max_epochs": 2, "grad_accum": 3, "log_step": 1}
@@ -219,6 +223,7 @@ def test_sigint_saves_a_resumable_checkpoint_that_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "interrupted + resumed differs"
 
 
+@pytest.mark.slow
 def test_periodic_checkpoints_follow_the_keys(tmp_path):
     config = write_config(
         tmp_path,
@@ -275,6 +280,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+@pytest.mark.slow
 def test_sample_images_are_made_during_training(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
@@ -298,6 +304,7 @@ def test_write_schedule(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_cache_latents_skips_the_vae_and_trains_alike(tmp_path, monkeypatch):
     """Cached posteriors give the same draws as the VAE in the step (up to float rounding)."""
     keys = {"max_epochs": 2, "save_full_precision": True}
@@ -327,6 +334,7 @@ def test_cache_latents_skips_the_vae_and_trains_alike(tmp_path, monkeypatch):
     assert difference < 0.02 * change  # float rounding only (measured: 0.4%)
 
 
+@pytest.mark.slow
 def test_every_step_option_together_on_v_prediction(tmp_path):
     config = write_config(
         tmp_path,
@@ -374,6 +382,7 @@ def test_trains_on_cuda(tmp_path, disable_amp):
     assert all(torch.isfinite(torch.tensor(scalars(folder, "loss/train"))))
 
 
+@pytest.mark.slow
 def test_checkpoint_every_n_minutes(tmp_path):
     config = write_config(tmp_path, ADAMW, max_epochs=1, ckpt_every_n_minutes=1e-9)
     assert run(config) == 0
@@ -383,6 +392,7 @@ def test_checkpoint_every_n_minutes(tmp_path):
     assert names == ["last-myproj-ep01-gs00007", *periodic]
 
 
+@pytest.mark.slow
 def test_resume_warns_when_the_data_changed(tmp_path, caplog):
     import shutil
 

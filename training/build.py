@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from config.cli import CommandLine
 from config.load import LoadedTrainConfig, find_input_file, load_train_config
 from config.train_config import TrainConfig
 from data import DataSettings, TrainDataset, load_dataset
+from lora.settings import LoraSettings
 from models import (
     ModelBundle,
     builtin_text_encoder_layers,
@@ -31,6 +33,7 @@ from optimizer.build import (
 )
 from optimizer.config import OptimizerConfig, load_optimizer_config
 from plugins.loading import load_plugins
+from plugins.plugins import BasePlugin
 from plugins.runner import PluginTransforms
 from training.checkpointing.find_last import resolve_findlast
 from training.checkpointing.names import check_output_names, longest_checkpoint_dir
@@ -44,9 +47,14 @@ from training.checkpointing.writer import restore_full_precision_weights
 from training.distributed import make_accelerator, training_device
 from training.ema import ema_settings
 from training.length import RunLength, optimizer_steps
+from training.lora_setup import add_run_adapters, lora_export, weights_source
 from training.run import Run
 from training.samples import SampleSettings, load_sample_settings
-from training.validation.sets import load_validation_settings, prepare_validation
+from training.validation.sets import (
+    ValidationData,
+    load_validation_settings,
+    prepare_validation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +70,7 @@ def resolve_seed(seed: int) -> int:
 
 def expected_text_encoder_layers(resume_ckpt: str) -> int | None:
     """The text encoder's layer count read without building a model, when it can be."""
+    resume_ckpt = weights_source(resume_ckpt).model
     kind = classify_resume_ckpt(resume_ckpt)
     if kind is SourceKind.BUILTIN:
         return builtin_text_encoder_layers(resume_ckpt)
@@ -117,6 +126,9 @@ def resume_state_of(resume_ckpt: str) -> TrainingState | None:
 
     A ``training_state/`` that lacks a file is an error naming what is missing.
     """
+    source = weights_source(resume_ckpt)
+    if source.lora_checkpoint is not None:
+        return load_training_state(source.lora_checkpoint)
     if classify_resume_ckpt(resume_ckpt) is not SourceKind.LOCAL:
         return None
     path = Path(resume_ckpt).expanduser()
@@ -132,6 +144,9 @@ def base_model_of(resume_ckpt: str, resume_state: TrainingState | None) -> str:
     A resumed run keeps the base model its checkpoint names; otherwise it is ``resume_ckpt``
     (a local path made absolute, so that the reference works from any working directory).
     """
+    source = weights_source(resume_ckpt)
+    if source.lora_checkpoint is not None:
+        return source.model
     if resume_state is not None and resume_state.frozen_weights is not None:
         return str(resume_state.frozen_weights.get("source"))
     if classify_resume_ckpt(resume_ckpt) is SourceKind.LOCAL:
@@ -187,11 +202,14 @@ def load_trainable_models(
     optim: OptimizerConfig,
     resume_state: TrainingState | None,
     device: torch.device,
-) -> tuple[ModelBundle, FreezeReport]:
-    """The models, exactly as a resumed checkpoint left them, frozen as configured, on device."""
+    seed: int,
+) -> tuple[ModelBundle, FreezeReport, LoraSettings | None]:
+    """The models, exactly as a resumed checkpoint left them, frozen as configured, with the
+    run's LoRA adapters if it trains some (and their settings), on device."""
     c = train.config
     assert c.resume_ckpt is not None
-    models = load_models(c.resume_ckpt, c.prediction_type)
+    source = weights_source(c.resume_ckpt)
+    models = load_models(source.model, c.prediction_type)
     if resume_state is not None:
         restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
     models.vae.requires_grad_(False)
@@ -202,9 +220,45 @@ def load_trainable_models(
         train_text_encoder=not c.disable_textenc_training,
         unused_final_layers=max(0, c.clip_skip - 1),
     )
+    lora = add_run_adapters(train, models, freezing, source, seed)
     for module in (models.unet, models.text_encoder, models.vae):
         module.to(device)
-    return models, freezing
+    return models, freezing, lora
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What a run is built from before any model loads."""
+
+    train: LoadedTrainConfig
+    seed: int
+    resume_state: TrainingState | None
+    samples: SampleSettings | None
+    plugins: list[BasePlugin]
+    dataset: TrainDataset
+    validation: ValidationData | None
+    length: RunLength
+
+
+def _prepare(
+    train: LoadedTrainConfig, optim: OptimizerConfig, device: torch.device, rank: int, world: int
+) -> _Prepared:
+    """Everything that can be checked without the models (plugins, files, data, names)."""
+    train = resolve_findlast(train)
+    c = train.config
+    assert c.resume_ckpt is not None
+    plugins = load_plugins(c.plugins, train.folder)
+    check_before_models(train, optim)
+    resume_state = resume_state_of(c.resume_ckpt)
+    seed = seed_of(c.seed, resume_state)
+    samples = sample_settings(train, seed)
+    validation = load_validation_settings(train)
+    transforms = PluginTransforms(plugins) if plugins else None
+    dataset = load_dataset(data_settings(train, seed, rank, world, device.type), transforms)
+    dataset, validation_data = prepare_validation(validation, dataset)  # held-out images leave
+    length = run_length(dataset, c, resume_state)
+    check_names(c, dataset)
+    return _Prepared(train, seed, resume_state, samples, plugins, dataset, validation_data, length)
 
 
 def build_run(
@@ -219,45 +273,35 @@ def build_run(
     Everything that can be checked without the models (plugins, files, data, names) is
     checked before they load.
     """
-    train = resolve_findlast(train)
-    c = train.config
+    p = _prepare(train, optim, device, rank, world_size)
+    c = p.train.config
     assert c.resume_ckpt is not None
-    plugins = load_plugins(c.plugins, train.folder)
-    check_before_models(train, optim)
-    resume_state = resume_state_of(c.resume_ckpt)
-    seed = seed_of(c.seed, resume_state)
-    samples = sample_settings(train, seed)
-    validation = load_validation_settings(train)
-    transforms = PluginTransforms(plugins) if plugins else None
-    dataset = load_dataset(data_settings(train, seed, rank, world_size, device.type), transforms)
-    dataset, validation_data = prepare_validation(validation, dataset)  # held-out images leave
-    length = run_length(dataset, c, resume_state)
-    check_names(c, dataset)
-    resumed_ema = resume_state is not None and "ema" in resume_state.components
-    ema = ema_settings(c, length.planned_steps, device, resumed_ema)
-
-    models, freezing = load_trainable_models(train, optim, resume_state, device)
-    unet, text_encoder = build_trainings(models, optim, length.planned_steps, device)
+    resumed_ema = p.resume_state is not None and "ema" in p.resume_state.components
+    ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
+    models, freezing, lora = load_trainable_models(p.train, optim, p.resume_state, device, p.seed)
+    unet, text_encoder = build_trainings(models, optim, p.length.planned_steps, device)
+    base_model = base_model_of(c.resume_ckpt, p.resume_state)
     run = Run(
-        train=train,
+        train=p.train,
         optim=optim,
-        seed=seed,
+        seed=p.seed,
         device=device,
-        dataset=dataset,
+        dataset=p.dataset,
         models=models,
         freezing=freezing,
         unet_training=unet,
         text_encoder_training=text_encoder,
-        length=length,
-        samples=samples,
-        resume_state=resume_state,
-        base_model=base_model_of(c.resume_ckpt, resume_state),
-        plugins=plugins,
+        length=p.length,
+        samples=p.samples,
+        resume_state=p.resume_state,
+        base_model=base_model,
+        plugins=p.plugins,
         ema=ema,
-        validation=validation_data,
+        validation=p.validation,
+        lora=lora_export(p.train, lora, models, base_model),
     )
-    if resume_state is not None:
-        check_fingerprint(resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
+    if p.resume_state is not None:
+        check_fingerprint(p.resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
     return run
 
 

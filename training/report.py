@@ -6,10 +6,12 @@ import dataclasses
 import math
 from typing import Any
 
+from lora.report import lora_report
 from optimizer.build import ModelTraining
 from optimizer.config import ModelOptimizer
 from optimizer.memory import model_memory
 from training.build import Run
+from training.checkpointing.lora_writer import adapted_models
 from training.ema import ema_memory
 
 REPORTED_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay", "lr_scheduler")
@@ -96,4 +98,15 @@ def dry_run_report(run: Run) -> dict[str, Any]:
         "train": jsonable(dataclasses.asdict(c)),
         "optimizer_config": None if run.optim.path is None else str(run.optim.path),
         "ema": None if run.ema is None else run.ema.describe(),
+        "lora": lora_section(run),
     }
+
+
+def lora_section(run: Run) -> dict[str, Any] | None:
+    """A LoRA run's adapters: settings, modules, tensors and parameters per model, the kohya
+    file's size (None: a full fine-tune)."""
+    if run.lora is None:
+        return None
+    full_precision = run.train.config.save_full_precision
+    report = lora_report(adapted_models(run.models), full_precision)
+    return jsonable({**run.lora.as_dict(), "merge": run.lora.merge, **report})

@@ -13,6 +13,7 @@ from models import ModelBundle
 from optimizer.build import FreezeReport, ModelTraining
 from optimizer.config import OptimizerConfig
 from plugins.plugins import BasePlugin
+from training.checkpointing.options import LoraExport
 from training.checkpointing.state import TrainingState
 from training.ema import EmaSettings
 from training.length import RunLength
@@ -40,6 +41,7 @@ class Run:
     plugins: list[BasePlugin] = field(default_factory=list)
     ema: EmaSettings | None = None  # the EMA of the trained weights; None: off
     validation: ValidationData | None = None  # the validation_config's sets
+    lora: LoraExport | None = None  # LoRA adapters train instead of the weights; None: full
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint's training state must match to be resumed by this run."""
@@ -51,7 +53,7 @@ class Run:
                 "trainable_parameters": training.trainable_parameters,
             }
             for name, training in self.trainings_by_model().items()
-        }
+        } | ({} if self.lora is None else {"lora": self.lora.as_dict()})
 
     def trainings_by_model(self) -> dict[str, ModelTraining | None]:
         """Model name -> its optimizer and scheduler (None: not trained)."""

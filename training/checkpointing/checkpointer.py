@@ -18,10 +18,10 @@ import torch
 
 from config.live import LiveSettings
 from training.checkpointing.names import checkpoint_name, claim_path, claimed_by
+from training.checkpointing.options import SaveOptions
 from training.checkpointing.state import TrainingState
 from training.checkpointing.writer import (
     TRAINABLE,
-    SaveOptions,
     checkpoint_note,
     frozen_weights_reference,
     save_checkpoint,
@@ -99,7 +99,7 @@ class Checkpointer:
                 "pending_settings": {k: asdict(v) for k, v in point.pending.items()},
             },
             components=self.resumables.component_states(),
-            frozen_weights=None if full_precision else self._frozen_weights(),
+            frozen_weights=None if full_precision or run.lora else self._frozen_weights(),
         )
 
     def restore(self, state: TrainingState) -> Counters:
@@ -190,6 +190,7 @@ class Checkpointer:
             full_precision=settings.save_full_precision,
             single_file=not settings.no_save_ckpt,
             note=note,
+            lora=self.run.lora,
         )
         return save_checkpoint(path, self.run.models, state, options)
 

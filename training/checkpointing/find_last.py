@@ -1,13 +1,13 @@
 """``resume_ckpt: "findlast"``: continue from the newest checkpoint of this project (EveryDream2).
 
 Checkpoint folders are named ``[last-|interrupted-|diverged-|crashed-]<project_name>-epNN-gsNNNNN``
-and hold ``model_index.json``. They are looked for in every run folder under ``logdir`` (run
-folders are ``<project_name>_<timestamp>[_<run_name>]``, but any folder there is searched) and
-directly in ``save_ckpt_dir`` when it is set. The newest is the one whose ``model_index.json`` was
-written last (its modification time, as EveryDream2 decides); equal times go to the higher
-global step. A newest checkpoint that is ``diverged-`` is refused (it holds the weights from
-before the run diverged; name it explicitly to continue from it anyway), like EveryDream2 refuses
-an errored one.
+and hold ``model_index.json`` (a LoRA run's: ``pytorch_lora_weights.safetensors``). They are
+looked for in every run folder under ``logdir`` (run folders are
+``<project_name>_<timestamp>[_<run_name>]``, but any folder there is searched) and directly in
+``save_ckpt_dir`` when it is set. The newest is the one whose marker file was written last (its
+modification time, as EveryDream2 decides); equal times go to the higher global step. A newest
+checkpoint that is ``diverged-`` is refused (it holds the weights from before the run diverged;
+name it explicitly to continue from it anyway), like EveryDream2 refuses an errored one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 FINDLAST = "findlast"
 PIPELINE_MARKER = "model_index.json"
+MARKERS = (PIPELINE_MARKER, "pytorch_lora_weights.safetensors")  # full and LoRA checkpoints
 _KINDS = ("last", "interrupted", "diverged", "crashed")
 
 
@@ -40,9 +41,12 @@ def _candidates(folder: Path, pattern: re.Pattern[str]) -> list[tuple[float, int
         return found
     for child in folder.iterdir():
         match = pattern.fullmatch(child.name)
-        marker = child / PIPELINE_MARKER
-        if match is not None and child.is_dir() and marker.is_file():
-            found.append((marker.stat().st_mtime, int(match.group(2)), child))
+        if match is None or not child.is_dir():
+            continue
+        for marker in (child / name for name in MARKERS):
+            if marker.is_file():
+                found.append((marker.stat().st_mtime, int(match.group(2)), child))
+                break
     return found
 
 
@@ -69,7 +73,8 @@ def find_last_checkpoint(
     if not found:
         raise UserError(
             f"{key}: findlast found no checkpoint of project '{project_name}' (folders "
-            f"named [last-]{project_name}-epNN-gsNNNNN{suffix} with {PIPELINE_MARKER}) in {where}; "
+            f"named [last-]{project_name}-epNN-gsNNNNN{suffix} with {' or '.join(MARKERS)}) in "
+            f"{where}; "
             f"check project_name, logdir and save_ckpt_dir, or name a model to start from"
         )
     _mtime, _step, newest = max(found, key=lambda item: (item[0], item[1]))

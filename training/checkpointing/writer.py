@@ -14,11 +14,11 @@ Saving is atomic (`storage.atomic`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,18 @@ import torch
 from safetensors import SafetensorError
 
 from config.errors import UserError
+from lora.merge import merged_bundle
 from models import ModelBundle
 from models.pipeline_folder import write_pipeline_folder
 from models.single_file import write_single_file
 from storage.atomic import atomic_folder, write_error
+from training.checkpointing.lora_writer import (
+    is_lora_checkpoint,
+    merged_path,
+    save_lora_checkpoint,
+)
 from training.checkpointing.names import CLAIM_FILE
+from training.checkpointing.options import SaveOptions
 from training.checkpointing.state import (
     STATE_DIR,
     TrainingState,
@@ -52,15 +59,6 @@ RUN_MARKER = "dreamtrainer.json"
 WHAT = "checkpoint"
 
 
-@dataclass(frozen=True)
-class SaveOptions:
-    """How a checkpoint is written: fp32 or fp16 weights, a single file beside it, its note."""
-
-    full_precision: bool = False
-    single_file: bool = False
-    note: dict[str, Any] | None = None  # JSON-able, written to dreamtrainer.json
-
-
 def save_checkpoint(
     path: Path,
     bundle: ModelBundle,
@@ -76,14 +74,25 @@ def save_checkpoint(
     ``dreamtrainer.json``. With ``options.single_file``, ``<path>.safetensors`` (LDM layout, see
     `models.single_file`) is written beside the folder once the folder is in place.
 
+    With ``options.lora`` the checkpoint holds the adapters, not the models
+    (`training.checkpointing.lora_writer`), and with its ``merge`` the merged model is written
+    beside it as a full checkpoint.
+
     An existing checkpoint at ``path`` is replaced only once the new one is complete. A folder
     at ``path`` that is not a checkpoint is never replaced. Any OS error while writing (an
     unwritable folder, a full disk) is a `UserError` naming the path and the reason; the
     temporary folder is removed and a previous checkpoint at ``path`` stays as it was.
     """
     path = Path(path)
-    started = time.monotonic()
     _check_target(path)
+    if options.lora is not None:
+        save_lora_checkpoint(path, bundle, state, options.lora, options)
+        if options.lora.merge:
+            merged = merged_bundle(bundle)
+            plain = dataclasses.replace(options, lora=None)
+            save_checkpoint(merged_path(path), merged, None, plain)
+        return path
+    started = time.monotonic()
     full_precision = options.full_precision
     try:
         with atomic_folder(path, WHAT) as temp:
@@ -120,7 +129,7 @@ def _check_target(path: Path) -> None:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise UserError(f"cannot write the checkpoint {path}: it exists and is not a folder")
     contents = [p for p in path.iterdir() if p.name != CLAIM_FILE] if path.is_dir() else []
-    if contents and not (path / PIPELINE_MARKER).is_file():
+    if contents and not (path / PIPELINE_MARKER).is_file() and not is_lora_checkpoint(path):
         raise UserError(
             f"cannot write the checkpoint {path}: that folder exists and is not a checkpoint "
             f"(no {PIPELINE_MARKER}); it is left alone. Move it or choose another save_ckpt_dir"

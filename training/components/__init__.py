@@ -26,7 +26,7 @@ def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Componen
     """The run's components (building them has no side effects); ``extra`` come last."""
     c = run.train.config
     reload = c.load_settings_every_epoch and run.train.path is not None
-    ema = EMA(run.ema) if run.ema is not None else None
+    ema = EMA(run.ema, run.lora) if run.ema is not None else None
     components: list[Component | None] = [
         SettingsReloader(run.train) if reload else None,
         ema,  # before samples and checkpoints: they see the EMA of the same step

@@ -17,7 +17,8 @@ from torch import nn
 
 from config.errors import UserError
 from models.copies import sharing_copy
-from training.checkpointing.writer import SaveOptions, save_checkpoint
+from training.checkpointing.options import LoraExport, SaveOptions
+from training.checkpointing.writer import save_checkpoint
 from training.components.base import Component, OptimizerStep, SavedCheckpoint
 from training.context import TrainingContext
 from training.ema import (
@@ -41,8 +42,10 @@ class EMA(Component):
 
     name = "ema"
 
-    def __init__(self, settings: EmaSettings) -> None:
+    def __init__(self, settings: EmaSettings, lora: LoraExport | None = None) -> None:
+        """``lora``: the run trains LoRA adapters; ``_ema`` checkpoints are LoRA files."""
         self.settings = settings
+        self.lora = lora
         self.weights: ParameterEMA | None = None
         self.updates = 0
         self._saved: dict[str, Any] | None = None
@@ -96,6 +99,7 @@ class EMA(Component):
             full_precision=ctx.settings.save_full_precision,
             single_file=not ctx.settings.no_save_ckpt,
             note=note,
+            lora=self.lora,
         )
         with self.weights.swapped_in():
             save_checkpoint(ema_checkpoint_path(checkpoint.path), ctx.models.bundle, None, options)
@@ -112,8 +116,9 @@ class EMA(Component):
 
     def modules(self, ctx: TrainingContext) -> dict[str, nn.Module]:
         """Model name -> a module holding the EMA weights (the EMA's own tensors, shared; the
-        frozen ones are the live model's), for plugins; empty until training starts."""
-        if self.weights is None:
+        frozen ones are the live model's), for plugins; empty until training starts and in
+        LoRA runs (a model with adapters has no such copy: docs/lora.md)."""
+        if self.weights is None or self.lora is not None:
             return {}
         ema = self.weights.state_dict()
         views = {}
