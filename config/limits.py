@@ -47,6 +47,7 @@ MAX_D0 = 1.0
 MAX_SLICE_P = 1024
 MAX_CLIP_GRAD_NORM = 1e6
 MAX_MIN_SNR_GAMMA = 1000.0
+MAX_INPUT_PERTURBATION = 1.0  # noise on noise: more would swamp the target
 MAX_EMBEDDING_PERTURBATION = 10.0
 MAX_MINUTES = 1_000_000.0  # ckpt_every_n_minutes: about two years
 

@@ -34,6 +34,8 @@ class StepSettings:
     timestep_end: int
     loss_type: str
     min_snr_gamma: float | None
+    debiased_estimation: bool
+    input_perturbation: float
     embedding_perturbation: float
 
 

@@ -231,10 +231,24 @@ class TrainingKeys:
         group="training",
     )
     loss_type: str = setting(
-        "mse",
-        "Loss: mse, huber, or EveryDream2's timestep blends mse_huber (MSE when noisy) and "
-        "huber_mse (Huber when noisy).",
+        "mse_huber",
+        "Loss: mse, huber, or EveryDream2's timestep blends mse_huber (MSE when noisy; "
+        "EveryDream2's default) and huber_mse (Huber when noisy).",
         choices=LOSS_TYPES,
+        group="training",
+    )
+    debiased_estimation: bool = setting(
+        False,
+        "Weight each image's loss by 1/sqrt(SNR) (1/(SNR+1) for v-prediction), SNR capped at "
+        "1000: kohya's debiased estimation.",
+        group="training",
+    )
+    input_perturbation: float = setting(
+        0.0,
+        "Noise the latents with noise + input_perturbation * randn while the target keeps the "
+        "plain noise (diffusers' input perturbation; 0.1 is its suggestion); 0 is off.",
+        minimum=0.0,
+        maximum=lim.MAX_INPUT_PERTURBATION,
         group="training",
     )
     embedding_perturbation: float = setting(

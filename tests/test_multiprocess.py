@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from models import load_models
 from models.text_keys import standard_text_encoder_state_dict
@@ -145,3 +146,31 @@ def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_p
     digests = dict(re.findall(r"RANK (\d) UNET ([0-9a-f]{64})", result.stderr))
     assert set(digests) == {"0", "1"}
     assert digests["0"] == digests["1"], "the processes' weights drifted apart"
+
+
+def test_a_lora_run_in_two_processes_trains_like_one_with_the_whole_batch(tmp_path):
+    """The adapters' gradients are all-reduced as weights' are."""
+    keys = {"max_epochs": 1, "lora_rank": 4, "lora_alpha": 4.0}
+    two = write_config(tmp_path / "two", ADAMW, batch_size=1, **keys)
+    one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
+    result = launch(two, 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert run(one) == 0
+    adapters = []
+    for folder in (tmp_path / "two", tmp_path / "one"):
+        (last,) = checkpoints(folder, "last-")
+        state = last / "training_state"
+        adapters.append(
+            {
+                f"{name}.{k}": v
+                for name in ("unet", "text_encoder")
+                for k, v in load_file(state / f"{name}_lora.safetensors").items()
+            }
+        )
+    a, b = adapters
+    assert a.keys() == b.keys()
+    ups = [k for k in a if ".lora_B." in k]  # zero at the start: all they hold is training
+    difference = sum((a[k] - b[k]).norm() ** 2 for k in ups) ** 0.5
+    size = sum(b[k].norm() ** 2 for k in ups) ** 0.5
+    assert size > 0
+    assert difference < 0.02 * size  # float rounding of the all-reduce

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from diffusers import DDPMScheduler
 
+from config.live import StepSettings
 from models.builtin import BUILTIN_CONFIGS
 from training.loss import (
     LOSS_TYPES,
-    compute_loss,
+    debiased_weights,
     min_snr_weights,
     per_sample_loss,
     perturb_embeddings,
@@ -27,6 +29,12 @@ from training.noise import (
     timestep_range,
     training_target,
 )
+from training.step import LatentDistribution, Shard, noise_latents
+
+
+def mean_loss(*args, **kwargs) -> torch.Tensor:
+    """The batch's loss as the step takes it: the mean of `per_sample_loss`."""
+    return per_sample_loss(*args, **kwargs).mean()
 
 
 def _scheduler(model: str = "tiny-sd15", **overrides: object) -> DDPMScheduler:
@@ -274,7 +282,7 @@ def _pair(scale: float, seed: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mse_loss_by_hand(eps: DDPMScheduler) -> None:
     pred, target = _pair(1.0)
     t = torch.tensor([1, 200, 600, 999])
-    loss = compute_loss(pred, target, t, eps, "mse", None)
+    loss = mean_loss(pred, target, t, eps, "mse", None)
     assert loss.shape == () and loss.dtype == torch.float32
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
 
@@ -283,8 +291,8 @@ def test_huber_is_half_mse_for_small_residuals(eps: DDPMScheduler) -> None:
     target = torch.randn(4, 4, 8, 8, generator=_gen(15))
     pred = target + 0.1 * torch.randn(4, 4, 8, 8, generator=_gen(16)).clamp(-5, 5)  # |r| <= 0.5
     t = torch.tensor([1, 200, 600, 999])
-    mse = compute_loss(pred, target, t, eps, "mse", None)
-    huber = compute_loss(pred, target, t, eps, "huber", None)
+    mse = mean_loss(pred, target, t, eps, "mse", None)
+    huber = mean_loss(pred, target, t, eps, "huber", None)
     torch.testing.assert_close(huber, mse / 2)
 
 
@@ -292,11 +300,11 @@ def test_huber_is_linear_for_large_residuals(eps: DDPMScheduler) -> None:
     target = torch.zeros(2, 4, 8, 8)
     pred = torch.full((2, 4, 8, 8), 10.0)
     t = torch.tensor([1, 2])
-    assert compute_loss(pred, target, t, eps, "huber", None).item() == pytest.approx(9.5)
-    assert compute_loss(pred, target, t, eps, "huber", None, huber_delta=2.0).item() == (
+    assert mean_loss(pred, target, t, eps, "huber", None).item() == pytest.approx(9.5)
+    assert mean_loss(pred, target, t, eps, "huber", None, huber_delta=2.0).item() == (
         pytest.approx(2.0 * (10.0 - 1.0))
     )
-    assert compute_loss(pred, target, t, eps, "mse", None).item() == pytest.approx(100.0)
+    assert mean_loss(pred, target, t, eps, "mse", None).item() == pytest.approx(100.0)
 
 
 def test_mse_huber_blend(eps: DDPMScheduler) -> None:
@@ -311,7 +319,7 @@ def test_mse_huber_blend(eps: DDPMScheduler) -> None:
     torch.testing.assert_close(blend[0], huber[0])  # t = 0: all Huber
     assert blend[-1].item() == pytest.approx(0.999 * mse[-1].item() + 0.001 * huber[-1].item())
     assert not torch.allclose(mse, huber)
-    torch.testing.assert_close(compute_loss(*args, "mse_huber", None), blend.mean())
+    torch.testing.assert_close(mean_loss(*args, "mse_huber", None), blend.mean())
 
 
 def test_huber_mse_is_everydream2s_reverse_blend(eps: DDPMScheduler) -> None:
@@ -326,7 +334,7 @@ def test_huber_mse_is_everydream2s_reverse_blend(eps: DDPMScheduler) -> None:
     torch.testing.assert_close(blend[0], mse[0])  # t = 0: all MSE
     # EveryDream2: (huber * f).mean() + (mse * (1 - f)).mean() over the batch
     everydream2 = (huber * f).mean() + (mse * (1 - f)).mean()
-    torch.testing.assert_close(compute_loss(*args, "huber_mse", None), everydream2)
+    torch.testing.assert_close(mean_loss(*args, "huber_mse", None), everydream2)
 
 
 def test_min_snr_weighting_in_loss(eps: DDPMScheduler, vpred: DDPMScheduler) -> None:
@@ -334,7 +342,7 @@ def test_min_snr_weighting_in_loss(eps: DDPMScheduler, vpred: DDPMScheduler) -> 
     t = torch.tensor([0, 100, 500, 999])
     for sched in (eps, vpred):
         plain = per_sample_loss(pred, target, t, sched, "mse", None)
-        weighted = compute_loss(pred, target, t, sched, "mse", 5.0)
+        weighted = mean_loss(pred, target, t, sched, "mse", 5.0)
         torch.testing.assert_close(weighted, (plain * min_snr_weights(sched, t, 5.0)).mean())
         assert not torch.allclose(weighted, plain.mean())
 
@@ -343,9 +351,9 @@ def test_loss_is_float32_for_bf16_inputs(eps: DDPMScheduler) -> None:
     pred, target = _pair(1.0)
     t = torch.tensor([10, 300, 600, 900])
     for loss_type in LOSS_TYPES:
-        loss = compute_loss(pred.bfloat16(), target.bfloat16(), t, eps, loss_type, 5.0)
+        loss = mean_loss(pred.bfloat16(), target.bfloat16(), t, eps, loss_type, 5.0)
         assert loss.dtype == torch.float32
-        exact = compute_loss(
+        exact = mean_loss(
             pred.bfloat16().float(), target.bfloat16().float(), t, eps, loss_type, 5.0
         )
         assert loss.item() == exact.item()  # the arithmetic itself was float32
@@ -354,14 +362,14 @@ def test_loss_is_float32_for_bf16_inputs(eps: DDPMScheduler) -> None:
 def test_loss_gradient_flows(eps: DDPMScheduler) -> None:
     pred, target = _pair(1.0)
     pred.requires_grad_(True)
-    compute_loss(pred, target, torch.tensor([1, 2, 3, 4]), eps, "mse_huber", 5.0).backward()
+    mean_loss(pred, target, torch.tensor([1, 2, 3, 4]), eps, "mse_huber", 5.0).backward()
     assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
 
 
 def test_unknown_loss_type(eps: DDPMScheduler) -> None:
     pred, target = _pair(1.0)
     with pytest.raises(ValueError, match="mse_huber"):
-        compute_loss(pred, target, torch.tensor([1, 2, 3, 4]), eps, "l1", None)
+        mean_loss(pred, target, torch.tensor([1, 2, 3, 4]), eps, "l1", None)
 
 
 # --- embedding perturbation ---------------------------------------------------------------------
@@ -413,7 +421,7 @@ def test_cuda_generator_draws_on_the_gpu(vpred: DDPMScheduler) -> None:
     gen.manual_seed(0)
     assert torch.equal(noise, sample_noise(latents, gen, 0.1, 0.8))
     assert noise.device.type == t.device.type == emb.device.type == "cuda"
-    loss = compute_loss(noise, latents, t, vpred, "mse_huber", 5.0)
+    loss = mean_loss(noise, latents, t, vpred, "mse_huber", 5.0)
     assert loss.dtype == torch.float32 and bool(torch.isfinite(loss))
 
 
@@ -430,3 +438,56 @@ def test_caption_tokenizer_cache_matches_the_tokenizer_and_stays_bounded():
         tokenize(tokenizer, ["x", "y", "z", "a red circle"]),
     )
     assert len(tokens._ids) == 3
+
+
+# --- debiased estimation and input perturbation --------------------------------------------
+
+
+def test_debiased_weights_by_hand(eps: DDPMScheduler, vpred: DDPMScheduler) -> None:
+    """kohya's weights: 1/sqrt(snr) (epsilon), 1/(snr+1) (v-prediction), snr capped at 1000."""
+    t = torch.tensor([0, 10, 500, 999])
+    for sched in (eps, vpred):
+        ac = sched.alphas_cumprod[t].double()
+        s = (ac / (1 - ac)).clamp(max=1000.0)
+        expected = 1 / (s + 1) if sched is vpred else 1 / s.sqrt()
+        torch.testing.assert_close(debiased_weights(sched, t).double(), expected, rtol=1e-5, atol=0)
+    # at t=999 SNR is ~0.005: epsilon's weight is ~14, v-prediction's ~1
+    assert debiased_weights(eps, t)[-1].item() > 10
+    assert debiased_weights(vpred, t)[-1].item() == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sd21"])
+def test_debiased_weights_finite_at_zero_terminal_snr(model: str) -> None:
+    sched = make_noise_scheduler(_scheduler(model), enable_zero_terminal_snr=True)
+    t = torch.tensor([0, 998, 999])
+    w = debiased_weights(sched, t)
+    assert bool(torch.isfinite(w).all())
+    if sched.config.prediction_type == "epsilon":  # the smallest positive SNR stands in for 0
+        assert w[-1].item() == pytest.approx(w[-2].item())
+    else:
+        assert w[-1].item() == 1.0
+
+
+def test_debiased_estimation_weights_each_samples_loss(eps: DDPMScheduler) -> None:
+    pred, target = torch.randn(3, 4, 8, 8, generator=_gen(1)), torch.zeros(3, 4, 8, 8)
+    t = torch.tensor([5, 300, 900])
+    plain = per_sample_loss(pred, target, t, eps, "mse", None)
+    weighted = per_sample_loss(pred, target, t, eps, "mse", None, debiased=True)
+    torch.testing.assert_close(weighted, plain * debiased_weights(eps, t))
+
+
+def test_input_perturbation_noises_the_input_and_keeps_the_target(eps: DDPMScheduler) -> None:
+    """With p > 0 the latents are noised with noise + p * extra (extra: the next draw of the
+    step's generator), and the target is the plain noise's."""
+    mean = torch.randn(2, 4, 8, 8, generator=_gen(3))
+    dist = LatentDistribution(mean, torch.full_like(mean, 0.1))
+    base = StepSettings(0.0, None, 0, 1000, "mse", None, False, 0.0, 0.0)
+    perturbed = dataclasses.replace(base, input_perturbation=0.1)
+    g0, g1 = _gen(7), _gen(7)
+    plain = noise_latents(eps, dist, base, g0, Shard())
+    extra = torch.randn(mean.shape, generator=g0)  # what the perturbed step draws next
+    noised = noise_latents(eps, dist, perturbed, g1, Shard())
+    assert torch.equal(noised.timesteps, plain.timesteps)
+    assert torch.equal(noised.target, plain.target)
+    sigma = (1 - eps.alphas_cumprod[plain.timesteps]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(noised.latents, plain.latents + sigma * 0.1 * extra)

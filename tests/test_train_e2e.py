@@ -351,6 +351,8 @@ def test_every_step_option_together_on_v_prediction(tmp_path):
         attn_type="slice",
         timestep_start=100,
         timestep_end=900,
+        debiased_estimation=True,
+        input_perturbation=0.1,
         grad_accum=3,
         clip_grad_norm=0.5,
         shuffle_tags=True,

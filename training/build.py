@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from config.cli import CommandLine
+from config.errors import UserError
 from config.load import LoadedTrainConfig, find_input_file, load_train_config
 from config.train_config import TrainConfig
 from data import DataSettings, TrainDataset, load_dataset
@@ -210,6 +211,11 @@ def load_trainable_models(
     assert c.resume_ckpt is not None
     source = weights_source(c.resume_ckpt)
     models = load_models(source.model, c.prediction_type)
+    if models.family == "sdxl":
+        raise UserError(
+            f"resume_ckpt: {source.model} is an SDXL model; this version reads and writes SDXL "
+            "models but does not train them yet (docs/sdxl.md): use an SD1.x or SD2.x model"
+        )
     if resume_state is not None:
         restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
     models.vae.requires_grad_(False)

@@ -16,7 +16,7 @@ from config.train_config import LOSS_TYPES
 
 __all__ = [
     "LOSS_TYPES",
-    "compute_loss",
+    "debiased_weights",
     "min_snr_weights",
     "per_sample_loss",
     "perturb_embeddings",
@@ -86,6 +86,25 @@ def _elementwise_loss(
     raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
 
 
+def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights of kohya's debiased estimation, float32, one per timestep.
+
+    With the SNR capped at 1000 (it is infinite at timestep 0 of some schedules): ``1 / sqrt(snr)``
+    for epsilon prediction, ``1 / (snr + 1)`` for v-prediction (kohya's variant). At ``snr = 0``
+    (the last timestep of a zero-terminal-SNR schedule) epsilon's weight would be infinite: the
+    SNR is taken at the schedule's smallest positive value there.
+    """
+    s = snr(scheduler, timesteps).clamp(max=1000.0)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
+        return 1.0 / (s + 1.0)
+    if prediction_type != "epsilon":
+        raise ValueError(f"debiased estimation: unknown prediction_type {prediction_type!r}")
+    every = snr(scheduler, torch.arange(scheduler.config.num_train_timesteps, device=s.device))
+    smallest = every[every > 0].min()
+    return 1.0 / torch.sqrt(torch.where(s > 0, s, smallest))
+
+
 def per_sample_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
@@ -94,31 +113,9 @@ def per_sample_loss(
     loss_type: str,
     min_snr_gamma: float | None,
     huber_delta: float = 1.0,
+    debiased: bool = False,
 ) -> torch.Tensor:
-    """One float32 loss per sample: see `compute_loss`, without the final mean over the batch."""
-    if prediction.shape != target.shape:
-        raise ValueError(
-            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ"
-        )
-    elementwise = _elementwise_loss(
-        prediction, target, timesteps, scheduler, loss_type, huber_delta
-    )
-    loss = elementwise.mean(dim=tuple(range(1, elementwise.dim())))
-    if min_snr_gamma is not None:
-        loss = loss * min_snr_weights(scheduler, timesteps, min_snr_gamma).to(loss.device)
-    return loss
-
-
-def compute_loss(
-    prediction: torch.Tensor,
-    target: torch.Tensor,
-    timesteps: torch.Tensor,
-    scheduler: DDPMScheduler,
-    loss_type: str,
-    min_snr_gamma: float | None,
-    huber_delta: float = 1.0,
-) -> torch.Tensor:
-    """The training loss, a float32 scalar.
+    """The training loss of each sample, float32 (the step averages them over the batch).
 
     Per element, with ``r = prediction - target`` (both cast to float32):
 
@@ -133,12 +130,22 @@ def compute_loss(
       at noisy timesteps, mostly MSE at nearly clean ones.
 
     Then the mean over every dimension but the batch gives one loss per sample; with
-    ``min_snr_gamma`` set, each is multiplied by its `min_snr_weights`; the mean over the batch
-    is returned.
+    ``min_snr_gamma`` set, each is multiplied by its `min_snr_weights`, and with ``debiased`` by
+    its `debiased_weights`.
     """
-    return per_sample_loss(
-        prediction, target, timesteps, scheduler, loss_type, min_snr_gamma, huber_delta
-    ).mean()
+    if prediction.shape != target.shape:
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ"
+        )
+    elementwise = _elementwise_loss(
+        prediction, target, timesteps, scheduler, loss_type, huber_delta
+    )
+    loss = elementwise.mean(dim=tuple(range(1, elementwise.dim())))
+    if min_snr_gamma is not None:
+        loss = loss * min_snr_weights(scheduler, timesteps, min_snr_gamma).to(loss.device)
+    if debiased:
+        loss = loss * debiased_weights(scheduler, timesteps).to(loss.device)
+    return loss
 
 
 def perturb_embeddings(

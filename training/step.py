@@ -148,8 +148,24 @@ def noise_latents(
             num_train_timesteps=scheduler.config.num_train_timesteps,
         )
     )
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents, _perturbed(noise, config, generator, shard), timesteps)
     return Noised(noisy, timesteps, training_target(scheduler, latents, noise, timesteps))
+
+
+def _perturbed(
+    noise: torch.Tensor, config: StepSettings, generator: torch.Generator, shard: Shard
+) -> torch.Tensor:
+    """Input perturbation (diffusers'): the latents are noised with ``noise + p * randn``,
+    drawn for the global batch; the target keeps ``noise``. Off (0): nothing is drawn."""
+    if config.input_perturbation == 0:
+        return noise
+    extra = torch.randn(
+        _global_like(noise, shard).shape,
+        generator=generator,
+        device=noise.device,
+        dtype=noise.dtype,
+    )
+    return noise + config.input_perturbation * shard.take(extra)
 
 
 def batch_loss(
@@ -188,6 +204,7 @@ def batch_loss(
         scheduler,
         config.loss_type,
         config.min_snr_gamma,
+        debiased=config.debiased_estimation,
     )
     scales = torch.tensor(batch.loss_scales, dtype=losses.dtype, device=losses.device)
     return (losses * scales).mean()

@@ -59,6 +59,8 @@ def evaluation_settings(config: StepSettings) -> StepSettings:
         "embedding_perturbation": 0.0,
         "loss_type": "mse",
         "min_snr_gamma": None,
+        "debiased_estimation": False,
+        "input_perturbation": 0.0,
     }
     return StepSettings(**values)
 
