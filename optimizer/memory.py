@@ -24,6 +24,10 @@ EIGHT_BIT_STATES = {"adamw8bit": 2, "lion8bit": 1}
 BNB_MIN_8BIT_SIZE = 4096
 BNB_BLOCK = 256
 BNB_QMAP_BYTES = 256 * FLOAT32
+# Factored second moments (Adafactor, CAME): a tensor of two or more dimensions keeps a row and a
+# column vector for each factored statistic (Adafactor: 1, CAME: 2, its residual's too) instead
+# of a full tensor; a 1-D one keeps one full second moment. Besides: full tensors (CAME's exp_avg).
+FACTORED = {"adafactor": (1, 0), "came": (2, 1)}
 
 
 def _eight_bit_tensor_bytes(numel: int, states: int) -> int:
@@ -32,9 +36,21 @@ def _eight_bit_tensor_bytes(numel: int, states: int) -> int:
     return states * (numel + math.ceil(numel / BNB_BLOCK) * FLOAT32 + BNB_QMAP_BYTES)
 
 
-def optimizer_state_bytes(name: str, sizes: Iterable[int], slice_p: int = 1) -> int:
-    """Bytes of optimizer state for parameters of these element counts."""
-    sizes = list(sizes)
+def _factored_bytes(shape: tuple[int, ...], pairs: int, full: int) -> int:
+    numel = math.prod(shape)
+    if len(shape) < 2:
+        return (1 + full) * numel * FLOAT32
+    rows = math.prod(shape[:-1])
+    columns = math.prod(shape[:-2]) * shape[-1]
+    return (pairs * (rows + columns) + full * numel) * FLOAT32
+
+
+def optimizer_state_bytes(name: str, shapes: Iterable[tuple[int, ...]], slice_p: int = 1) -> int:
+    """Bytes of optimizer state for parameters of these shapes."""
+    shapes = [tuple(shape) for shape in shapes]
+    if name in FACTORED:
+        return sum(_factored_bytes(shape, *FACTORED[name]) for shape in shapes)
+    sizes = [math.prod(shape) for shape in shapes]
     if name in EIGHT_BIT_STATES:
         return sum(_eight_bit_tensor_bytes(n, EIGHT_BIT_STATES[name]) for n in sizes)
     if name == "prodigy":
@@ -55,7 +71,7 @@ def model_memory(model: torch.nn.Module, optimizer: str | None, slice_p: int = 1
     state = (
         0
         if optimizer is None
-        else optimizer_state_bytes(optimizer, (p.numel() for p in trainable), slice_p)
+        else optimizer_state_bytes(optimizer, (tuple(p.shape) for p in trainable), slice_p)
     )
     total = weights + gradients + state
     return {

@@ -26,6 +26,8 @@ class OptimizerSpec:
     package: str  # the pip package that provides the module
     takes: tuple[str, ...]  # optimizer.json keys passed to the constructor
     adaptive: bool = False  # D-Adaptation / Prodigy: expect an LR around 0.1-1.0
+    fixed: tuple[tuple[str, Any], ...] = ()  # constructor keywords optimizer.json does not set
+    betas_extra: tuple[float, ...] = ()  # appended to optimizer.json's two betas (CAME's third)
 
 
 _ADAM = ("lr", "betas", "epsilon", "weight_decay")
@@ -68,6 +70,23 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         adaptive=True,
     ),
+    # transformers' Adafactor on optimizer.json's LR schedule: its own relative step, parameter
+    # scaling and warm-up off (the external-LR setting kohya uses for SDXL); no first moment.
+    "adafactor": OptimizerSpec(
+        "transformers.optimization",
+        "Adafactor",
+        "transformers",
+        ("lr", "weight_decay"),
+        fixed=(("relative_step", False), ("scale_parameter", False), ("warmup_init", False)),
+    ),
+    # CAME: optimizer.json's betas are its first two; the third (its confidence) stays 0.9999.
+    "came": OptimizerSpec(
+        "came_pytorch",
+        "CAME",
+        "came-pytorch",
+        ("lr", "betas", "weight_decay"),
+        betas_extra=(0.9999,),
+    ),
 }
 
 # optimizer.json key → constructor keyword, where they differ.
@@ -99,6 +118,9 @@ def constructor_kwargs(name: str, values: dict[str, Any], on_cuda: bool) -> dict
     for key in spec.takes:
         value = values[key]
         kwargs[_KEYWORD.get(key, key)] = tuple(value) if key == "betas" else value
+    if spec.betas_extra:
+        kwargs["betas"] = (*kwargs["betas"], *spec.betas_extra)
+    kwargs |= dict(spec.fixed)
     if name == "adamw" and on_cuda:
         kwargs["fused"] = True
     return kwargs

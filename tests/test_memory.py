@@ -40,19 +40,23 @@ def test_state_estimate_matches_a_real_step(unet, name, slice_p):
         p.data.normal_()  # Prodigy keeps no copy of parameters that are all zeros
         p.grad = torch.randn_like(p)
     optimizer.step()
-    sizes = [p.numel() for p in model.parameters()]
-    assert optimizer_state_bytes(name, sizes, slice_p) == real_state_bytes(optimizer)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert optimizer_state_bytes(name, shapes, slice_p) == real_state_bytes(optimizer)
 
 
 def test_bytes_per_parameter_of_large_models():
     n = 10**8
-    per_param = {name: optimizer_state_bytes(name, [n]) / n for name in OPTIMIZERS}
+    per_param = {name: optimizer_state_bytes(name, [(n,)]) / n for name in OPTIMIZERS}
     assert per_param["adamw"] == 8
     assert per_param["adamw8bit"] == pytest.approx(2.03, abs=0.01)
     assert per_param["lion"] == 4
     assert per_param["lion8bit"] == pytest.approx(1.02, abs=0.01)
     assert per_param["dadapt_adam"] == 12
     assert per_param["prodigy"] == 16
+    # factored: a 10,000 x 10,000 matrix keeps rows and columns, not a full second moment
+    square = [(10**4, 10**4)]
+    assert optimizer_state_bytes("adafactor", square) == 2 * 10**4 * 4
+    assert optimizer_state_bytes("came", square) == (4 * 10**4 + 10**8) * 4
 
 
 def test_model_memory_counts_only_trainable_gradients(unet):

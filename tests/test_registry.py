@@ -24,6 +24,8 @@ EXPECTED_CLASSES = {
     "dadapt_lion": "dadaptation.dadapt_lion.DAdaptLion",
     "dadapt_sgd": "dadaptation.dadapt_sgd.DAdaptSGD",
     "prodigy": "prodigyopt.prodigy.Prodigy",
+    "adafactor": "transformers.optimization.Adafactor",
+    "came": "came_pytorch.CAME.CAME",
 }
 
 # The "takes" column in docs/configuration.md, under the classes' own keyword names.
@@ -47,6 +49,8 @@ EXPECTED_KEYWORDS = {
         "growth_rate",
         "slice_p",
     },
+    "adafactor": {"lr", "weight_decay", "relative_step", "scale_parameter", "warmup_init"},
+    "came": {"lr", "betas", "weight_decay"},
 }
 
 VALUES = {**{k: getattr(BUILTIN, k) for k in SECTION_KEYS}, "lr": 1e-3}
@@ -136,3 +140,12 @@ def test_two_models_get_separate_instances_of_different_kinds(tiny):
     assert unet_opt is not te_opt
     assert type(unet_opt).__name__ == "AdamW"
     assert type(te_opt).__name__ == "Lion"
+
+
+def test_adafactor_follows_the_lr_schedule_and_came_gets_three_betas():
+    adafactor = constructor_kwargs("adafactor", VALUES, on_cuda=False)
+    assert adafactor["lr"] == 1e-3  # an external LR: Adafactor's own relative step is off
+    assert not adafactor["relative_step"] and not adafactor["scale_parameter"]
+    assert not adafactor["warmup_init"]
+    came = constructor_kwargs("came", {**VALUES, "betas": (0.8, 0.95)}, on_cuda=False)
+    assert came["betas"] == (0.8, 0.95, 0.9999)
