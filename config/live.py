@@ -36,6 +36,8 @@ class StepSettings:
     min_snr_gamma: float | None
     debiased_estimation: bool
     input_perturbation: float
+    unmasked_weight: float
+    normalize_masked_area_loss: bool
     embedding_perturbation: float
 
 

@@ -132,6 +132,17 @@ def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
             f"{loaded.where('disable_unet_training')}: "
             "both models are disabled; nothing would train"
         )
+    if c.fused_backward_pass and c.clip_grad_norm is not None:
+        problems.append(
+            f"{loaded.where('fused_backward_pass')}: cannot clip gradients (clip_grad_norm "
+            f"{c.clip_grad_norm:g}): each parameter steps before the others have gradients; "
+            "set clip_grad_norm to null or turn fused_backward_pass off"
+        )
+    if c.fused_backward_pass and c.mixed_precision == "fp16":
+        problems.append(
+            f"{loaded.where('fused_backward_pass')}: cannot run with mixed_precision fp16 (its "
+            "grad scaler checks every gradient before any step); use bf16 or no"
+        )
     problems += ema_problems(loaded) + lora_problems(loaded)
     return problems + _check_output_names(loaded)
 

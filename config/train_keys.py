@@ -172,6 +172,13 @@ class TrainingKeys:
     gradient_checkpointing: bool = setting(
         False, "Recompute activations to save memory.", group="model"
     )
+    fused_backward_pass: bool = setting(
+        False,
+        "Step each parameter as soon as its gradient is complete, so all gradients never exist "
+        "at once (adamw, adamw8bit, lion, lion8bit, adafactor, came; no clip_grad_norm, fp16 or "
+        "several processes).",
+        group="model",
+    )
     mixed_precision: str = setting(
         "auto",
         "Autocast dtype: auto (bf16 on GPUs with native bf16, fp16 with a grad scaler on older "
@@ -235,6 +242,25 @@ class TrainingKeys:
         "Loss: mse, huber, or EveryDream2's timestep blends mse_huber (MSE when noisy; "
         "EveryDream2's default) and huber_mse (Huber when noisy).",
         choices=LOSS_TYPES,
+        group="training",
+    )
+    masked_loss: bool = setting(
+        False,
+        "Weight the loss by each image's mask: a sidecar <image name>-masklabel.png (white "
+        "trains, black does not), else the image's alpha channel.",
+        group="training",
+    )
+    unmasked_weight: float = setting(
+        0.0,
+        "With masked_loss: the weight of the loss outside the mask (0 to 1).",
+        minimum=0.0,
+        maximum=1.0,
+        group="training",
+    )
+    normalize_masked_area_loss: bool = setting(
+        False,
+        "With masked_loss: divide each image's loss by its mask's weight instead of its area, "
+        "so a small mask counts as much as a large one.",
         group="training",
     )
     debiased_estimation: bool = setting(

@@ -16,6 +16,7 @@ from data.captions import CAPTION_EXTENSIONS, compose, read_own_sidecars
 from data.errors import is_valid_text, printable
 from data.folders import FOLDER_FILE_NAMES, FolderConfig, read_folder
 from data.images import IMAGE_EXTENSIONS, UnusableImageError, probe_image
+from data.masks import is_mask_file
 from data.settings import DataSettings, available_cpus
 from data.sidecars import SidecarError
 
@@ -180,7 +181,7 @@ def _collect(settings: DataSettings, skipped: list[dict[str, str]]) -> list[_Can
         for_images, inherited[directory] = read_folder(directory, names, parent)
         sidecars = _caption_files(names)
         for name in sorted(names):
-            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+            if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS or is_mask_file(name):
                 continue
             image = directory / name
             if not is_valid_text(name):

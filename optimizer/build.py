@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from config.errors import ConfigError
+from config.errors import ConfigError, UserError
 from models import text_encoder_parts
 from optimizer.config import ModelOptimizer, OptimizerConfig
 from optimizer.freezing import FreezePlan, count_parameters, freeze, frozen_modules, plan_freezing
-from optimizer.registry import build_optimizer
+from optimizer.fused import FUSABLE, FusedBackward
+from optimizer.registry import build_optimizer, constructor_kwargs, optimizer_class
 from optimizer.schedulers import ScheduleLength, build_scheduler, schedule_length
 
 logger = logging.getLogger(__name__)
@@ -95,14 +96,19 @@ def build_model_training(
     settings: ModelOptimizer,
     total_optimizer_steps: int,
     on_cuda: bool,
+    fused: bool = False,
 ) -> ModelTraining | None:
-    """Optimizer and scheduler for a model's trainable parameters; None when nothing trains."""
+    """Optimizer and scheduler for a model's trainable parameters; None when nothing trains.
+    ``fused``: per-parameter optimizers stepped in backward (`optimizer.fused`)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         logger.info("%s: no trainable parameters, no optimizer", model_name)
         return None
-    optimizer, kwargs = build_optimizer(
-        settings.name, parameters, _values(settings), on_cuda=on_cuda
+    values = _values(settings)
+    optimizer, kwargs = (
+        _fused(settings, parameters, values, on_cuda)
+        if fused
+        else build_optimizer(settings.name, parameters, values, on_cuda=on_cuda)
     )
     length = schedule_length(
         settings.value("lr_warmup_steps"), settings.value("lr_decay_steps"), total_optimizer_steps
@@ -117,6 +123,24 @@ def build_model_training(
         length=length,
         trainable_parameters=sum(p.numel() for p in parameters),
     )
+
+
+def _fused(
+    settings: ModelOptimizer,
+    parameters: list[torch.nn.Parameter],
+    values: dict[str, Any],
+    on_cuda: bool,
+) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    if settings.name not in FUSABLE:
+        raise UserError(
+            f"fused_backward_pass: optimizer '{settings.name}' reads every parameter in its step; "
+            f"fused backward works with {', '.join(FUSABLE)}"
+        )
+    kwargs = constructor_kwargs(settings.name, values, on_cuda)
+    kwargs.pop("fused", None)  # one small tensor per optimizer: torch's fused kernel gains nothing
+    cls = optimizer_class(settings.name)
+    fused = FusedBackward(parameters, lambda ps: cls(ps, **kwargs), lr=values["lr"])
+    return fused, kwargs
 
 
 def _values(settings: ModelOptimizer) -> dict[str, Any]:

@@ -63,11 +63,17 @@ def _bytes(parameters: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() * p.element_size() for p in parameters)
 
 
-def model_memory(model: torch.nn.Module, optimizer: str | None, slice_p: int = 1) -> dict[str, Any]:
-    """Weights, gradients and optimizer state of one model, in bytes."""
+def model_memory(
+    model: torch.nn.Module, optimizer: str | None, slice_p: int = 1, fused: bool = False
+) -> dict[str, Any]:
+    """Weights, gradients and optimizer state of one model, in bytes. ``fused`` (a fused
+    backward pass): a gradient is freed once its parameter steps, so at most about one
+    parameter's gradient exists at a time (counted: the largest)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = _bytes(model.parameters())
     gradients = _bytes(trainable) if optimizer is not None else 0
+    if fused and trainable and optimizer is not None:
+        gradients = max(p.numel() * p.element_size() for p in trainable)
     state = (
         0
         if optimizer is None

@@ -481,7 +481,19 @@ def test_input_perturbation_noises_the_input_and_keeps_the_target(eps: DDPMSched
     step's generator), and the target is the plain noise's."""
     mean = torch.randn(2, 4, 8, 8, generator=_gen(3))
     dist = LatentDistribution(mean, torch.full_like(mean, 0.1))
-    base = StepSettings(0.0, None, 0, 1000, "mse", None, False, 0.0, 0.0)
+    base = StepSettings(
+        zero_frequency_noise_ratio=0.0,
+        pyramid_noise_discount=None,
+        timestep_start=0,
+        timestep_end=1000,
+        loss_type="mse",
+        min_snr_gamma=None,
+        debiased_estimation=False,
+        input_perturbation=0.0,
+        unmasked_weight=0.0,
+        normalize_masked_area_loss=False,
+        embedding_perturbation=0.0,
+    )
     perturbed = dataclasses.replace(base, input_perturbation=0.1)
     g0, g1 = _gen(7), _gen(7)
     plain = noise_latents(eps, dist, base, g0, Shard())

@@ -285,7 +285,13 @@ def build_run(
     resumed_ema = p.resume_state is not None and "ema" in p.resume_state.components
     ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
     models, freezing, lora = load_trainable_models(p.train, optim, p.resume_state, device, p.seed)
-    unet, text_encoder = build_trainings(models, optim, p.length.planned_steps, device)
+    if c.fused_backward_pass and world_size > 1:
+        raise UserError(
+            "fused_backward_pass: cannot run in several processes (each parameter would step "
+            "before the processes average its gradient); launch one process or turn it off"
+        )
+    fused = c.fused_backward_pass
+    unet, text_encoder = build_trainings(models, optim, p.length.planned_steps, device, fused)
     base_model = base_model_of(c.resume_ckpt, p.resume_state)
     run = Run(
         train=p.train,
@@ -312,14 +318,19 @@ def build_run(
 
 
 def build_trainings(
-    models: ModelBundle, optim: OptimizerConfig, planned_steps: int, device: torch.device
+    models: ModelBundle,
+    optim: OptimizerConfig,
+    planned_steps: int,
+    device: torch.device,
+    fused: bool = False,
 ) -> tuple[ModelTraining | None, ModelTraining | None]:
-    """The UNet's and the text encoder's optimizer and LR scheduler (None: not trained)."""
+    """The UNet's and the text encoder's optimizer and LR scheduler (None: not trained);
+    ``fused``: stepped in backward (``fused_backward_pass``)."""
     on_cuda = device.type == "cuda"
     return (
-        build_model_training("unet", models.unet, optim.unet, planned_steps, on_cuda),
+        build_model_training("unet", models.unet, optim.unet, planned_steps, on_cuda, fused),
         build_model_training(
-            "text_encoder", models.text_encoder, optim.text_encoder, planned_steps, on_cuda
+            "text_encoder", models.text_encoder, optim.text_encoder, planned_steps, on_cuda, fused
         ),
     )
 

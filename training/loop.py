@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from data import Batch
+from optimizer.fused import FusedBackward
 from training.checkpointing.checkpointer import Checkpointer, Resumables, ResumePoint
 from training.checkpointing.state import TrainingState
 from training.components.base import Component, Hooks, OptimizerStep, SavedCheckpoint
@@ -188,9 +189,14 @@ class Trainer:
         return length, index == start + length - 1
 
     def _gradient_sync(self, last_in_window: bool) -> contextlib.AbstractContextManager:
-        """Several processes all-reduce gradients only on a window's last batch."""
+        """Several processes all-reduce gradients only on a window's last batch; a fused
+        backward pass steps the parameters in that batch's backward."""
         stack = contextlib.ExitStack()
-        if not last_in_window:
+        if last_in_window:
+            for training in self.run.trainings:
+                if isinstance(training.optimizer, FusedBackward):
+                    stack.enter_context(training.optimizer.armed())
+        else:
             for module in (self.models.unet, self.models.prompt_encoder):
                 if isinstance(module, torch.nn.parallel.DistributedDataParallel):
                     stack.enter_context(module.no_sync())
@@ -291,6 +297,8 @@ class Trainer:
 
     def _clip(self, parameters: list[torch.nn.Parameter], measure: bool) -> float | None:
         with_grad = [p for p in parameters if p.grad is not None]
+        if not with_grad:  # a fused backward pass stepped and freed them already
+            return None
         limit = self.state.settings.clip_grad_norm
         if limit is not None:
             norm = torch.nn.utils.clip_grad_norm_(with_grad, limit)

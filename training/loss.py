@@ -114,6 +114,8 @@ def per_sample_loss(
     min_snr_gamma: float | None,
     huber_delta: float = 1.0,
     debiased: bool = False,
+    weights: torch.Tensor | None = None,
+    normalize_weights: bool = False,
 ) -> torch.Tensor:
     """The training loss of each sample, float32 (the step averages them over the batch).
 
@@ -129,7 +131,9 @@ def per_sample_loss(
     - ``"huber_mse"``: EveryDream2's reverse blend ``f * huber + (1 - f) * mse``: mostly Huber
       at noisy timesteps, mostly MSE at nearly clean ones.
 
-    Then the mean over every dimension but the batch gives one loss per sample; with
+    With ``weights`` (a loss mask, broadcast over channels) each element is weighted first.
+    Then the mean over every dimension but the batch gives one loss per sample
+    (``normalize_weights``: the weighted sum divided by the sum of the weights instead); with
     ``min_snr_gamma`` set, each is multiplied by its `min_snr_weights`, and with ``debiased`` by
     its `debiased_weights`.
     """
@@ -140,7 +144,17 @@ def per_sample_loss(
     elementwise = _elementwise_loss(
         prediction, target, timesteps, scheduler, loss_type, huber_delta
     )
-    loss = elementwise.mean(dim=tuple(range(1, elementwise.dim())))
+    dims = tuple(range(1, elementwise.dim()))
+    if weights is None:
+        loss = elementwise.mean(dim=dims)
+    else:
+        weights = weights.to(elementwise.device, torch.float32).expand_as(elementwise)
+        weighted = elementwise * weights
+        if normalize_weights:
+            area = weights.sum(dim=dims).clamp(min=torch.finfo(torch.float32).tiny)
+            loss = weighted.sum(dim=dims) / area
+        else:
+            loss = weighted.mean(dim=dims)
     if min_snr_gamma is not None:
         loss = loss * min_snr_weights(scheduler, timesteps, min_snr_gamma).to(loss.device)
     if debiased:

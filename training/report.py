@@ -52,7 +52,8 @@ def memory_report(run: Run) -> dict[str, Any]:
             out[name] = model_memory(model, None)
         else:
             slice_p = training.settings.value("slice_p")
-            out[name] = model_memory(model, training.settings.name, slice_p)
+            fused = run.train.config.fused_backward_pass
+            out[name] = model_memory(model, training.settings.name, slice_p, fused)
     out["vae"] = model_memory(run.models.vae, None)
     total = sum(part["total_bytes"] for part in out.values())
     if run.ema is not None:  # counted in the total when it lives on the training device

@@ -27,7 +27,7 @@ from training.outputs import create_run_folder, write_json
 from training.precision import Precision, choose_precision
 from training.report import dry_run_report, memory_report
 from training.run import Run
-from training.sources import BatchSource, PixelSource
+from training.sources import BatchSource, MaskedSource, PixelSource
 from training.step import CaptionTokenizer, PromptEncoder, Shard, StepModels
 
 logger = logging.getLogger(__name__)
@@ -158,10 +158,14 @@ def make_metrics(run: Run, folder: Path, report: dict[str, Any]) -> Metrics:
 
 
 def batch_source(run: Run, precision: Precision) -> BatchSource:
-    """Images through the loader and the VAE in the step, or a latent cache built now."""
+    """Images through the loader and the VAE in the step, or a latent cache built now; with
+    ``masked_loss``, each image's mask too."""
+    source: BatchSource
     if run.train.config.cache_latents:
-        return build_latent_cache(run.dataset, run.models, precision, run.device)
-    return PixelSource(run.dataset, run.models, precision, run.device)
+        source = build_latent_cache(run.dataset, run.models, precision, run.device)
+    else:
+        source = PixelSource(run.dataset, run.models, precision, run.device)
+    return MaskedSource(source) if run.train.config.masked_loss else source
 
 
 def run_training(
@@ -179,6 +183,12 @@ def run_training(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     precision = choose_precision(run.device, c.mixed_precision, c.disable_amp)
+    if c.fused_backward_pass and precision.uses_grad_scaler:
+        raise UserError(
+            "fused_backward_pass: this GPU trains in fp16 (mixed_precision auto), whose grad "
+            "scaler needs every gradient before any step; set mixed_precision no, or turn "
+            "fused_backward_pass off"
+        )
     models = prepare_models(run, accelerator)
     folder = create_run_folder(c.logdir, c.project_name, c.run_name) if main else None
     with ExitStack() as stack:

@@ -14,9 +14,10 @@ from typing import Protocol
 import torch
 
 from data import Batch, TrainDataset, make_loader
+from data.masks import MaskLoader
 from models.bundle import ModelBundle
 from training.precision import Precision
-from training.step import LatentDistribution, encode_latent_distribution
+from training.step import LatentDistribution, encode_latent_distribution, with_masks
 
 
 class BatchSource(Protocol):
@@ -62,3 +63,19 @@ class PixelSource:
         assert batch.pixel_values is not None, "the loader always decodes pixels"
         pixels = batch.pixel_values.to(self.device, non_blocking=True)
         return encode_latent_distribution(self.bundle, pixels, self.precision)
+
+
+class MaskedSource:
+    """Another source's batches and latents, with each image's loss mask (``masked_loss``)."""
+
+    def __init__(self, inner: BatchSource) -> None:
+        self.inner = inner
+        self.loader = MaskLoader()
+
+    def batches(
+        self, epoch: int, start_batch: int, end_epoch: int, grad_accum: int
+    ) -> Iterable[Batch]:
+        return self.inner.batches(epoch, start_batch, end_epoch, grad_accum)
+
+    def latents(self, batch: Batch) -> LatentDistribution:
+        return with_masks(self.inner.latents(batch), batch, self.loader)

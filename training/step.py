@@ -9,6 +9,7 @@ a resumed run continues the generator where it stopped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from diffusers import DDPMScheduler
 
 from config.live import StepSettings
 from data import Batch
+from data.masks import MaskLoader
 from models import encode_prompts, tokenize
 from models.bundle import ModelBundle
 from training.loss import per_sample_loss, perturb_embeddings
@@ -86,10 +88,19 @@ class StepModels:
 
 @dataclass(frozen=True)
 class LatentDistribution:
-    """The VAE's Gaussian over latents (already scaled): what a latent cache stores."""
+    """The VAE's Gaussian over latents (already scaled): what a latent cache stores; with
+    ``masked_loss``, each image's loss mask at latent size ([batch, 1, h, w] in [0, 1])."""
 
     mean: torch.Tensor
     std: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+def with_masks(dist: LatentDistribution, batch: Batch, loader: MaskLoader) -> LatentDistribution:
+    """``dist`` with the latent-size masks of the batch's images, on the latents' device."""
+    size = (dist.mean.shape[-2], dist.mean.shape[-1])
+    masks = loader.masks(batch.paths, batch.bucket, batch.flipped, size)
+    return dataclasses.replace(dist, mask=masks.to(dist.mean.device))
 
 
 def encode_latent_distribution(
@@ -168,6 +179,14 @@ def _perturbed(
     return noise + config.input_perturbation * shard.take(extra)
 
 
+def _mask_weights(mask: torch.Tensor | None, config: StepSettings) -> torch.Tensor | None:
+    """Per-element loss weights of a masked batch: 1 inside the mask, ``unmasked_weight``
+    outside (in between where the mask is grey)."""
+    if mask is None:
+        return None
+    return config.unmasked_weight + (1.0 - config.unmasked_weight) * mask
+
+
 def batch_loss(
     models: StepModels,
     latents_dist: LatentDistribution,
@@ -205,6 +224,8 @@ def batch_loss(
         config.loss_type,
         config.min_snr_gamma,
         debiased=config.debiased_estimation,
+        weights=_mask_weights(latents_dist.mask, config),
+        normalize_weights=config.normalize_masked_area_loss,
     )
     scales = torch.tensor(batch.loss_scales, dtype=losses.dtype, device=losses.device)
     return (losses * scales).mean()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from config.validation_config import COMBINED_NAME
+from data.masks import MaskLoader
 from training.components.base import Component, OptimizerStep
 from training.context import TrainingContext
 from training.validation.cadence import validates_after_epoch, validation_step_indices
@@ -50,6 +51,7 @@ class Validation(Component):
             env.device,
             env.shard,
             show_progress=env.is_main_process,
+            masks=MaskLoader() if ctx.config.masked_loss else None,
         )
         if ctx.config.cache_latents:
             self._evaluator.cache_latents(self.data.sets)

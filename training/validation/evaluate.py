@@ -27,6 +27,7 @@ from tqdm import tqdm
 from config.live import StepSettings
 from data import Batch, BatchPlan
 from data.fixed_loader import fixed_batch_loader
+from data.masks import MaskLoader
 from models.bundle import ModelBundle
 from training.distributed import sum_over_processes
 from training.latent_cache import LatentCache, build_latent_cache
@@ -38,6 +39,7 @@ from training.step import (
     StepModels,
     batch_loss,
     encode_latent_distribution,
+    with_masks,
 )
 from training.validation.sets import EvalSet
 
@@ -104,8 +106,11 @@ class Evaluator:
         device: torch.device,
         shard: Shard,
         show_progress: bool,
+        masks: MaskLoader | None = None,
     ) -> None:
+        """``masks``: weight the loss by each image's mask (``masked_loss``)."""
         self.models = evaluation_models(models, clip_skip)
+        self.masks = masks
         self.precision = precision
         self.device = device
         self.shard = shard
@@ -144,6 +149,8 @@ class Evaluator:
         )
         with bar, evaluation_mode(modules, self.device):
             for batch, latents in self._batches(eval_set, mine):
+                if self.masks is not None:
+                    latents = with_masks(latents, batch, self.masks)
                 seed = batch_seed(eval_set.dataset.settings.seed, eval_set.name, batch.index)
                 generator = torch.Generator(device=self.device).manual_seed(seed)
                 loss = batch_loss(
