@@ -175,11 +175,10 @@ class TrainDataset:
             "images": [[str(getattr(i, name)) for name in names] for i in self.images],
             "settings": [
                 settings.resolution,
-                settings.batch_size,
-                settings.seed,
+                settings.batch_size * settings.world_size,  # the global batch: a run may resume
+                settings.seed,  # on another number of processes with the same global batch
                 settings.shuffle_tags,
                 settings.keep_tags,
-                settings.world_size,
                 settings.rated_dataset,
                 settings.rated_dataset_target_dropout_percent,
                 settings.max_epochs if settings.rated_dataset else None,

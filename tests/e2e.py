@@ -67,12 +67,17 @@ def run_subprocess(config: Path, *flags: str, timeout: float = 300) -> subproces
     )
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def accelerate_launch(script: Path, processes: int, *args: str) -> list[str]:
     """The command that launches ``script`` in ``processes`` gloo processes on this machine, on a
     free port (test workers run side by side: accelerate's default port would collide)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     return [
         sys.executable,
         "-m",

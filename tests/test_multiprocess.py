@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from config.errors import UserError
 from models import load_models
 from models.text_keys import standard_text_encoder_state_dict
 from tests.e2e import (
@@ -19,12 +21,14 @@ from tests.e2e import (
     REPO,
     accelerate_launch,
     checkpoints,
+    free_port,
     run,
     run_folders,
     scalars,
     trained_weights,
     write_config,
 )
+from training.distributed import check_process_group
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -174,3 +178,124 @@ def test_a_lora_run_in_two_processes_trains_like_one_with_the_whole_batch(tmp_pa
     size = sum(b[k].norm() ** 2 for k in ups) ** 0.5
     assert size > 0
     assert difference < 0.02 * size  # float rounding of the all-reduce
+
+
+def last_checkpoint(folder: Path, suffix: str) -> Path:
+    """The run's last checkpoint (``suffix`` "_ema": the EMA's beside it)."""
+    (found,) = [c for c in checkpoints(folder, "last-") if c.name.endswith(f"gs00014{suffix}")]
+    return found
+
+
+def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path):
+    """2 processes x batch 1 resumed on 1 x batch 2, and 1 x 2 resumed on 2 x 1 (EMA and
+    validation on): the same global batch, so the same images, order and random draws."""
+    validation = tmp_path / "validation.json"
+    validation.write_text(
+        json.dumps(
+            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(EXAMPLE_DATA)}
+        )
+    )
+    keys = {
+        "max_epochs": 2,
+        "save_full_precision": True,
+        "save_every_n_epochs": 1,
+        "save_optimizer": True,
+        "ema_decay_rate": 0.9,
+        "ema_update_interval": 1,
+        "validation_config": str(validation),
+    }
+    for first, then in ((2, 1), (1, 2)):
+        straight = write_config(tmp_path / f"{first}", ADAMW, batch_size=2 // first, **keys)
+        result = launch(straight, first) if first > 1 else None
+        assert result is None or result.returncode == 0, result.stderr[-4000:]
+        if first == 1:
+            assert run(straight) == 0
+        (middle,) = [
+            c for c in checkpoints(tmp_path / f"{first}", "myproj-ep01") if "_ema" not in c.name
+        ]
+        resumed = write_config(
+            tmp_path / f"{first}to{then}", ADAMW, batch_size=2 // then, **keys,
+            resume_ckpt=str(middle),
+        )  # fmt: skip
+        if then > 1:
+            result = launch(resumed, then)
+            assert result.returncode == 0, result.stderr[-4000:]
+            log = result.stderr
+        else:
+            assert run(resumed) == 0
+            (folder,) = run_folders(tmp_path / f"{first}to{then}")
+            log = (folder / "train.log").read_text()
+        assert "the same global batch of 2" in log
+        for suffix in ("", "_ema"):
+            a = last_checkpoint(tmp_path / f"{first}", suffix)
+            b = last_checkpoint(tmp_path / f"{first}to{then}", suffix)
+            difference = relative_difference(trained_weights(a), trained_weights(b))
+            assert difference < 0.02, f"{first} -> {then} processes{suffix}: {difference:.4f}"
+        (straight_folder,) = run_folders(tmp_path / f"{first}")
+        (resumed_folder,) = run_folders(tmp_path / f"{first}to{then}")
+        assert scalars(resumed_folder, "loss/val")[-1] == pytest.approx(
+            scalars(straight_folder, "loss/val")[-1], rel=1e-3
+        )
+
+
+def machine_launch(config: Path, rank: int, port: int, multi_gpu: bool = True) -> list[str]:
+    """One of two machines' launch commands (both on this one, as localhost)."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        *(["--multi_gpu"] if multi_gpu else []),
+        "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "train.py"), "--config", str(config),
+    ]  # fmt: skip
+
+
+def test_two_machines_on_localhost_train_as_one_group(tmp_path):
+    """Two launch commands (machine ranks 0 and 1) form one group of 2 processes: the weights
+    are one process's with twice the batch, to float rounding."""
+    keys = {"max_epochs": 1, "save_full_precision": True}
+    two = write_config(tmp_path / "two", ADAMW, batch_size=1, **keys)
+    one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
+    port = free_port()
+    machines = [
+        subprocess.Popen(machine_launch(two, rank, port), cwd=REPO, stderr=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, text=True)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs = [machine.communicate(timeout=600)[1] for machine in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "1 per process x 2 process(es)" in outputs[0]
+    assert len(run_folders(tmp_path / "two")) == 1  # one group, one run folder
+    assert run(one) == 0
+    (a,) = checkpoints(tmp_path / "two", "last-")
+    (b,) = checkpoints(tmp_path / "one", "last-")
+    assert relative_difference(trained_weights(a), trained_weights(b)) < 0.01
+
+
+def test_machines_launched_without_multi_gpu_are_refused(tmp_path):
+    """Without --multi_gpu each command would start a lone run over the whole dataset."""
+    config = write_config(tmp_path, ADAMW, max_epochs=1)
+    result = subprocess.run(
+        machine_launch(config, 0, free_port(), multi_gpu=False),
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "did not form a process group" in result.stderr
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("processes", "env", "refused"),
+    [
+        (1, {}, False),  # python train.py
+        (1, {"ACCELERATE_USE_CPU": "False"}, False),  # accelerate launch, one process
+        (1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "10.0.0.1"}, True),  # a lone "group"
+        (2, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "10.0.0.1"}, False),
+    ],
+)
+def test_a_launch_that_formed_no_group_is_refused(processes, env, refused):
+    if refused:
+        with pytest.raises(UserError, match="did not form a process group"):
+            check_process_group(processes, env)
+    else:
+        check_process_group(processes, env)

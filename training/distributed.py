@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -53,9 +55,30 @@ def make_accelerator() -> Accelerator:
     process group and the DDP wrapper.
     """
     # Without CUDA, accelerate forms a process group (gloo) only when told it runs on the CPU.
-    return Accelerator(
+    accelerator = Accelerator(
         device_placement=False, mixed_precision="no", cpu=not torch.cuda.is_available()
     )
+    check_process_group(accelerator.num_processes, os.environ)
+    return accelerator
+
+
+def check_process_group(processes: int, env: Mapping[str, str]) -> None:
+    """`UserError` when ``accelerate launch`` asked for several processes or machines but this
+    process trains alone (``--num_machines 2`` without ``--multi_gpu`` starts independent
+    single-process runs that would each train the whole dataset into the same logdir).
+
+    accelerate's launcher sets ``MASTER_ADDR`` only when it was asked for more than one process
+    or machine, and a process group it formed has more than one process.
+    """
+    launched = "ACCELERATE_USE_CPU" in env or "ACCELERATE_MIXED_PRECISION" in env
+    if launched and "MASTER_ADDR" in env and processes == 1:
+        raise UserError(
+            "accelerate launch asked for several processes or machines (MASTER_ADDR "
+            f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '?')}), but this process trains "
+            "alone: the launch did not form a process group. Add --multi_gpu to every launch "
+            "command (also on a CPU, and on each machine with --num_machines, --machine_rank, "
+            "--main_process_ip and --main_process_port), or launch one process (docs/multi-gpu.md)"
+        )
 
 
 def training_device(accelerator: Accelerator, gpuid: int) -> torch.device:

@@ -93,6 +93,8 @@ class Checkpointer:
                 "nonfinite_losses": c.nonfinite_losses,
                 "images_seen": c.images_seen,
                 "data_fingerprint": run.dataset.fingerprint(),
+                "processes": run.dataset.settings.world_size,
+                "batch_size": run.dataset.settings.batch_size,
                 "schedule_grad_accum": run.length.schedule_grad_accum,
                 "live_settings": point.settings.as_dict(),
                 "configured_settings": point.configured.as_dict(),
@@ -116,6 +118,7 @@ class Checkpointer:
         if state.rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state.rng["cuda"])
         saved = state.counters
+        _report_processes(saved, self.run.dataset.settings.world_size, self.run.dataset.group_size)
         if saved.get("data_fingerprint") != self.run.dataset.fingerprint():
             logger.warning(
                 "the training data or its settings changed since the checkpoint was saved: "
@@ -218,3 +221,25 @@ class Checkpointer:
             "training crashed; %s checkpoint saved: %s", "a" if stepping else "a resumable", path
         )
         return path
+
+
+def _report_processes(saved: dict[str, Any], processes: int, global_batch: int) -> None:
+    """Say what resuming on another number of processes (or another batch) changes."""
+    before, batch = saved.get("processes"), saved.get("batch_size")
+    if not isinstance(before, int) or not isinstance(batch, int):
+        return  # a checkpoint from before these were recorded
+    if before * batch == global_batch:
+        if before != processes:
+            logger.info(
+                "the checkpoint was written by %d process(es) x batch %d, this run has %d x "
+                "batch %d: the same global batch of %d, so the same images in the same order "
+                "with the same random draws (to float rounding: the all-reduce's sums change)",
+                before, batch, processes, global_batch // processes, global_batch,
+            )  # fmt: skip
+        return
+    logger.warning(
+        "the global batch changes from %d (%d process(es) x batch %d) to %d: the epochs are "
+        "planned anew (other batches, other optimizer steps per epoch, a resume that does not "
+        "follow the saved run); the LR schedule keeps the length planned at the run's start",
+        before * batch, before, batch, global_batch,
+    )  # fmt: skip
