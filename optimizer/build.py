@@ -15,6 +15,7 @@ from optimizer.config import ModelOptimizer, OptimizerConfig
 from optimizer.freezing import FreezePlan, count_parameters, freeze, frozen_modules, plan_freezing
 from optimizer.fused import FUSABLE, FusedBackward
 from optimizer.registry import build_optimizer, constructor_kwargs, optimizer_class
+from optimizer.schedule_free import has_eval_mode
 from optimizer.schedulers import ScheduleLength, build_scheduler, schedule_length
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def build_model_training(
         if fused
         else build_optimizer(settings.name, parameters, values, on_cuda=on_cuda)
     )
+    if has_eval_mode(optimizer):
+        optimizer.train()  # schedule-free: steps need train mode
     length = schedule_length(
         settings.value("lr_warmup_steps"), settings.value("lr_decay_steps"), total_optimizer_steps
     )

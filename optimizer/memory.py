@@ -14,7 +14,14 @@ import torch
 
 FLOAT32 = 4
 # Full-size state tensors per parameter element (float32).
-FULL_STATES = {"adamw": 2, "lion": 1, "dadapt_adam": 3, "dadapt_lion": 2, "dadapt_sgd": 3}
+FULL_STATES = {
+    "adamw": 2,
+    "lion": 1,
+    "dadapt_adam": 3,
+    "dadapt_lion": 2,
+    "dadapt_sgd": 3,
+    "adamw_schedulefree": 2,  # z and exp_avg_sq
+}
 # Prodigy: exp_avg and exp_avg_sq, plus s and p0 over every slice_p-th element (a parameter
 # that is all zeros when training starts keeps no p0, so for fresh biases this is an upper bound).
 PRODIGY_FULL, PRODIGY_SLICED = 2, 2

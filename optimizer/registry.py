@@ -79,6 +79,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ("lr", "weight_decay"),
         fixed=(("relative_step", False), ("scale_parameter", False), ("warmup_init", False)),
     ),
+    # Schedule-free AdamW on optimizer.json's LR schedule (its own warm-up off): the trainer
+    # evaluates, samples and saves its evaluation weights (optimizer.schedule_free).
+    "adamw_schedulefree": OptimizerSpec(
+        "schedulefree", "AdamWScheduleFree", "schedulefree", _ADAM, fixed=(("warmup_steps", 0),)
+    ),
     # CAME: optimizer.json's betas are its first two; the third (its confidence) stays 0.9999.
     "came": OptimizerSpec(
         "came_pytorch",

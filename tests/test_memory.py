@@ -11,6 +11,7 @@ from models import load_models
 from optimizer.config import BUILTIN, SECTION_KEYS
 from optimizer.memory import model_memory, optimizer_state_bytes
 from optimizer.registry import OPTIMIZERS, build_optimizer
+from optimizer.schedule_free import has_eval_mode
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,8 @@ def test_state_estimate_matches_a_real_step(unet, name, slice_p):
     model = copy.deepcopy(unet)
     values = {k: getattr(BUILTIN, k) for k in SECTION_KEYS} | {"lr": 1e-4, "slice_p": slice_p}
     optimizer, _ = build_optimizer(name, model.parameters(), values, on_cuda=False)
+    if has_eval_mode(optimizer):
+        optimizer.train()
     torch.manual_seed(0)
     for p in model.parameters():
         p.data.normal_()  # Prodigy keeps no copy of parameters that are all zeros

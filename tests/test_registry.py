@@ -14,6 +14,7 @@ from models import load_models, tokenize
 from optimizer import registry
 from optimizer.config import BUILTIN, SECTION_KEYS
 from optimizer.registry import OPTIMIZERS, build_optimizer, constructor_kwargs, optimizer_class
+from optimizer.schedule_free import has_eval_mode
 
 EXPECTED_CLASSES = {
     "adamw": "torch.optim.adamw.AdamW",
@@ -26,6 +27,7 @@ EXPECTED_CLASSES = {
     "prodigy": "prodigyopt.prodigy.Prodigy",
     "adafactor": "transformers.optimization.Adafactor",
     "came": "came_pytorch.CAME.CAME",
+    "adamw_schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
 }
 
 # The "takes" column in docs/configuration.md, under the classes' own keyword names.
@@ -51,6 +53,7 @@ EXPECTED_KEYWORDS = {
     },
     "adafactor": {"lr", "weight_decay", "relative_step", "scale_parameter", "warmup_init"},
     "came": {"lr", "betas", "weight_decay"},
+    "adamw_schedulefree": {"lr", "betas", "eps", "weight_decay", "warmup_steps"},
 }
 
 VALUES = {**{k: getattr(BUILTIN, k) for k in SECTION_KEYS}, "lr": 1e-3}
@@ -113,6 +116,8 @@ def test_each_optimizer_steps_both_models_and_state_round_trips(tiny, name):
             return unet_loss(m) if which == "unet" else text_encoder_loss(tiny, m)
 
         optimizer, _ = build_optimizer(name, model.parameters(), VALUES, on_cuda=False)
+        if has_eval_mode(optimizer):
+            optimizer.train()
         before = [p.detach().clone() for p in model.parameters()]
         loss(model).backward()
         optimizer.step()
@@ -126,6 +131,8 @@ def test_each_optimizer_steps_both_models_and_state_round_trips(tiny, name):
         twin = copy.deepcopy(model)
         twin_optimizer, _ = build_optimizer(name, twin.parameters(), VALUES, on_cuda=False)
         twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        if has_eval_mode(twin_optimizer):
+            twin_optimizer.train()
         for m, opt in ((model, optimizer), (twin, twin_optimizer)):
             loss(m).backward()
             opt.step()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from config.live import LiveSettings
+from optimizer.schedule_free import evaluation_weights
 from training.checkpointing.names import checkpoint_name, claim_path, claimed_by
 from training.checkpointing.options import SaveOptions
 from training.checkpointing.state import TrainingState
@@ -195,7 +196,8 @@ class Checkpointer:
             note=note,
             lora=self.run.lora,
         )
-        return save_checkpoint(path, self.run.models, state, options)
+        with evaluation_weights(t.optimizer for t in self.run.trainings):
+            return save_checkpoint(path, self.run.models, state, options)
 
     def _is_ours(self, path: Path) -> bool:
         note = checkpoint_note(path)

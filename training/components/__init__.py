@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from optimizer.schedule_free import has_eval_mode
 from training.checkpointing.periodic import PeriodicCheckpoints
 from training.components.base import Component, OptimizerStep, SavedCheckpoint
 from training.components.ema import EMA
@@ -16,6 +17,7 @@ from training.components.progress import ProgressBar
 from training.components.reload import SettingsReloader
 from training.components.samples import Samples
 from training.components.scalars import TrainingScalars
+from training.components.schedule_free import TrainingWeights
 from training.components.validation import Validation
 from training.run import Run
 
@@ -27,7 +29,9 @@ def build_components(run: Run, extra: Sequence[Component] = ()) -> list[Componen
     c = run.train.config
     reload = c.load_settings_every_epoch and run.train.path is not None
     ema = EMA(run.ema, run.lora) if run.ema is not None else None
+    schedule_free = any(has_eval_mode(t.optimizer) for t in run.trainings)
     components: list[Component | None] = [
+        TrainingWeights() if schedule_free else None,  # first: the weights others start from
         SettingsReloader(run.train) if reload else None,
         ema,  # before samples and checkpoints: they see the EMA of the same step
         Validation(run.validation) if run.validation is not None else None,

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from optimizer.schedule_free import evaluation_weights
 from training.components.base import Component, OptimizerStep
 from training.components.ema import EMA
 from training.context import TrainingContext
@@ -63,7 +64,7 @@ class Samples(Component):
                     name_suffix=suffix,
                     show_progress_bars=self.settings.show_progress_bars,
                 )
-                with weights:
+                with evaluation_weights(ctx.optimizers.values()), weights:
                     paths += generate_samples(model, batch, on_image)
             if env.metrics is not None:
                 env.metrics.flush()

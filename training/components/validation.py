@@ -17,6 +17,7 @@ import numpy as np
 
 from config.validation_config import COMBINED_NAME
 from data.masks import MaskLoader
+from optimizer.schedule_free import evaluation_weights
 from training.components.base import Component, OptimizerStep
 from training.context import TrainingContext
 from training.validation.cadence import validates_after_epoch, validation_step_indices
@@ -73,7 +74,8 @@ class Validation(Component):
         assert self._evaluator is not None, "on_training_start builds the evaluator"
         started = time.perf_counter()
         settings = ctx.settings
-        losses = {s.name: self._evaluator.loss(s, settings) for s in self.data.sets}
+        with evaluation_weights(ctx.optimizers.values()):
+            losses = {s.name: self._evaluator.loss(s, settings) for s in self.data.sets}
         validation = [losses[s.name] for s in self.data.sets if s.kind != STABILIZE]
         if len(validation) > 1:
             losses[COMBINED_NAME] = sum(validation) / len(validation)
