@@ -58,6 +58,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from bench.cuda_args import VARIANT_FLAGS, parse_args
+from bench.cuda_matrix import CUDA_SCENARIO, DRY_SCENARIO, Config
+from bench.cuda_table import print_table
 from bench.trainer_harness import (
     BenchmarkFinished,
     build_run_from_flags,
@@ -71,9 +74,7 @@ from training.latent_cache import LatentCache
 
 logger = logging.getLogger("bench_cuda")
 
-GIB = 2**30
 RESULT_PREFIX = "BENCH_RESULT "
-OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit")
 # (model, resolution) pairs of the matrix
 CUDA_CASES = (("sd15-random", 512), ("sd21-random", 512), ("sd21-random", 768))
 CUDA_BATCHES = (1, 8)
@@ -81,60 +82,6 @@ DRY_CASES = (("tiny-sd15", 64),)
 DRY_BATCHES = (1, 2)
 CUDA_DEFAULTS = {"warmup": 6, "steps": 20, "images": 256}
 DRY_DEFAULTS = {"warmup": 2, "steps": 3, "images": 0}
-# Peak dense bf16 tensor FLOP/s by the words of a device name; the first match wins; None:
-# unknown (NVL parts run at lower clocks), so MFU needs --peak-tflops.
-PEAK_TFLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
-    (("NVL",), None),
-    (("H200",), 989.0),
-    (("H100", "PCIE"), 756.0),
-    (("H100", "HBM3"), 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
-    (("H100", "SXM"), 989.0),
-    (("A100",), 312.0),
-)
-# Issue 5's targets for one H100.
-TARGET_CACHED_IMAGES_PER_S = 90.0
-TARGET_CACHED_PEAK_GIB = 26.0
-TARGET_VAE_IMAGES_PER_S = 45.0
-TARGET_CKPT_SLOWDOWN = 0.25
-TARGET_OPTIMIZER = "adamw8bit"
-
-
-@dataclass(frozen=True)
-class Config:
-    """One row of the matrix."""
-
-    model: str
-    resolution: int
-    batch_size: int
-    gradient_checkpointing: bool
-    optimizer: str
-    cache_latents: bool
-
-    def key(self) -> tuple[Any, ...]:
-        return dataclasses.astuple(self)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """Where issue 5's targets apply: model, resolution and batch size."""
-
-    model: str
-    resolution: int
-    batch_size: int
-
-    def holds_for(self, config: Config) -> bool:
-        return (config.model, config.resolution, config.batch_size, config.optimizer) == (
-            self.model,
-            self.resolution,
-            self.batch_size,
-            TARGET_OPTIMIZER,
-        )
-
-
-CUDA_SCENARIO = Scenario("sd15-random", 512, 8)
-DRY_SCENARIO = Scenario("tiny-sd15", 64, 2)  # stands in for it, to exercise the judging code
-
-
 # --- the child: one configuration -------------------------------------------------------------
 
 
@@ -215,6 +162,7 @@ def child_flags(config: Config, data_root: Path, folder: Path, extra: list[str])
         str(config.gradient_checkpointing).lower(),
         "--cache_latents",
         str(config.cache_latents).lower(),
+        *VARIANT_FLAGS[config.variant],
         *extra,
     ]
 
@@ -284,23 +232,12 @@ def device_name(dry_run: bool) -> str:
     return subprocess.run(command, text=True, capture_output=True, check=True).stdout.strip()
 
 
-def peak_tflops(name: str, given: float | None) -> float | None:
-    """The GPU's dense bf16 peak: ``given``, else from `PEAK_TFLOPS`, else None (MFU n/a)."""
-    if given is not None:
-        return given
-    upper = name.upper()
-    for words, tflops in PEAK_TFLOPS:
-        if all(word in upper for word in words):
-            return tflops
-    return None
-
-
 def build_matrix(args: argparse.Namespace) -> list[Config]:
     cases = DRY_CASES if args.dry_run_cpu else CUDA_CASES
     batches = args.batch_sizes or (DRY_BATCHES if args.dry_run_cpu else CUDA_BATCHES)
     scenario = DRY_SCENARIO if args.dry_run_cpu else CUDA_SCENARIO
     configs = [
-        Config(model, resolution, batch, ckpt, optimizer, cached)
+        Config(model, resolution, batch, ckpt, optimizer, cached, variant)
         for model, resolution in cases
         if args.models is None or model in args.models
         if args.resolutions is None or resolution in args.resolutions
@@ -308,6 +245,7 @@ def build_matrix(args: argparse.Namespace) -> list[Config]:
         for optimizer in args.optimizers
         for cached in args.cached
         for ckpt in args.ckpt
+        for variant in args.variants
     ]
     if args.targets_only:
         configs = [c for c in configs if scenario.holds_for(c)]
@@ -397,175 +335,8 @@ def measure_all(args: argparse.Namespace, configs: list[Config]) -> list[dict[st
 # --- the table ---------------------------------------------------------------------------------
 
 
-def training_flops(row: dict[str, Any]) -> float:
-    """Training FLOPs per image: 3 × trained forwards + the frozen VAE encoder when it runs."""
-    flops = row["flops"]
-    vae = 0 if row["cache_active"] else flops["vae_encoder"]
-    return 3 * (flops["unet"] + flops["text_encoder"]) + vae
-
-
-def images_per_second(row: dict[str, Any]) -> float:
-    return row["config"]["batch_size"] * row["steps"] / row["seconds"]
-
-
-def judge(row: dict[str, Any], rows: list[dict[str, Any]], scenario: Scenario) -> str:
-    """The targets column: the checks that apply to this row, each with PASS/FAIL."""
-    config = Config(**row["config"])
-    if row["status"] != "ok":
-        return "-"
-    checks = []
-    speed = images_per_second(row)
-    if config.gradient_checkpointing:
-        twin = dataclasses.replace(config, gradient_checkpointing=False)
-        other = [r for r in rows if r["status"] == "ok" and Config(**r["config"]) == twin]
-        if other:
-            slowdown = row["seconds"] / row["steps"] / (other[0]["seconds"] / other[0]["steps"])
-            verdict = "PASS" if slowdown - 1 <= TARGET_CKPT_SLOWDOWN else "FAIL"
-            mark = f" {verdict}" if scenario.holds_for(config) else ""
-            checks.append(f"ckpt {slowdown - 1:+.0%}{mark}")
-    if not scenario.holds_for(config) or config.gradient_checkpointing:
-        return ", ".join(checks) or "-"
-    if row["cache_active"]:
-        verdict = "PASS" if speed >= TARGET_CACHED_IMAGES_PER_S else "FAIL"
-        checks.append(f">={TARGET_CACHED_IMAGES_PER_S:g} img/s {verdict}")
-        if row["peak_bytes"] is not None:
-            verdict = "PASS" if row["peak_bytes"] / GIB <= TARGET_CACHED_PEAK_GIB else "FAIL"
-            checks.append(f"<={TARGET_CACHED_PEAK_GIB:g} GiB {verdict}")
-    elif not config.cache_latents:
-        verdict = "PASS" if speed >= TARGET_VAE_IMAGES_PER_S else "FAIL"
-        checks.append(f">={TARGET_VAE_IMAGES_PER_S:g} img/s (VAE) {verdict}")
-    return ", ".join(checks)
-
-
-def cached_label(row: dict[str, Any]) -> str:
-    if not row["config"]["cache_latents"]:
-        return "no"
-    if row["status"] != "ok":
-        return "yes"
-    return "yes" if row["cache_active"] else "NOT ACTIVE"
-
-
-def print_table(args: argparse.Namespace, rows: list[dict[str, Any]], scenario: Scenario) -> None:
-    device = args.device
-    peak = peak_tflops(device, args.peak_tflops)
-    peak_text = "unknown (give --peak-tflops): MFU n/a" if peak is None else f"{peak:g} TFLOP/s"
-    print(
-        f"device: {device}; peak dense bf16: {peak_text}; warm-up {args.warmup} steps, "
-        f"{args.steps} timed steps inside the first epoch; one fresh process per row; both "
-        f"models trained"
-    )
-    print(
-        "forward GFLOP per image (FlopCounterMode, batch 1, 77 tokens, SDPA math kernel); "
-        "training = 3 x (UNet + text encoder) + 1 x VAE encoder (0 when cached); "
-        "checkpointing recompute not counted"
-    )
-    print(
-        f"{'model':<12} {'res':>4} {'UNet':>8} {'text enc':>8} {'VAE enc':>8} "
-        f"{'train/img':>9} {'cached':>8}"
-    )
-    seen = set()
-    for row in rows:
-        config = Config(**row["config"])
-        if "flops" not in row or (config.model, config.resolution) in seen:
-            continue
-        seen.add((config.model, config.resolution))
-        f = {k: v / 1e9 for k, v in row["flops"].items()}
-        trained = 3 * (f["unet"] + f["text_encoder"])
-        print(
-            f"{config.model:<12} {config.resolution:>4} {f['unet']:>8.4g} "
-            f"{f['text_encoder']:>8.4g} {f['vae_encoder']:>8.4g} "
-            f"{trained + f['vae_encoder']:>9.4g} {trained:>8.4g}"
-        )
-    print()
-    print(
-        f"{'model':<12} {'res':>4} {'batch':>5} {'ckpt':>4} {'optimizer':<9} "
-        f"{'cached':<10} {'images/s':>8} {'step ms':>8} {'peak GiB':>8} {'MFU%':>5}  "
-        f"targets"
-    )
-    for row in rows:
-        config = Config(**row["config"])
-        head = (
-            f"{config.model:<12} {config.resolution:>4} {config.batch_size:>5} "
-            f"{'on' if config.gradient_checkpointing else 'off':>4} {config.optimizer:<9} "
-            f"{cached_label(row):<10}"
-        )
-        if row["status"] != "ok":
-            print(f"{head} {row['status']:>8}")
-            continue
-        speed = images_per_second(row)
-        peak_gib = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / GIB:.1f}"
-        mfu = "n/a" if peak is None else f"{speed * training_flops(row) / (peak * 1e12):.1%}"
-        print(
-            f"{head} {speed:>8.1f} {1000 * row['seconds'] / row['steps']:>8.1f} "
-            f"{peak_gib:>8} {mfu.rstrip('%'):>5}  {judge(row, rows, scenario)}"
-        )
-    if args.dry_run_cpu:
-        print(
-            "dry run on the CPU: the code path is exercised; the figures and verdicts mean "
-            "nothing (the targets are for SD1.5 at 512 px on one H100)"
-        )
-    elif "H100" not in device.upper():
-        print(f"note: the targets are for one H100; this device is {device}")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--dry-run-cpu",
-        action="store_true",
-        help="tiny-sd15 at 64 px on the CPU, batches 1 and 2: exercises the code",
-    )
-    parser.add_argument(
-        "--targets-only", action="store_true", help="only the rows that issue 5's targets apply to"
-    )
-    parser.add_argument("--models", nargs="+", help="subset of sd15-random, sd21-random")
-    parser.add_argument("--resolutions", nargs="+", type=int, help="subset of 512, 768")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, help="default 1 8 (dry run: 1 2)")
-    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
-    parser.add_argument(
-        "--ckpt",
-        nargs="+",
-        type=_bool,
-        default=[False, True],
-        help="gradient checkpointing: off on",
-    )
-    parser.add_argument(
-        "--cached", nargs="+", type=_bool, default=[False, True], help="cache_latents: off on"
-    )
-    parser.add_argument("--warmup", type=int, help="untimed optimizer steps (6; dry run 2)")
-    parser.add_argument("--steps", type=int, help="timed optimizer steps (20; dry run 3)")
-    parser.add_argument(
-        "--images", type=int, help="synthetic images, at least (256; dry run: just enough)"
-    )
-    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, TFLOP/s")
-    parser.add_argument("--results", type=Path, help="JSON-lines file to append rows to / reuse")
-    parser.add_argument("--fresh", action="store_true", help="measure again rows in --results")
-    parser.add_argument(
-        "--config-timeout", type=float, default=900.0, help="seconds one configuration may take"
-    )
-    parser.add_argument(
-        "--trainer-flag",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="extra train.py flag for every run, repeatable (e.g. --trainer-flag=--compile_unet)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="the children's logs and bars")
-    return parser.parse_args(argv)
-
-
-def _bool(text: str) -> bool:
-    words = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
-    if text.lower() not in words:
-        raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
-    return words[text.lower()]
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__ or "")
     if args.child is not None:
         return child_main(args.child)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

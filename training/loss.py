@@ -105,6 +105,21 @@ def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch
     return 1.0 / torch.sqrt(torch.where(s > 0, s, smallest))
 
 
+def _per_sample_mean(
+    elementwise: torch.Tensor, weights: torch.Tensor | None, normalize: bool
+) -> torch.Tensor:
+    """Each sample's (weighted) mean; ``normalize``: weighted sum over the sum of the weights."""
+    dims = tuple(range(1, elementwise.dim()))
+    if weights is None:
+        return elementwise.mean(dim=dims)
+    weights = weights.to(elementwise.device, torch.float32).expand_as(elementwise)
+    weighted = elementwise * weights
+    if normalize:
+        area = weights.sum(dim=dims).clamp(min=torch.finfo(torch.float32).tiny)
+        return weighted.sum(dim=dims) / area
+    return weighted.mean(dim=dims)
+
+
 def per_sample_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
@@ -144,17 +159,7 @@ def per_sample_loss(
     elementwise = _elementwise_loss(
         prediction, target, timesteps, scheduler, loss_type, huber_delta
     )
-    dims = tuple(range(1, elementwise.dim()))
-    if weights is None:
-        loss = elementwise.mean(dim=dims)
-    else:
-        weights = weights.to(elementwise.device, torch.float32).expand_as(elementwise)
-        weighted = elementwise * weights
-        if normalize_weights:
-            area = weights.sum(dim=dims).clamp(min=torch.finfo(torch.float32).tiny)
-            loss = weighted.sum(dim=dims) / area
-        else:
-            loss = weighted.mean(dim=dims)
+    loss = _per_sample_mean(elementwise, weights, normalize_weights)
     if min_snr_gamma is not None:
         loss = loss * min_snr_weights(scheduler, timesteps, min_snr_gamma).to(loss.device)
     if debiased:

@@ -168,6 +168,15 @@ def batch_source(run: Run, precision: Precision) -> BatchSource:
     return MaskedSource(source) if run.train.config.masked_loss else source
 
 
+def _check_fused(fused: bool, precision: Precision) -> None:
+    if fused and precision.uses_grad_scaler:
+        raise UserError(
+            "fused_backward_pass: this GPU trains in fp16 (mixed_precision auto), whose grad "
+            "scaler needs every gradient before any step; set mixed_precision no, or turn "
+            "fused_backward_pass off"
+        )
+
+
 def run_training(
     run: Run, accelerator: Accelerator, extra_components: Sequence[Component] = ()
 ) -> str:
@@ -183,12 +192,7 @@ def run_training(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     precision = choose_precision(run.device, c.mixed_precision, c.disable_amp)
-    if c.fused_backward_pass and precision.uses_grad_scaler:
-        raise UserError(
-            "fused_backward_pass: this GPU trains in fp16 (mixed_precision auto), whose grad "
-            "scaler needs every gradient before any step; set mixed_precision no, or turn "
-            "fused_backward_pass off"
-        )
+    _check_fused(c.fused_backward_pass, precision)
     models = prepare_models(run, accelerator)
     folder = create_run_folder(c.logdir, c.project_name, c.run_name) if main else None
     with ExitStack() as stack:

@@ -86,12 +86,7 @@ def save_checkpoint(
     path = Path(path)
     _check_target(path)
     if options.lora is not None:
-        save_lora_checkpoint(path, bundle, state, options.lora, options)
-        if options.lora.merge:
-            merged = merged_bundle(bundle)
-            plain = dataclasses.replace(options, lora=None)
-            save_checkpoint(merged_path(path), merged, None, plain)
-        return path
+        return _save_lora(path, bundle, state, options)
     started = time.monotonic()
     full_precision = options.full_precision
     try:
@@ -112,6 +107,18 @@ def save_checkpoint(
         "fp32" if full_precision else "fp16",
         ", resumable" if state is not None else "",
     )
+    return path
+
+
+def _save_lora(
+    path: Path, bundle: ModelBundle, state: TrainingState | None, options: SaveOptions
+) -> Path:
+    """A LoRA checkpoint, and with ``lora_merge`` the merged model beside it."""
+    assert options.lora is not None
+    save_lora_checkpoint(path, bundle, state, options.lora, options)
+    if options.lora.merge:
+        plain = dataclasses.replace(options, lora=None)
+        save_checkpoint(merged_path(path), merged_bundle(bundle), None, plain)
     return path
 
 

@@ -1,0 +1,92 @@
+"""bench_cuda.py's command line: the matrix's dimensions and how rows run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "adafactor")
+DEFAULT_OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit")
+# What a row trains besides the matrix's settings: the full weights, LoRA adapters, or the full
+# weights with a fused backward pass (memory: no full set of gradients).
+VARIANT_FLAGS = {
+    "full": [],
+    "lora16": ["--lora_rank", "16"],
+    "fused": ["--fused_backward_pass", "true"],
+}
+
+
+def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    _matrix_arguments(parser)
+    _run_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _matrix_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which rows: models, sizes, optimizers, variants, checkpointing, caching."""
+    parser.add_argument(
+        "--dry-run-cpu",
+        action="store_true",
+        help="tiny-sd15 at 64 px on the CPU, batches 1 and 2: exercises the code",
+    )
+    parser.add_argument(
+        "--targets-only", action="store_true", help="only the rows that issue 5's targets apply to"
+    )
+    parser.add_argument("--models", nargs="+", help="subset of sd15-random, sd21-random")
+    parser.add_argument("--resolutions", nargs="+", type=int, help="subset of 512, 768")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, help="default 1 8 (dry run: 1 2)")
+    parser.add_argument(
+        "--optimizers", nargs="+", choices=OPTIMIZERS, default=list(DEFAULT_OPTIMIZERS)
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANT_FLAGS),
+        default=["full"],
+        help="full weights, LoRA rank 16, or a fused backward pass (e.g. --variants fused "
+        "--optimizers adafactor --ckpt on: the memory issue's row)",
+    )
+    parser.add_argument(
+        "--ckpt",
+        nargs="+",
+        type=_bool,
+        default=[False, True],
+        help="gradient checkpointing: off on",
+    )
+    parser.add_argument(
+        "--cached", nargs="+", type=_bool, default=[False, True], help="cache_latents: off on"
+    )
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """How each row runs and where results go."""
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps (6; dry run 2)")
+    parser.add_argument("--steps", type=int, help="timed optimizer steps (20; dry run 3)")
+    parser.add_argument(
+        "--images", type=int, help="synthetic images, at least (256; dry run: just enough)"
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, TFLOP/s")
+    parser.add_argument("--results", type=Path, help="JSON-lines file to append rows to / reuse")
+    parser.add_argument("--fresh", action="store_true", help="measure again rows in --results")
+    parser.add_argument(
+        "--config-timeout", type=float, default=900.0, help="seconds one configuration may take"
+    )
+    parser.add_argument(
+        "--trainer-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra train.py flag for every run, repeatable (e.g. --trainer-flag=--compile_unet)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="the children's logs and bars")
+
+
+def _bool(text: str) -> bool:
+    words = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
+    return words[text.lower()]
