@@ -149,6 +149,7 @@ def on_disk_dtypes(file: Path) -> set[torch.dtype]:
 # --- the pipeline folder --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["sd15", "sd21"])
 @pytest.mark.parametrize("full_precision", [False, True])
 def test_pipeline_folder_loads_and_makes_an_image(request, tmp_path, model, full_precision):
@@ -265,6 +266,7 @@ def test_8bit_state_is_really_8bit(sd15):
     assert torch.uint8 in dtypes(state.optimizers["unet"]["state"])
 
 
+@pytest.mark.slow
 def test_only_trained_models_are_copied_and_frozen_ones_come_from_the_base(sd21, tmp_path):
     """Checkpoint weight: fp32 copies of what trains only; frozen models that fp16 rounds are
     restored exactly from the run's base model (here the built-in tiny-sd21)."""
@@ -372,6 +374,7 @@ def crash(*args, **kwargs):
     ("module", "where"),
     [(checkpoint, "_write_training_state"), (atomic, "sync_tree"), (atomic, "_fsync")],
 )
+@pytest.mark.slow
 def test_crash_mid_save_leaves_previous_checkpoint(sd15, tmp_path, monkeypatch, module, where):
     path = tmp_path / "ckpt"
     with monkeypatch.context() as patch:  # the very first save crashes: nothing at path

@@ -73,6 +73,7 @@ def _hang_guard(seconds: int):
     signal.alarm(seconds)
 
 
+@pytest.mark.slow
 def test_a_caption_of_200k_tags_is_merged_in_linear_time(tmp_path):
     tags = [f"tag{k}" for k in range(200_000)]
     write_image(tmp_path / "x.png")

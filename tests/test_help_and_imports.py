@@ -69,7 +69,7 @@ def test_help_groups_flags_and_lists_allowed_values() -> None:
         assert any(t.startswith(title) for t in GROUPS.values()), title
     flat = " ".join(text.split())
     assert "Allowed: linear, cosine, cosine_with_restarts, polynomial, constant," in flat
-    assert 'Allowed: mse, huber, mse_huber, huber_mse. Default: "mse"' in flat
+    assert 'Allowed: mse, huber, mse_huber, huber_mse. Default: "mse_huber"' in flat
     assert "Allowed: >= 1; <= 1024. Default: 2." in flat
 
 

@@ -63,6 +63,7 @@ def logged_run(tmp_path_factory):
         "lr/unet",
     ],
 )
+@pytest.mark.slow
 def test_tensorboard_has_everydream2s_tags_and_ours(logged_run, tag):
     assert scalars(logged_run, tag)
 

@@ -50,6 +50,7 @@ def assert_same_outputs(pipe, bundle) -> None:
     torch.testing.assert_close(loaded_sample, sample, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "settings"), CASES)
 def test_diffusers_loads_both_files_with_the_trainers_outputs(name, settings, tmp_path):
     bundle = adapted(name, settings)
@@ -60,6 +61,7 @@ def test_diffusers_loads_both_files_with_the_trainers_outputs(name, settings, tm
         assert_same_outputs(pipe, bundle)
 
 
+@pytest.mark.slow
 def test_full_precision_files_are_fp32_and_load_the_same(tmp_path):
     bundle = adapted("tiny-sd15", LOCON)
     with torch.no_grad():  # values fp16 cannot hold: the fp32 files must keep them

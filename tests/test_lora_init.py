@@ -47,6 +47,7 @@ def same_adapters(a, b) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "settings"), [("tiny-sd15", LOCON), ("tiny-sd21", RANK4)])
 def test_both_formats_give_back_the_same_adapters(name, settings, tmp_path):
     trained = adapted(name, settings)
@@ -126,6 +127,7 @@ def test_a_kohya_file_without_alphas_means_alpha_equals_rank(tmp_path):
     check_lora_init(lora_file, LoraSettings.of(4))  # alpha 4 = rank
 
 
+@pytest.mark.slow
 def test_the_adapter_state_resumes_exactly(tmp_path):
     trained = adapted("tiny-sd21", LOCON)
     state = adapter_state_dict(trained.unet)

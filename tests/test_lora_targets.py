@@ -101,6 +101,7 @@ def test_models_that_do_not_train_get_no_adapter_and_stay_frozen():
     assert not any(p.requires_grad for p in bundle.text_encoder.parameters())
 
 
+@pytest.mark.slow
 def test_fresh_adapters_change_nothing_and_the_seed_decides_them():
     torch.manual_seed(123)
     before = torch.get_rng_state()

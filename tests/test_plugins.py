@@ -126,6 +126,7 @@ def plugin_folder(folder: Path, name: str, source: str) -> None:
     (folder / "plugins" / f"{name}.py").write_text(textwrap.dedent(source))
 
 
+@pytest.mark.slow
 def test_an_everydream2_plugin_sees_every_hook_with_everydream2s_arguments(tmp_path):
     plugin_folder(tmp_path, "counting", COUNTING_PLUGIN)
     config = write_config(
@@ -149,6 +150,7 @@ def test_an_everydream2_plugin_sees_every_hook_with_everydream2s_arguments(tmp_p
     assert [global_step for *_, global_step in report["steps"]] == list(range(1, batches + 1))
 
 
+@pytest.mark.slow
 def test_caption_transforms_reach_the_step(tmp_path, monkeypatch):
     plugin_folder(tmp_path, "counting", COUNTING_PLUGIN)
     seen: list[str] = []
@@ -203,6 +205,7 @@ def test_a_bad_plugin_entry_is_exit_2_before_any_model_loads(
     assert expected in caplog.text
 
 
+@pytest.mark.slow
 def test_a_slow_hook_gets_a_warning_naming_it(tmp_path, monkeypatch, caplog):
     plugin_folder(
         tmp_path,
@@ -223,6 +226,7 @@ def test_a_slow_hook_gets_a_warning_naming_it(tmp_path, monkeypatch, caplog):
     assert "longer than the 0.01 s EveryDream2 allows epoch hooks" in caplog.text
 
 
+@pytest.mark.slow
 def test_arg_update_callback_changes_grad_accum_from_the_next_epoch(tmp_path):
     plugin_folder(
         tmp_path,
@@ -242,6 +246,7 @@ def test_arg_update_callback_changes_grad_accum_from_the_next_epoch(tmp_path):
     assert last.name == "last-myproj-ep02-gs00011"
 
 
+@pytest.mark.slow
 def test_the_example_plugin_runs(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     config = write_config(

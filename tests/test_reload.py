@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from tests.e2e import ADAMW, run, run_folders, scalars, write_config
 
 EDITING_PLUGIN = """
@@ -21,6 +23,7 @@ class Edit(BasePlugin):
 """
 
 
+@pytest.mark.slow
 def test_live_keys_change_between_epochs_and_the_others_are_reported(tmp_path, caplog):
     caplog.set_level(logging.INFO)
     config = write_config(
@@ -39,6 +42,7 @@ def test_live_keys_change_between_epochs_and_the_others_are_reported(tmp_path, c
     assert "batch_size changed; only zero_frequency_noise_ratio," in caplog.text
 
 
+@pytest.mark.slow
 def test_a_broken_edit_keeps_the_settings_in_force(tmp_path, caplog):
     config = write_config(
         tmp_path, ADAMW, max_epochs=2, load_settings_every_epoch=True, plugins=["breaking.Break"]

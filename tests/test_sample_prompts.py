@@ -358,6 +358,7 @@ def test_size_for_aspect_ratio_matches_everydream2() -> None:
     assert size_for_aspect_ratio(4.0, 64) == (128, 64)
 
 
+@pytest.mark.slow
 def test_reading_sample_prompts_loads_no_model_library(tmp_path: Path) -> None:
     path = write_json(tmp_path, EVERYDREAM2_EXAMPLE)
     code = (

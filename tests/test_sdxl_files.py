@@ -58,6 +58,7 @@ def with_prediction(bundle: ModelBundle, **scheduler: object) -> ModelBundle:
 # --- folders ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("full_precision", [False, True])
 def test_folder_loads_with_diffusers_and_back_as_resume_ckpt(
     tiny: ModelBundle, tmp_path: Path, full_precision: bool
@@ -166,6 +167,7 @@ REAL_KEYS = {
 }
 
 
+@pytest.mark.slow
 def test_full_size_layout_has_the_real_keys_and_shapes() -> None:
     shapes = expected_shapes("sdxl-random")  # meta device: no memory
     for key, shape in REAL_KEYS.items():
@@ -206,6 +208,7 @@ def test_diffusers_converters_undo_the_mapping(tiny: ModelBundle) -> None:
 # --- single files ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("full_precision", [False, True])
 def test_diffusers_loads_the_single_file_with_the_folders_weights(
     tiny: ModelBundle, tmp_path: Path, full_precision: bool

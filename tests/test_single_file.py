@@ -45,6 +45,7 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 # --- written beside each checkpoint ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("full_precision", [False, True])
 def test_diffusers_loads_the_single_file_with_the_folders_weights(
@@ -179,6 +180,7 @@ def test_single_file_loads_as_resume_ckpt(
     assert loaded.source == str(path)
 
 
+@pytest.mark.slow
 def test_fp16_single_file_loads_in_float32(tiny: dict[str, ModelBundle], tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     write_single_file(path, tiny["tiny-sd15"], False)
@@ -295,6 +297,7 @@ def test_ckpt_without_weights(tmp_path: Path) -> None:
 # --- prediction type -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prediction_type_from_yaml_rule_and_override(
     tiny: dict[str, ModelBundle], tmp_path: Path
 ) -> None:

@@ -47,6 +47,7 @@ def test_every_checkpoint_has_a_single_file_and_no_save_ckpt_skips_it(tmp_path: 
     assert checkpoints(tmp_path / "off") and single_files(tmp_path / "off") == []
 
 
+@pytest.mark.slow
 def test_text_encoder_files_have_the_standard_keys(tmp_path: Path) -> None:
     config = write_config(tmp_path, ADAMW, max_epochs=1)
     assert run(config) == 0

@@ -44,6 +44,7 @@ def test_loss_is_finite_and_decreases(tmp_path, model):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sd21"])
 def test_run_folder_has_config_events_and_a_loadable_checkpoint(tmp_path, model):
     config = write_config(tmp_path, ADAMW, max_epochs=1, resume_ckpt=model)
@@ -68,6 +69,7 @@ def test_run_folder_has_config_events_and_a_loadable_checkpoint(tmp_path, model)
     assert image.shape == (64, 64, 3)
 
 
+@pytest.mark.slow
 def test_training_changes_weights_but_not_frozen_layers(tmp_path):
     freezing = {"freeze_embeddings": True, "freeze_front_n_layers": -6}
     config = write_config(
@@ -92,6 +94,7 @@ def test_training_changes_weights_but_not_frozen_layers(tmp_path):
     assert any(not torch.equal(v, before.unet.state_dict()[k]) for k, v in unet_after.items())
 
 
+@pytest.mark.slow
 def test_disable_textenc_training_leaves_text_encoder_unchanged(tmp_path):
     config = write_config(
         tmp_path, ADAMW, max_epochs=1, disable_textenc_training=True, save_full_precision=True
@@ -120,6 +123,7 @@ def test_disable_textenc_training_leaves_text_encoder_unchanged(tmp_path):
         "prodigy",
     ],
 )
+@pytest.mark.slow
 def test_every_optimizer_trains_end_to_end(tmp_path, optimizer):
     adaptive = optimizer.startswith("dadapt") or optimizer == "prodigy"
     lr = 1.0 if adaptive else 1e-4
@@ -178,6 +182,7 @@ def test_resume_from_plain_weights_starts_a_new_run(tmp_path):
     assert len(scalars(folder, "loss/train")) == 7  # a whole new epoch from step 0
 
 
+@pytest.mark.slow
 def test_resume_with_another_optimizer_is_an_error(tmp_path):
     first = write_config(tmp_path / "first", ADAMW, max_epochs=1)
     assert run(first) == 0
@@ -242,6 +247,7 @@ def test_periodic_checkpoints_follow_the_keys(tmp_path):
     assert (checkpoints(tmp_path)[-1] / "training_state").exists()  # the final one always
 
 
+@pytest.mark.slow
 def test_save_ckpt_dir_and_unwritable_target(tmp_path, caplog):
     config = write_config(tmp_path, ADAMW, max_epochs=1, save_ckpt_dir=str(tmp_path / "ckpts"))
     assert run(config) == 0
@@ -256,6 +262,7 @@ def test_save_ckpt_dir_and_unwritable_target(tmp_path, caplog):
     assert "Traceback" not in caplog.text
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     import training.loop as loop
 
@@ -294,6 +301,7 @@ def test_sample_images_are_made_during_training(tmp_path):
     assert images == [f"step-000007-0{i}.png" for i in range(6)]
 
 
+@pytest.mark.slow
 def test_write_schedule(tmp_path):
     config = write_config(tmp_path, ADAMW, max_epochs=2, write_schedule=True)
     assert run(config) == 0
