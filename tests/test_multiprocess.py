@@ -49,8 +49,19 @@ def relative_difference(a: dict, b: dict) -> float:
     return float(difference / change)
 
 
+def own(folder: Path, prefix: str) -> Path:
+    """The run's checkpoint named ``prefix...`` (not the ``_ema`` one beside it)."""
+    (found,) = [c for c in checkpoints(folder, prefix) if not c.name.endswith("_ema")]
+    return found
+
+
+def ema_of(checkpoint: Path) -> Path:
+    return checkpoint.with_name(f"{checkpoint.name}_ema")
+
+
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
-    """Training, resume and validation: 2 processes of batch B are 1 process of batch 2B."""
+    """Training, resume and validation: 2 processes of batch B are 1 process of batch 2B, and
+    a checkpoint of either resumes on the other (the same global batch)."""
     validation = tmp_path / "validation.json"
     validation.write_text(
         json.dumps(
@@ -65,6 +76,8 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
         "grad_accum": 2,
         "embedding_perturbation": 0.1,
         "validation_config": str(validation),
+        "ema_decay_rate": 0.9,
+        "ema_update_interval": 1,
     }
     two = write_config(tmp_path / "two", ADAMW, batch_size=2, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=4, **keys)
@@ -83,22 +96,51 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
     assert two_values[0] == pytest.approx(one_values[0], rel=1e-6)
     # later the weights differ by the all-reduce's float rounding
     assert two_values[1:] == pytest.approx(one_values[1:], rel=1e-3)
-    (a,) = checkpoints(tmp_path / "two", "last-")
-    (b,) = checkpoints(tmp_path / "one", "last-")
+    a, b = own(tmp_path / "two", "last-"), own(tmp_path / "one", "last-")
     assert a.name == b.name  # same number of optimizer steps
     # Float rounding only: gradient all-reduce and batch-size-dependent kernels (measured 0.4%).
     assert relative_difference(trained_weights(a), trained_weights(b)) < 0.02
 
     # A two-process run resumed from its epoch-1 checkpoint ends where the straight one did.
-    (middle,) = checkpoints(tmp_path / "two", "myproj-ep01")
+    middle = own(tmp_path / "two", "myproj-ep01")
     resumed = write_config(
         tmp_path / "resumed", ADAMW, batch_size=2, **keys, resume_ckpt=str(middle)
     )
     result = launch(resumed, 2)
     assert result.returncode == 0, result.stderr[-4000:]
-    (c,) = checkpoints(tmp_path / "resumed", "last-")
-    wa, wc = trained_weights(a), trained_weights(c)
-    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    c = own(tmp_path / "resumed", "last-")
+    for ema in (False, True):
+        wa = trained_weights(ema_of(a) if ema else a)
+        wc = trained_weights(ema_of(c) if ema else c)
+        assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    check_elastic_resume(tmp_path, keys, {2: a, 1: b})
+
+
+def check_elastic_resume(tmp_path: Path, keys: dict, straight: dict[int, Path]) -> None:
+    """Elastic resume: each straight run's epoch-1 checkpoint, resumed on the other process
+    count (2 x 2 <-> 1 x 4, global batch 4), ends where that straight run ended, to float
+    rounding (weights and EMA)."""
+    for first, then in ((2, 1), (1, 2)):
+        source = tmp_path / ("two" if first == 2 else "one")
+        folder = tmp_path / f"{first}to{then}"
+        config = write_config(
+            folder, ADAMW, batch_size=4 // then, **keys,
+            resume_ckpt=str(own(source, "myproj-ep01")),
+        )  # fmt: skip
+        if then == 2:
+            result = launch(config, 2)
+            assert result.returncode == 0, result.stderr[-4000:]
+            log = result.stderr
+        else:
+            assert run(config) == 0
+            log = (run_folders(folder)[0] / "train.log").read_text()
+        assert "the same global batch of 4" in log
+        end = own(folder, "last-")
+        for ema in (False, True):
+            mine = trained_weights(ema_of(end) if ema else end)
+            theirs = trained_weights(ema_of(straight[first]) if ema else straight[first])
+            difference = relative_difference(mine, theirs)
+            assert difference < 0.02, f"{first} -> {then} processes (EMA {ema}): {difference}"
 
 
 PATCHED_TRAIN = """
@@ -178,64 +220,6 @@ def test_a_lora_run_in_two_processes_trains_like_one_with_the_whole_batch(tmp_pa
     size = sum(b[k].norm() ** 2 for k in ups) ** 0.5
     assert size > 0
     assert difference < 0.02 * size  # float rounding of the all-reduce
-
-
-def last_checkpoint(folder: Path, suffix: str) -> Path:
-    """The run's last checkpoint (``suffix`` "_ema": the EMA's beside it)."""
-    (found,) = [c for c in checkpoints(folder, "last-") if c.name.endswith(f"gs00014{suffix}")]
-    return found
-
-
-def test_a_checkpoint_resumes_on_another_number_of_processes(tmp_path):
-    """2 processes x batch 1 resumed on 1 x batch 2, and 1 x 2 resumed on 2 x 1 (EMA and
-    validation on): the same global batch, so the same images, order and random draws."""
-    validation = tmp_path / "validation.json"
-    validation.write_text(
-        json.dumps(
-            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(EXAMPLE_DATA)}
-        )
-    )
-    keys = {
-        "max_epochs": 2,
-        "save_full_precision": True,
-        "save_every_n_epochs": 1,
-        "save_optimizer": True,
-        "ema_decay_rate": 0.9,
-        "ema_update_interval": 1,
-        "validation_config": str(validation),
-    }
-    for first, then in ((2, 1), (1, 2)):
-        straight = write_config(tmp_path / f"{first}", ADAMW, batch_size=2 // first, **keys)
-        result = launch(straight, first) if first > 1 else None
-        assert result is None or result.returncode == 0, result.stderr[-4000:]
-        if first == 1:
-            assert run(straight) == 0
-        (middle,) = [
-            c for c in checkpoints(tmp_path / f"{first}", "myproj-ep01") if "_ema" not in c.name
-        ]
-        resumed = write_config(
-            tmp_path / f"{first}to{then}", ADAMW, batch_size=2 // then, **keys,
-            resume_ckpt=str(middle),
-        )  # fmt: skip
-        if then > 1:
-            result = launch(resumed, then)
-            assert result.returncode == 0, result.stderr[-4000:]
-            log = result.stderr
-        else:
-            assert run(resumed) == 0
-            (folder,) = run_folders(tmp_path / f"{first}to{then}")
-            log = (folder / "train.log").read_text()
-        assert "the same global batch of 2" in log
-        for suffix in ("", "_ema"):
-            a = last_checkpoint(tmp_path / f"{first}", suffix)
-            b = last_checkpoint(tmp_path / f"{first}to{then}", suffix)
-            difference = relative_difference(trained_weights(a), trained_weights(b))
-            assert difference < 0.02, f"{first} -> {then} processes{suffix}: {difference:.4f}"
-        (straight_folder,) = run_folders(tmp_path / f"{first}")
-        (resumed_folder,) = run_folders(tmp_path / f"{first}to{then}")
-        assert scalars(resumed_folder, "loss/val")[-1] == pytest.approx(
-            scalars(straight_folder, "loss/val")[-1], rel=1e-3
-        )
 
 
 def machine_launch(config: Path, rank: int, port: int, multi_gpu: bool = True) -> list[str]:
