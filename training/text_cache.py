@@ -1,0 +1,51 @@
+"""The text-embedding cache: a frozen text encoder's output for each caption, computed once.
+
+When the text encoder does not train (``disable_textenc_training``, or every layer frozen), its
+output for a caption never changes, so `CachedPromptEncoder` keeps it, keyed by the caption's
+token ids, and the step reuses it every epoch (the empty caption of ``cond_dropout`` included).
+Each caption is encoded alone (a batch of one), so an embedding does not depend on the batch it
+first appeared in: a resumed run, whose cache starts empty, trains exactly as the straight one.
+Against a run without the cache, embeddings differ by float rounding at most (a batch of one
+against a batch of several). Embeddings are kept on the CPU in the encoder's output dtype, up to
+`MAX_CACHED_BYTES`; past that, new captions are encoded without being kept. The cache is off
+with ``shuffle_tags`` (the captions change every step, so nothing would be reused). The text
+encoder stays where it is: samples and validation use it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# 2 GiB: about 9,000 SD1.x captions (77 x 768 fp32) or 7,000 SD2.x ones.
+MAX_CACHED_BYTES = 2 * 2**30
+
+
+class CachedPromptEncoder(torch.nn.Module):
+    """A frozen prompt encoder whose outputs are kept by token ids (see the module)."""
+
+    def __init__(self, encoder: torch.nn.Module, max_bytes: int = MAX_CACHED_BYTES) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.max_bytes = max_bytes
+        self._cache: dict[bytes, torch.Tensor] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = [self._row(ids) for ids in input_ids]
+        return torch.stack(rows).to(input_ids.device)
+
+    def _row(self, ids: torch.Tensor) -> torch.Tensor:
+        key = ids.to("cpu").numpy().tobytes()
+        found = self._cache.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        with torch.no_grad():
+            embedding = self.encoder(ids[None])[0].detach().to("cpu")
+        if self._bytes + embedding.nbytes <= self.max_bytes:
+            self._cache[key] = embedding
+            self._bytes += embedding.nbytes
+        return embedding
