@@ -143,6 +143,11 @@ def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
             f"{loaded.where('fused_backward_pass')}: cannot run with mixed_precision fp16 (its "
             "grad scaler checks every gradient before any step); use bf16 or no"
         )
+    if c.latent_cache_dir is not None and not c.cache_latents:
+        problems.append(
+            f"{loaded.where('latent_cache_dir')}: needs cache_latents: true (the folder holds "
+            "the latent cache); set cache_latents or remove latent_cache_dir"
+        )
     problems += ema_problems(loaded) + lora_problems(loaded)
     return problems + _check_output_names(loaded)
 

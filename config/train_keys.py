@@ -103,6 +103,13 @@ class TrainingKeys:
         "Encode every image once with the VAE and reuse the latents (flips included).",
         group="data",
     )
+    latent_cache_dir: str | None = setting(
+        None,
+        "With cache_latents: keep the latents in this folder instead of memory, reused by "
+        "later runs, resumes and processes (docs/performance.md#latent-cache-on-disk).",
+        text="path",
+        group="data",
+    )
     rated_dataset: bool = setting(
         False,
         "Train less often on images with a lower yaml `rating`: from the third epoch on, each "

@@ -60,7 +60,9 @@ class LatentCache:
         return LatentDistribution(mean, std)
 
 
-def _keys_needed(dataset: TrainDataset) -> list[Key]:
+def keys_needed(dataset: TrainDataset) -> list[Key]:
+    """Every (image, flipped) pair a run can train on: each image, and its mirror where flips
+    can happen."""
     keys = []
     for image in dataset.images:
         keys.append((image.index, False))
@@ -69,24 +71,44 @@ def _keys_needed(dataset: TrainDataset) -> list[Key]:
     return keys
 
 
+def encoding_chunks(dataset: TrainDataset, keys: list[Key]) -> list[list[Key]]:
+    """``keys`` grouped by bucket (in first-seen order) and cut into batches of
+    `ENCODE_BATCH`: the batches the VAE encodes. The same keys give the same batches, so the
+    disk cache encodes exactly what the memory cache does."""
+    by_bucket: dict[tuple[int, int], list[Key]] = {}
+    for key in keys:
+        by_bucket.setdefault(dataset.images[key[0]].bucket, []).append(key)
+    return [
+        keys[start : start + ENCODE_BATCH]
+        for keys in by_bucket.values()
+        for start in range(0, len(keys), ENCODE_BATCH)
+    ]
+
+
+def encode_chunk(
+    dataset: TrainDataset,
+    bundle: ModelBundle,
+    precision: Precision,
+    device: torch.device,
+    chunk: list[Key],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The posterior (mean, std) of each key of one chunk, on the CPU."""
+    pixels = torch.stack([dataset.decode(i, flip) for i, flip in chunk]).to(device)
+    posterior = encode_latent_distribution(bundle, pixels, precision)
+    return [(posterior.mean[n].cpu(), posterior.std[n].cpu()) for n in range(len(chunk))]
+
+
 def build_latent_cache(
     dataset: TrainDataset, bundle: ModelBundle, precision: Precision, device: torch.device
 ) -> LatentCache:
     """Encode every image (and its mirror where flips can happen) once."""
     started = time.perf_counter()
-    by_bucket: dict[tuple[int, int], list[Key]] = {}
-    for key in _keys_needed(dataset):
-        by_bucket.setdefault(dataset.images[key[0]].bucket, []).append(key)
     means: dict[Key, torch.Tensor] = {}
     stds: dict[Key, torch.Tensor] = {}
-    for keys in by_bucket.values():
-        for start in range(0, len(keys), ENCODE_BATCH):
-            chunk = keys[start : start + ENCODE_BATCH]
-            pixels = torch.stack([dataset.decode(i, flip) for i, flip in chunk]).to(device)
-            posterior = encode_latent_distribution(bundle, pixels, precision)
-            for n, key in enumerate(chunk):
-                means[key] = posterior.mean[n].cpu()
-                stds[key] = posterior.std[n].cpu()
+    for chunk in encoding_chunks(dataset, keys_needed(dataset)):
+        encoded = encode_chunk(dataset, bundle, precision, device, chunk)
+        for key, (mean, std) in zip(chunk, encoded, strict=True):
+            means[key], stds[key] = mean, std
     logger.info(
         "cache_latents: %d latents of %d images encoded in %.1f s",
         len(means),

@@ -16,9 +16,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from config.errors import UserError
 from training.checkpointing.names import checkpoint_dir
 from training.components import Component, build_components
+from training.disk_cache import latent_cache_for
 from training.environment import Environment
 from training.interrupt import stop_on_signals
-from training.latent_cache import build_latent_cache
 from training.logfile import FILE_ONLY, log_file
 from training.loop import StopTraining, Trainer, TrainingDivergedError
 from training.metrics import Metrics, Sink, TensorBoardSink, WandbSink
@@ -165,7 +165,8 @@ def batch_source(run: Run, precision: Precision) -> BatchSource:
     ``masked_loss``, each image's mask too."""
     source: BatchSource
     if run.train.config.cache_latents:
-        source = build_latent_cache(run.dataset, run.models, precision, run.device)
+        cache_dir = run.train.config.latent_cache_dir
+        source = latent_cache_for(run.dataset, run.models, precision, run.device, cache_dir)
     else:
         source = PixelSource(run.dataset, run.models, precision, run.device)
     return MaskedSource(source) if run.train.config.masked_loss else source

@@ -55,7 +55,7 @@ class Validation(Component):
             masks=MaskLoader() if ctx.config.masked_loss else None,
         )
         if ctx.config.cache_latents:
-            self._evaluator.cache_latents(self.data.sets)
+            self._evaluator.cache_latents(self.data.sets, ctx.config.latent_cache_dir)
         if ctx.progress.global_step == 0:  # once per run: not again after a resume
             self.validate(ctx)
 

@@ -29,8 +29,9 @@ from data import Batch, BatchPlan
 from data.fixed_loader import fixed_batch_loader
 from data.masks import MaskLoader
 from models.bundle import ModelBundle
+from training.disk_cache import DiskLatentCache, latent_cache_for
 from training.distributed import sum_over_processes
-from training.latent_cache import LatentCache, build_latent_cache
+from training.latent_cache import LatentCache
 from training.precision import Precision
 from training.step import (
     LatentDistribution,
@@ -115,18 +116,19 @@ class Evaluator:
         self.device = device
         self.shard = shard
         self.show_progress = show_progress
-        self.caches: dict[str, LatentCache] = {}
+        self.caches: dict[str, LatentCache | DiskLatentCache] = {}
 
     @property
     def bundle(self) -> ModelBundle:
         return self.models.bundle
 
-    def cache_latents(self, sets: Iterable[EvalSet]) -> None:
-        """Encode every image of the sets once (``cache_latents``); passes then reuse them."""
+    def cache_latents(self, sets: Iterable[EvalSet], cache_dir: str | None = None) -> None:
+        """Encode every image of the sets once (``cache_latents``), in memory or in
+        ``cache_dir`` (``latent_cache_dir``); passes then reuse them."""
         with evaluation_mode([self.bundle.vae], self.device):
             for eval_set in sets:
-                self.caches[eval_set.name] = build_latent_cache(
-                    eval_set.dataset, self.bundle, self.precision, self.device
+                self.caches[eval_set.name] = latent_cache_for(
+                    eval_set.dataset, self.bundle, self.precision, self.device, cache_dir
                 )
 
     def loss(self, eval_set: EvalSet, settings: StepSettings) -> float:
