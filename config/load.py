@@ -148,6 +148,11 @@ def _check_consistency(loaded: LoadedTrainConfig) -> list[str]:
             f"{loaded.where('latent_cache_dir')}: needs cache_latents: true (the folder holds "
             "the latent cache); set cache_latents or remove latent_cache_dir"
         )
+    if c.text_encoder_offload and c.shuffle_tags:
+        problems.append(
+            f"{loaded.where('text_encoder_offload')}: needs the text-embedding cache, which "
+            "shuffle_tags turns off (the captions change every step); turn one of them off"
+        )
     problems += ema_problems(loaded) + lora_problems(loaded)
     return problems + _check_output_names(loaded)
 

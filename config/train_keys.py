@@ -110,6 +110,12 @@ class TrainingKeys:
         text="path",
         group="data",
     )
+    text_encoder_offload: bool = setting(
+        False,
+        "Keep a frozen text encoder in CPU memory while training: its outputs come from the "
+        "text-embedding cache (needs a text encoder that does not train, and no shuffle_tags).",
+        group="data",
+    )
     rated_dataset: bool = setting(
         False,
         "Train less often on images with a lower yaml `rating`: from the third epoch on, each "

@@ -195,13 +195,20 @@ def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_p
 
 
 def test_a_lora_run_in_two_processes_trains_like_one_with_the_whole_batch(tmp_path):
-    """The adapters' gradients are all-reduced as weights' are."""
-    keys = {"max_epochs": 1, "lora_rank": 4, "lora_alpha": 4.0}
+    """The adapters' gradients are all-reduced as weights' are. Both runs share a latent cache
+    on disk: the two processes encode it together, the lone one finds every entry."""
+    keys = {"max_epochs": 1, "lora_rank": 4, "lora_alpha": 4.0, "cache_latents": True}
+    keys["latent_cache_dir"] = str(tmp_path / "cache")
     two = write_config(tmp_path / "two", ADAMW, batch_size=1, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
     result = launch(two, 2)
     assert result.returncode == 0, result.stderr[-4000:]
+    encoded = re.findall(r"(\d+) entries, 0 found, \1 encoded \((\d+) here", result.stderr)
+    assert len(encoded) == 2, result.stderr[-4000:]  # each process's report
+    assert sum(int(here) for _, here in encoded) == int(encoded[0][0])  # shared, not repeated
     assert run(one) == 0
+    log = (run_folders(tmp_path / "one")[0] / "train.log").read_text()
+    assert re.search(r"(\d+) entries, \1 found, 0 encoded", log)
     adapters = []
     for folder in (tmp_path / "two", tmp_path / "one"):
         (last,) = checkpoints(folder, "last-")

@@ -292,6 +292,11 @@ def build_run(
         )
     fused = c.fused_backward_pass
     unet, text_encoder = build_trainings(models, optim, p.length.planned_steps, device, fused)
+    if c.text_encoder_offload and text_encoder is not None:
+        raise UserError(
+            "text_encoder_offload: the text encoder trains, so it must stay on the training "
+            "device; set disable_textenc_training (or freeze all of it) or turn the offload off"
+        )
     base_model = base_model_of(c.resume_ckpt, p.resume_state)
     run = Run(
         train=p.train,

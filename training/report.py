@@ -55,7 +55,10 @@ def memory_report(run: Run) -> dict[str, Any]:
             fused = run.train.config.fused_backward_pass
             out[name] = model_memory(model, training.settings.name, slice_p, fused)
     out["vae"] = model_memory(run.models.vae, None)
-    total = sum(part["total_bytes"] for part in out.values())
+    offloaded = "text_encoder" if run.train.config.text_encoder_offload else None
+    total = sum(part["total_bytes"] for name, part in out.items() if name != offloaded)
+    if offloaded is not None:  # in CPU memory while training (text_encoder_offload)
+        out[offloaded]["counted_in_total"] = False
     if run.ema is not None:  # counted in the total when it lives on the training device
         out["ema"] = ema_memory(run.ema, run.models, [t.model_name for t in run.trainings])
         out["ema"]["counted_in_total"] = run.ema.device == run.device

@@ -29,7 +29,7 @@ from training.report import dry_run_report, memory_report
 from training.run import Run
 from training.sources import BatchSource, MaskedSource, PixelSource
 from training.step import CaptionTokenizer, PromptEncoder, Shard, StepModels
-from training.text_cache import CachedPromptEncoder
+from training.text_cache import CachedPromptEncoder, offload_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
     prompt_encoder: torch.nn.Module = PromptEncoder(bundle.text_encoder, c.clip_skip)
     if not train_text_encoder and not c.shuffle_tags:
         prompt_encoder = CachedPromptEncoder(prompt_encoder)  # frozen: each caption once
+        if c.text_encoder_offload:
+            offload_text_encoder(bundle.text_encoder)
+
     if accelerator.num_processes > 1:
         if train_unet:
             unet = accelerator.prepare_model(unet, device_placement=False)

@@ -8,13 +8,22 @@ first appeared in: a resumed run, whose cache starts empty, trains exactly as th
 Against a run without the cache, embeddings differ by float rounding at most (a batch of one
 against a batch of several). Embeddings are kept on the CPU in the encoder's output dtype, up to
 `MAX_CACHED_BYTES`; past that, new captions are encoded without being kept. The cache is off
-with ``shuffle_tags`` (the captions change every step, so nothing would be reused). The text
-encoder stays where it is: samples and validation use it.
+with ``shuffle_tags`` (the captions change every step, so nothing would be reused).
+
+With ``text_encoder_offload`` the encoder waits in CPU memory while the run trains: a caption the
+cache has not seen is encoded there, and samples and validation bring the encoder to the
+training device for their pass (`text_encoder_on`) and send it back afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 # 2 GiB: about 9,000 SD1.x captions (77 x 768 fp32) or 7,000 SD2.x ones.
 MAX_CACHED_BYTES = 2 * 2**30
@@ -43,9 +52,38 @@ class CachedPromptEncoder(torch.nn.Module):
             self.hits += 1
             return found
         self.misses += 1
+        where = next(self.encoder.parameters()).device  # the CPU with text_encoder_offload
         with torch.no_grad():
-            embedding = self.encoder(ids[None])[0].detach().to("cpu")
+            embedding = self.encoder(ids[None].to(where))[0].detach().to("cpu")
         if self._bytes + embedding.nbytes <= self.max_bytes:
             self._cache[key] = embedding
             self._bytes += embedding.nbytes
         return embedding
+
+
+def offload_text_encoder(text_encoder: torch.nn.Module) -> None:
+    """``text_encoder_offload``: keep the frozen encoder in CPU memory while training."""
+    size = sum(p.numel() * p.element_size() for p in text_encoder.parameters())
+    device = next(text_encoder.parameters()).device
+    text_encoder.to("cpu")
+    logger.info(
+        "text_encoder_offload: the text encoder (%.2f GiB) waits in CPU memory instead of %s; "
+        "samples and validation bring it back for their passes",
+        size / 2**30,
+        device,
+    )
+
+
+@contextlib.contextmanager
+def text_encoder_on(text_encoder: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """The text encoder on ``device`` for a pass, then back where it was (the CPU when it is
+    offloaded; nothing moves otherwise)."""
+    home = next(text_encoder.parameters()).device
+    if home == device:
+        yield
+        return
+    text_encoder.to(device)
+    try:
+        yield
+    finally:
+        text_encoder.to(home)

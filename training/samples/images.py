@@ -21,6 +21,7 @@ from torch import nn
 
 from training.samples.schedulers import is_zero_terminal_snr, make_inference_scheduler
 from training.samples.settings import DEFAULT_SCHEDULER, RANDOM_SEED, SampleRequest
+from training.text_cache import text_encoder_on
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -239,6 +240,7 @@ def _sampling_context(model: SamplingModel) -> Iterator[None]:
     modules = [bundle.unet, bundle.text_encoder, bundle.vae]
     autocast = _autocast(model.device) if model.autocast is None else model.autocast()
     with (
+        text_encoder_on(bundle.text_encoder, model.device),
         _sampling_mode(modules),
         torch.random.fork_rng(devices=_forked_devices(model.device)),
         torch.no_grad(),

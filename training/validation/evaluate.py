@@ -42,6 +42,7 @@ from training.step import (
     encode_latent_distribution,
     with_masks,
 )
+from training.text_cache import text_encoder_on
 from training.validation.sets import EvalSet
 
 BAR_WIDTH = 80
@@ -149,7 +150,7 @@ class Evaluator:
             # a second bar moves the cursor: on a terminal only, never into a log file
             disable=not (self.show_progress and sys.stderr.isatty()),
         )
-        with bar, evaluation_mode(modules, self.device):
+        with bar, evaluation_mode(modules, self.device), text_encoder_on(modules[1], self.device):
             for batch, latents in self._batches(eval_set, mine):
                 if self.masks is not None:
                     latents = with_masks(latents, batch, self.masks)
