@@ -1,7 +1,7 @@
 """The data layer at scale: scan cost, latent-cache reads and memory, measured in one run.
 
     .venv/bin/python bench/bench_cache.py [--images 100000] [--small 2000] [--large 20000]
-    .venv/bin/python bench/bench_cache.py --quick      # a smoke run of every row (tests)
+    .venv/bin/python bench/bench_cache.py --quick      # every row, small
 
 Generates --images tiny PNGs with captions in a temporary folder (nested: the first --small,
 then up to --large, then the rest), then prints:
@@ -11,8 +11,9 @@ then up to --large, then the rest), then prints:
 - cache reads: batches/s of `DiskLatentCache.latents` (the trainer's read path: CRC-checked
   entries, stacked) over a warm cache of 512 px entries, next to `safetensors.torch.load_file`
   of the same files stacked the same way (target: at least 80%);
-- run memory: peak RSS of a fresh process that opens a warm disk cache of --large images and
-  reads every batch of an epoch, next to the same for --small images (target: within 10%).
+- run memory: peak RSS of a training run (train.py's building code and loop, tiny-sd15, 64 px,
+  batch 8, --steps optimizer steps) over a warm disk cache of --large images, next to the same
+  run over --small images (target: within 10%). A first run over --large images fills the cache.
 """
 
 from __future__ import annotations
@@ -86,26 +87,56 @@ def child_scan(root: Path) -> dict:
 def warm_cache(root: Path, cache: Path) -> DiskLatentCache:
     """A disk cache whose every entry is there (random latents at each image's key)."""
     dataset = load_dataset(settings(root))
-    paths = {
-        (image.index, False): entry_path(cache, f"{image.index:064x}") for image in dataset.images
-    }
-    for path in paths.values():
+    names = {(image.index, False): f"{image.index:064x}" for image in dataset.images}
+    for name in names.values():
+        path = entry_path(cache, name)
         if not path.exists():
             write_entry(path, torch.randn(LATENT_512), torch.rand(LATENT_512))
     encoder = SimpleNamespace(device=torch.device("cpu"), shape=lambda key: LATENT_512)
-    return DiskLatentCache(dataset, paths, encoder)  # type: ignore[arg-type]
+    return DiskLatentCache(dataset, cache, names, encoder)  # type: ignore[arg-type]
 
 
-def child_run(root: Path, cache: Path) -> dict:
-    """Open a warm cache and read every batch of one epoch, as training does."""
-    source = warm_cache(root, cache)
-    before = rss_kib()
-    batches = 0
-    for batch in source.batches(1, 0, 2, 1):
-        source.latents(batch)
-        batches += 1
+def child_run(root: Path, cache: Path, steps: int) -> dict:
+    """A training run (train.py's building code and loop on tiny-sd15, 64 px, batch 8) over
+    the disk cache of ``root``'s images, stopped after ``steps`` optimizer steps."""
+    from bench.trainer_harness import BenchmarkFinished, build_run_from_flags, train_with_hook
+
+    with tempfile.TemporaryDirectory() as logs:
+        argv = [
+            "--resume_ckpt",
+            "tiny-sd15",
+            "--data_root",
+            str(root),
+            "--resolution",
+            "64",
+            "--batch_size",
+            str(BATCH),
+            "--max_epochs",
+            "100",
+            "--flip_p",
+            "0",
+            "--cache_latents",
+            "--latent_cache_dir",
+            str(cache),
+            "--logdir",
+            logs,
+            "--dataloader_num_workers",
+            "0",
+            "--log_step",
+            "1000",
+        ]
+        run, accelerator = build_run_from_flags(argv)
+        done = 0
+
+        def hook(ctx: object) -> None:
+            nonlocal done
+            done += 1
+            if done >= steps:
+                raise BenchmarkFinished
+
+        train_with_hook(run, accelerator, hook)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"images": len(source.paths), "batches": batches, "peak_kib": peak, "base_kib": before}
+    return {"images": len(run.dataset.images), "steps": done, "peak_kib": peak}
 
 
 def in_child(*args: str) -> dict:
@@ -115,7 +146,7 @@ def in_child(*args: str) -> dict:
 
 def read_rates(cache: DiskLatentCache, repeats: int) -> tuple[float, float]:
     """Batches/s of the cache's read path and of plain load_file, best of ``repeats``."""
-    keys = list(cache.paths)
+    keys = list(cache.names)
     batches = [keys[i : i + BATCH] for i in range(0, len(keys) - BATCH + 1, BATCH)]
     plans = [
         SimpleNamespace(image_indices=[k[0] for k in b], flipped=[k[1] for k in b]) for b in batches
@@ -127,7 +158,7 @@ def read_rates(cache: DiskLatentCache, repeats: int) -> tuple[float, float]:
 
     def plain() -> None:
         for batch in batches:
-            files = [load_file(cache.paths[key]) for key in batch]
+            files = [load_file(cache.path(key)) for key in batch]
             torch.stack([f["mean"] for f in files]), torch.stack([f["std"] for f in files])
 
     best = {ours: float("inf"), plain: float("inf")}
@@ -145,16 +176,20 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=2_000)
     parser.add_argument("--large", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--quick", action="store_true", help="300/20/100 images, 2 repeats")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         what, *paths = args.child
-        result = child_scan(Path(paths[0])) if what == "scan" else child_run(*map(Path, paths))
+        if what == "scan":
+            result = child_scan(Path(paths[0]))
+        else:
+            result = child_run(Path(paths[0]), Path(paths[1]), int(paths[2]))
         print(json.dumps(result))
         return
     if args.quick:
-        args.images, args.small, args.large, args.repeats = 300, 20, 100, 2
+        args.images, args.small, args.large, args.repeats, args.steps = 300, 20, 100, 2, 3
     with tempfile.TemporaryDirectory() as temporary:
         report(Path(temporary), args)
 
@@ -163,9 +198,11 @@ def report(temporary: Path, args: argparse.Namespace) -> None:
     data, cache = temporary / "data", temporary / "cache"
     make_images(data, args.images, args.small, args.large)
     scan = in_child("scan", str(data))
-    small = in_child("run", str(data / "ab" / "a"), str(cache))
-    large = in_child("run", str(data / "ab"), str(cache))
-    ours, plain = read_rates(warm_cache(data / "ab" / "a", cache), args.repeats)
+    ours, plain = read_rates(warm_cache(data / "ab" / "a", cache / "512"), args.repeats)
+    steps = str(args.steps)
+    in_child("run", str(data / "ab"), str(cache / "runs"), "1")  # encodes every entry
+    small = in_child("run", str(data / "ab" / "a"), str(cache / "runs"), steps)
+    large = in_child("run", str(data / "ab"), str(cache / "runs"), steps)
     rows = [
         (
             "scan",

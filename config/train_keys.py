@@ -185,6 +185,16 @@ class TrainingKeys:
     gradient_checkpointing: bool = setting(
         False, "Recompute activations to save memory.", group="model"
     )
+    vram_budget_gb: float | None = setting(
+        None,
+        "Memory the run may use on its device, in GiB: the trainer turns on the cheapest "
+        "savings whose forecast fits and logs each (docs/performance.md#memory-budget); null "
+        "trains with the settings as given.",
+        minimum=0.0,
+        exclusive_minimum=True,
+        maximum=1e6,
+        group="model",
+    )
     fused_backward_pass: bool = setting(
         False,
         "Step each parameter as soon as its gradient is complete, so all gradients never exist "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ DEFAULT_RATING = 1.0
 MAX_IMAGES_PER_EPOCH = 10_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Candidate:
     """An image file whose caption and settings are read but whose pixels are not yet checked."""
 
@@ -57,7 +58,7 @@ class _Candidate:
     max_caption_length: int | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRecord(_Candidate):
     """One usable image with everything decided about it at scan time.
 
@@ -256,7 +257,7 @@ def scan(settings: DataSettings) -> tuple[list[ImageRecord], list[dict[str, str]
         if isinstance(probe, str):
             _skip(skipped, candidate.path, probe)
             continue
-        fields = dict(candidate.__dict__)
+        fields = {f.name: getattr(candidate, f.name) for f in dataclasses.fields(candidate)}
         records.append(
             ImageRecord(
                 index=len(records), size=probe, bucket=nearest_bucket(probe, buckets), **fields

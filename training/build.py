@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -46,9 +47,11 @@ from training.checkpointing.state import (
 )
 from training.checkpointing.writer import restore_full_precision_weights
 from training.distributed import make_accelerator, training_device
-from training.ema import ema_settings
+from training.ema import EmaSettings, ema_memory, ema_settings
 from training.length import RunLength, optimizer_steps
 from training.lora_setup import add_run_adapters, lora_export, weights_source
+from training.planner import fit_budget
+from training.precision import choose_precision
 from training.run import Run
 from training.samples import SampleSettings, load_sample_settings
 from training.validation.sets import (
@@ -267,6 +270,43 @@ def _prepare(
     return _Prepared(train, seed, resume_state, samples, plugins, dataset, validation_data, length)
 
 
+def _fit_budget(
+    p: _Prepared,
+    optim: OptimizerConfig,
+    models: ModelBundle,
+    device: torch.device,
+    world_size: int,
+    ema: EmaSettings | None,
+) -> tuple[_Prepared, OptimizerConfig]:
+    """``vram_budget_gb``: the savings the forecast needs (`training.planner`); a batch split
+    into accumulation plans the data again."""
+    c = p.train.config
+    trained = [name for name in ("unet", "text_encoder") if _trains(getattr(models, name))]
+    on_device = ema is not None and ema.device == device
+    ema_bytes = ema_memory(ema, models, trained)["total_bytes"] if on_device else 0
+    dtype = choose_precision(device, c.mixed_precision, c.disable_amp).dtype
+    bucket = max(p.dataset.buckets, key=lambda size: size[0] * size[1])
+    train, optim = fit_budget(p.train, optim, models, bucket, world_size, ema_bytes, dtype)
+    new = train.config
+    if (new.batch_size, new.grad_accum) == (c.batch_size, c.grad_accum):
+        return dataclasses.replace(p, train=train), optim
+    settings = p.dataset.settings
+    dataset = load_dataset(
+        data_settings(train, p.seed, settings.rank, settings.world_size, device.type),
+        p.dataset.transforms,
+    )
+    validation = load_validation_settings(train)
+    dataset, validation_data = prepare_validation(validation, dataset)
+    length = run_length(dataset, new, p.resume_state)
+    return dataclasses.replace(
+        p, train=train, dataset=dataset, validation=validation_data, length=length
+    ), optim
+
+
+def _trains(model: torch.nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in model.parameters())
+
+
 def build_run(
     train: LoadedTrainConfig,
     optim: OptimizerConfig,
@@ -285,6 +325,10 @@ def build_run(
     resumed_ema = p.resume_state is not None and "ema" in p.resume_state.components
     ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
     models, freezing, lora = load_trainable_models(p.train, optim, p.resume_state, device, p.seed)
+    if c.vram_budget_gb is not None:
+        p, optim = _fit_budget(p, optim, models, device, world_size, ema)
+        c = p.train.config
+        ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
     if c.fused_backward_pass and world_size > 1:
         raise UserError(
             "fused_backward_pass: cannot run in several processes (each parameter would step "

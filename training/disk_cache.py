@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,13 +155,26 @@ def entry_size(shape: tuple[int, ...]) -> int:
 class DiskLatentCache:
     """Posteriors read from ``latent_cache_dir`` per batch: a `training.sources.BatchSource`."""
 
-    def __init__(self, dataset: TrainDataset, paths: dict[Key, Path], encoder: Encoder) -> None:
+    def __init__(
+        self, dataset: TrainDataset, root: Path, names: dict[Key, str], encoder: Encoder
+    ) -> None:
+        """``names``: each entry's key (its file's name); kept as strings, not paths, so that
+        the memory per entry stays small."""
         self.dataset = dataset
-        self.paths = paths
+        self.root = root
+        self.names = names
         self.encoder = encoder
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.names)
+
+    def path(self, key: Key) -> Path:
+        return entry_path(self.root, self.names[key])
+
+    @property
+    def paths(self) -> dict[Key, Path]:
+        """Every entry's file (built on demand)."""
+        return {key: self.path(key) for key in self.names}
 
     def batches(
         self, epoch: int, start_batch: int, end_epoch: int, grad_accum: int
@@ -179,7 +192,7 @@ class DiskLatentCache:
         return LatentDistribution(mean, std)
 
     def _entry(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.paths[key]
+        path = self.path(key)
         found = read_entry(path, self.encoder.shape(key))
         if found is not None:
             return found
@@ -233,39 +246,43 @@ def open_disk_cache(
     who = EntryIdentity(
         vae_digest(bundle.vae), precision.describe(), transforms_digest(dataset.transforms)
     )
-    paths = _entry_paths(dataset, root, who)
-    missing = [key for key in paths if not _whole(paths[key], encoder.shape(key), warn=True)]
+    names = _entry_names(dataset, who)
+
+    def path(key: Key) -> Path:
+        return entry_path(root, names[key])
+
+    missing = [key for key in names if not _whole(path(key), encoder.shape(key), warn=True)]
     _barrier()  # every process has looked before any process writes
     lacking = set(missing)
     chunks = [chunk for chunk in encoder.chunks if lacking.intersection(chunk)]
-    written = _encode(chunks[rank::world], paths, encoder, lacking, show_progress=rank == 0)
-    _wait_for([paths[key] for key in missing], [encoder.shape(key) for key in missing])
-    total = sum(paths[key].stat().st_size for key in paths)
+    written = _encode(chunks[rank::world], path, encoder, lacking, show_progress=rank == 0)
+    _wait_for([path(key) for key in missing], [encoder.shape(key) for key in missing])
+    total = sum(path(key).stat().st_size for key in names)
     logger.info(
         "latent cache %s: %d entries, %d found, %d encoded (%d here, %.1f MiB written), "
         "%.1f MiB in all, ready in %.1f s",
         root,
-        len(paths),
-        len(paths) - len(missing),
+        len(names),
+        len(names) - len(missing),
         len(missing),
         sum(len(chunk) for chunk in chunks[rank::world]),
         written / 2**20,
         total / 2**20,
         time.perf_counter() - started,
     )
-    return DiskLatentCache(dataset, paths, encoder)
+    return DiskLatentCache(dataset, root, names, encoder)
 
 
-def _entry_paths(dataset: TrainDataset, root: Path, who: EntryIdentity) -> dict[Key, Path]:
+def _entry_names(dataset: TrainDataset, who: EntryIdentity) -> dict[Key, str]:
     digests: dict[int, str] = {}
-    paths: dict[Key, Path] = {}
+    names: dict[Key, str] = {}
     for index, flipped in keys_needed(dataset):
         image = dataset.images[index]
         if index not in digests:
             digests[index] = file_digest(image.path)
         key = entry_key(digests[index], image.bucket, flipped, who)
-        paths[(index, flipped)] = entry_path(root, key)
-    return paths
+        names[(index, flipped)] = key
+    return names
 
 
 _SIZES: dict[tuple[int, ...], int] = {}
@@ -291,7 +308,7 @@ def _barrier() -> None:
 
 def _encode(
     chunks: list[list[Key]],
-    paths: dict[Key, Path],
+    path: Callable[[Key], Path],
     encoder: Encoder,
     lacking: set[Key],
     show_progress: bool,
@@ -303,7 +320,7 @@ def _encode(
         for chunk in chunks:
             for key, (mean, std) in zip(chunk, encoder.encode(chunk), strict=True):
                 if key in lacking:
-                    written += write_entry(paths[key], mean, std)
+                    written += write_entry(path(key), mean, std)
             bar.update(len(chunk))
     return written
 

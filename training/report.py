@@ -10,9 +10,11 @@ from lora.report import lora_report
 from optimizer.build import ModelTraining
 from optimizer.config import ModelOptimizer
 from optimizer.memory import model_memory
+from training.activations import step_activations
 from training.build import Run
 from training.checkpointing.lora_writer import adapted_models
 from training.ema import ema_memory
+from training.precision import choose_precision
 
 REPORTED_KEYS = ("optimizer", "lr", "betas", "epsilon", "weight_decay", "lr_scheduler")
 
@@ -65,7 +67,39 @@ def memory_report(run: Run) -> dict[str, Any]:
         total += out["ema"]["total_bytes"] if out["ema"]["counted_in_total"] else 0
     out["total_bytes"] = total
     out["total_gib"] = round(total / 2**30, 3)
-    out["not_counted"] = "activations (depend on resolution, batch size and checkpointing)"
+    out["activations"] = activation_report(run)
+    peak = total + out["activations"]["total_bytes"]
+    out["peak_bytes"] = peak
+    out["peak_gib"] = round(peak / 2**30, 3)
+    out["not_counted"] = "the framework's own memory (CUDA context, kernels, allocator caches)"
+    return out
+
+
+def activation_report(run: Run) -> dict[str, Any]:
+    """Activations of the largest bucket's batch, measured on fake tensors
+    (`training.activations`)."""
+    c = run.train.config
+    bucket = max(run.dataset.buckets, key=lambda size: size[0] * size[1])
+    trains = run.trainings_by_model()
+    anything = any(t is not None for t in trains.values())
+    precision = choose_precision(run.device, c.mixed_precision, c.disable_amp)
+    parts = step_activations(
+        run.models.unet if anything else None,
+        run.models.text_encoder if trains["text_encoder"] is not None else None,
+        c.batch_size,
+        bucket,
+        c.gradient_checkpointing,
+        precision.dtype,
+    )
+    out: dict[str, Any] = {
+        "batch_size": c.batch_size,
+        "bucket": list(bucket),
+        "gradient_checkpointing": c.gradient_checkpointing,
+        "autocast": precision.describe(),
+    }
+    for name, part in parts.items():
+        out[name] = {"saved_bytes": part.saved_bytes, "recompute_bytes": part.recompute_bytes}
+    out["total_bytes"] = sum(part.total_bytes for part in parts.values())
     return out
 
 
