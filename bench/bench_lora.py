@@ -37,16 +37,25 @@ VARIANTS = ("full", "lora")
 
 def flags(args: argparse.Namespace, variant: str, folder: Path) -> list[str]:
     out = [
-        "--resume_ckpt", args.model,
-        "--data_root", str(REPO / "examples" / "data"),
-        "--resolution", "64",
-        "--batch_size", "1",
-        "--max_epochs", "100",
-        "--optimizer_config", str(write_optimizer_json(folder, "lion")),
-        "--logdir", str(folder / "logs"),
-        "--project_name", f"bench-{variant}",
-        "--dataloader_num_workers", "0",
-    ]  # fmt: skip
+        "--resume_ckpt",
+        args.model,
+        "--data_root",
+        str(REPO / "examples" / "data"),
+        "--resolution",
+        "64",
+        "--batch_size",
+        "1",
+        "--max_epochs",
+        "100",
+        "--optimizer_config",
+        str(write_optimizer_json(folder, "lion")),
+        "--logdir",
+        str(folder / "logs"),
+        "--project_name",
+        f"bench-{variant}",
+        "--dataloader_num_workers",
+        "0",
+    ]
     if variant == "lora":
         out += ["--lora_rank", str(args.rank)]
     return out

@@ -50,9 +50,12 @@ def test_a_fused_run_equals_the_ordinary_run_and_resumes_exactly(tmp_path, name)
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
     (middle,) = checkpoints(tmp_path / "fused", "myproj-")
     resumed = write_config(
-        tmp_path / "resumed", optimizer, fused_backward_pass=True, resume_ckpt=str(middle),
+        tmp_path / "resumed",
+        optimizer,
+        fused_backward_pass=True,
+        resume_ckpt=str(middle),
         **common,
-    )  # fmt: skip
+    )
     assert run(resumed) == 0
     (c,) = checkpoints(tmp_path / "resumed", "last-")
     wc = trained_weights(c)

@@ -52,9 +52,12 @@ def lora_checkpoints(folder: Path, prefix: str) -> list[Path]:
 
 def settings_of(keys: dict) -> LoraSettings:
     return LoraSettings.of(
-        keys["lora_rank"], keys["lora_alpha"], 0.0, keys.get("lora_conv_rank", 0),
+        keys["lora_rank"],
+        keys["lora_alpha"],
+        0.0,
+        keys.get("lora_conv_rank", 0),
         keys.get("lora_conv_alpha"),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -85,8 +88,11 @@ def test_a_lora_checkpoint_holds_the_adapters_and_a_kohya_file_beside_it(runs):
     assert (last / DIFFUSERS_WEIGHTS).is_file()
     assert not (last / "model_index.json").exists()  # the base model is not copied
     assert {p.name for p in (last / "training_state").iterdir()} >= {
-        "unet_lora.safetensors", "text_encoder_lora.safetensors", "lora.json", "state.json",
-    }  # fmt: skip
+        "unet_lora.safetensors",
+        "text_encoder_lora.safetensors",
+        "lora.json",
+        "state.json",
+    }
     kohya = last.with_name(f"{last.name}.safetensors")
     metadata = read_metadata(kohya)
     assert metadata["ss_network_module"] == "networks.lora"
@@ -197,9 +203,14 @@ def test_a_lora_run_samples_and_validates(tmp_path):
     validation = tmp_path / "validation.json"
     validation.write_text(json.dumps({"validate_training": True, "auto_split_proportion": 0.2}))
     config = write_config(
-        tmp_path, ADAMW, max_epochs=1, sample_prompts=str(prompts), sample_steps=5,
-        validation_config=str(validation), **LORA,
-    )  # fmt: skip
+        tmp_path,
+        ADAMW,
+        max_epochs=1,
+        sample_prompts=str(prompts),
+        sample_steps=5,
+        validation_config=str(validation),
+        **LORA,
+    )
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     assert len(list((folder / "samples").glob("*.png"))) == 3  # three guidance scales

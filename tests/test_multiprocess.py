@@ -124,9 +124,12 @@ def check_elastic_resume(tmp_path: Path, keys: dict, straight: dict[int, Path]) 
         source = tmp_path / ("two" if first == 2 else "one")
         folder = tmp_path / f"{first}to{then}"
         config = write_config(
-            folder, ADAMW, batch_size=4 // then, **keys,
+            folder,
+            ADAMW,
+            batch_size=4 // then,
+            **keys,
             resume_ckpt=str(own(source, "myproj-ep01")),
-        )  # fmt: skip
+        )
         if then == 2:
             result = launch(config, 2)
             assert result.returncode == 0, result.stderr[-4000:]
@@ -232,13 +235,28 @@ def test_a_lora_run_in_two_processes_trains_like_one_with_the_whole_batch(tmp_pa
 def machine_launch(config: Path, rank: int, port: int, multi_gpu: bool = True) -> list[str]:
     """One of two machines' launch commands (both on this one, as localhost)."""
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         *(["--multi_gpu"] if multi_gpu else []),
-        "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "train.py"), "--config", str(config),
-    ]  # fmt: skip
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "train.py"),
+        "--config",
+        str(config),
+    ]
 
 
 def test_two_machines_on_localhost_train_as_one_group(tmp_path):
@@ -249,10 +267,15 @@ def test_two_machines_on_localhost_train_as_one_group(tmp_path):
     one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
     port = free_port()
     machines = [
-        subprocess.Popen(machine_launch(two, rank, port), cwd=REPO, stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True)
+        subprocess.Popen(
+            machine_launch(two, rank, port),
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
         for rank in (0, 1)
-    ]  # fmt: skip
+    ]
     outputs = [machine.communicate(timeout=600)[1] for machine in machines]
     assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "1 per process x 2 process(es)" in outputs[0]
@@ -268,8 +291,11 @@ def test_machines_launched_without_multi_gpu_are_refused(tmp_path):
     config = write_config(tmp_path, ADAMW, max_epochs=1)
     result = subprocess.run(
         machine_launch(config, 0, free_port(), multi_gpu=False),
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "did not form a process group" in result.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

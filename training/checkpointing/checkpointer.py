@@ -236,12 +236,19 @@ def _report_processes(saved: dict[str, Any], processes: int, global_batch: int) 
                 "the checkpoint was written by %d process(es) x batch %d, this run has %d x "
                 "batch %d: the same global batch of %d, so the same images in the same order "
                 "with the same random draws (to float rounding: the all-reduce's sums change)",
-                before, batch, processes, global_batch // processes, global_batch,
-            )  # fmt: skip
+                before,
+                batch,
+                processes,
+                global_batch // processes,
+                global_batch,
+            )
         return
     logger.warning(
         "the global batch changes from %d (%d process(es) x batch %d) to %d: the epochs are "
         "planned anew (other batches, other optimizer steps per epoch, a resume that does not "
         "follow the saved run); the LR schedule keeps the length planned at the run's start",
-        before * batch, before, batch, global_batch,
-    )  # fmt: skip
+        before * batch,
+        before,
+        batch,
+        global_batch,
+    )
