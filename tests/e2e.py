@@ -142,3 +142,12 @@ def scalars(run_folder: Path, tag: str) -> list[float]:
     events = EventAccumulator(str(run_folder))
     events.Reload()
     return [e.value for e in events.Scalars(tag)]
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, fp16: bool = False) -> None:
+    """``b`` has ``a``'s weights (the same names); ``fp16``: ``a``'s rounded to fp16."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        expected = sa[key].half().float() if fp16 else sa[key].float()
+        assert torch.equal(expected, sb[key].float()), key

@@ -52,6 +52,7 @@ from models.builtin import (
 from models.clip_tokenizer.make_clip_tokenizer import write_tokenizer as write_clip_tokenizer
 from models.loading import SourceKind
 from models.tokenizer.make_tokenizer import write_tokenizer
+from tests.e2e import assert_same_weights
 
 TINY = ("tiny-sd15", "tiny-sd21")
 EXPECTED = {  # name -> (text-encoder layers, prediction type)
@@ -72,13 +73,6 @@ def tiny() -> dict[str, ModelBundle]:
 
 def state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
 
 
 def save_pipeline(bundle: ModelBundle, folder: Path, scheduler=None) -> None:

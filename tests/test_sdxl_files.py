@@ -27,6 +27,7 @@ from models.loading import SourceKind
 from models.pipeline_folder import write_pipeline_folder
 from models.single_file import write_single_file
 from models.single_file_load import expected_shapes, single_file_layout
+from tests.e2e import assert_same_weights
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -34,14 +35,6 @@ COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 @pytest.fixture(scope="module")
 def tiny() -> ModelBundle:
     return load_models("tiny-sdxl")
-
-
-def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, fp16: bool = False) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        expected = sa[key].half().float() if fp16 else sa[key].float()
-        assert torch.equal(expected, sb[key].float()), key
 
 
 def with_prediction(bundle: ModelBundle, **scheduler: object) -> ModelBundle:
