@@ -115,15 +115,17 @@ def log_summary(run: Run, precision_name: str, world_size: int) -> None:
 
 
 def log_memory(run: Run) -> None:
-    """Expected memory for weights, gradients, optimizer state and the EMA."""
+    """Expected memory for weights, gradients, optimizer state, activations and the EMA."""
     memory = memory_report(run)
     logger.info(
-        "memory for weights, gradients and optimizer state: %.2f GiB (unet %.2f, text encoder "
-        "%.2f, vae %.2f), activations not counted",
+        "memory forecast: %.2f GiB at the peak: weights, gradients and optimizer state %.2f GiB "
+        "(unet %.2f, text encoder %.2f, vae %.2f), activations %.2f GiB",
+        memory["peak_gib"],
         memory["total_gib"],
         memory["unet"]["total_gib"],
         memory["text_encoder"]["total_gib"],
         memory["vae"]["total_gib"],
+        memory["activations"]["total_bytes"] / 2**30,
     )
     if "ema" in memory:
         ema = memory["ema"]
