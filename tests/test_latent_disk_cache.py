@@ -165,10 +165,21 @@ def test_damaged_entries_are_encoded_again_with_a_warning(tmp_path, bundle, capl
     assert read_entry(flipped, got[keys[1]][0].shape) is not None  # written back whole
 
 
-def test_latent_cache_dir_needs_cache_latents(tmp_path, caplog):
-    config = write_config(tmp_path, latent_cache_dir=str(tmp_path / "cache"))
-    assert run(config) == 2
-    assert "latent_cache_dir: needs cache_latents: true" in caplog.text
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("cache", "latent_cache_dir: needs cache_latents: true"),
+        ("", "latent_cache_dir: expected a path, got an empty string"),
+        ("file", "cannot hold the cache"),
+        ("file/below", "cannot hold the cache"),
+    ],
+)
+def test_a_latent_cache_dir_that_cannot_be_used_is_one_message(tmp_path, caplog, value, message):
+    (tmp_path / "file").write_text("not a folder")
+    folder = "" if value == "" else str(tmp_path / value)
+    config = write_config(tmp_path / "run", latent_cache_dir=folder, cache_latents=value != "cache")
+    assert run(config, "--dry_run") == 2
+    assert message in caplog.text
 
 
 @pytest.mark.slow

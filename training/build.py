@@ -46,6 +46,7 @@ from training.checkpointing.state import (
     load_training_state,
 )
 from training.checkpointing.writer import restore_full_precision_weights
+from training.disk_cache import check_cache_dir
 from training.distributed import make_accelerator, training_device
 from training.ema import EmaSettings, ema_memory, ema_settings
 from training.length import RunLength, optimizer_steps
@@ -267,6 +268,8 @@ def _prepare(
     dataset, validation_data = prepare_validation(validation, dataset)  # held-out images leave
     length = run_length(dataset, c, resume_state)
     check_names(c, dataset)
+    if c.latent_cache_dir is not None:
+        check_cache_dir(c.latent_cache_dir)
     return _Prepared(train, seed, resume_state, samples, plugins, dataset, validation_data, length)
 
 

@@ -40,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save, save_file
 from tqdm import tqdm
 
+from config.errors import UserError
 from data import Batch, TrainDataset
 from models.bundle import ModelBundle
 from training.latent_cache import (
@@ -229,6 +230,21 @@ class Encoder:
         width, height = self.dataset.images[key[0]].bucket
         channels = int(self.bundle.vae.config.latent_channels)
         return (channels, height // 8, width // 8)
+
+
+def check_cache_dir(value: str) -> Path:
+    """``latent_cache_dir`` as a folder this process can write (created if missing), checked
+    before any model loads; `UserError` naming the problem otherwise."""
+    root = Path(value).expanduser()
+    probe = root / f".probe.{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UserError(f"latent_cache_dir: {root} cannot hold the cache: {reason}") from None
+    return root
 
 
 def open_disk_cache(
