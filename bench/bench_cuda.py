@@ -17,6 +17,7 @@ synchronised at both ends of the window); then the child stops training (no chec
 - images/s = batch × timed steps / seconds; step ms = seconds / timed steps;
 - peak GiB = torch.cuda.max_memory_allocated() over the whole training run (model weights,
   latent caching, optimizer state and the steps; the FLOP count before it is excluded);
+- fcst GiB = the dry run's memory forecast for the row (`memory.peak_bytes`), beside the peak;
 - FLOPs: one forward of the UNet, the text encoder (77 tokens) and the VAE encoder at batch 1
   and the benchmark resolution, counted by torch.utils.flop_counter.FlopCounterMode (attention
   through SDPA's math kernel so that it is counted on every device). Training FLOPs per image =
@@ -71,6 +72,7 @@ from models import tokenize
 from training.build import Run
 from training.context import TrainingContext
 from training.latent_cache import LatentCache
+from training.report import memory_report
 
 logger = logging.getLogger("bench_cuda")
 
@@ -175,6 +177,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         run, accelerator = build_run_from_flags(flags)
         cuda = run.device.type == "cuda"
         flops = count_forward_flops(run)
+        forecast = memory_report(run)["peak_bytes"]
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -191,6 +194,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             "steps": spec["steps"],
             "cache_active": window.cache_active,
             "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "forecast_bytes": forecast,
             "reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         }
 

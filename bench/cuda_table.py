@@ -105,7 +105,8 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]], scenario: 
     print()
     print(
         f"{'model':<12} {'res':>4} {'batch':>5} {'ckpt':>4} {'optimizer':<9} {'variant':<7} "
-        f"{'cached':<10} {'images/s':>8} {'step ms':>8} {'peak GiB':>8} {'MFU%':>5}  "
+        f"{'cached':<10} {'images/s':>8} {'step ms':>8} {'peak GiB':>8} {'fcst GiB':>8} "
+        f"{'MFU%':>5}  "
         f"targets"
     )
     for row in rows:
@@ -121,10 +122,11 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]], scenario: 
             continue
         speed = images_per_second(row)
         peak_gib = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / GIB:.1f}"
+        forecast_gib = f"{row['forecast_bytes'] / GIB:.1f}"
         mfu = "n/a" if peak is None else f"{speed * training_flops(row) / (peak * 1e12):.1%}"
         print(
             f"{head} {speed:>8.1f} {1000 * row['seconds'] / row['steps']:>8.1f} "
-            f"{peak_gib:>8} {mfu.rstrip('%'):>5}  {judge(row, rows, scenario)}"
+            f"{peak_gib:>8} {forecast_gib:>8} {mfu.rstrip('%'):>5}  {judge(row, rows, scenario)}"
         )
     if args.dry_run_cpu:
         print(

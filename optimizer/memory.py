@@ -1,7 +1,7 @@
 """Memory a run needs for weights, gradients and optimizer state, known before it starts.
 
-Activations are not counted: they depend on resolution, batch size, attention kernels and
-gradient checkpointing, and are measured by bench/bench_cuda.py instead.
+Activations are measured separately (`training.activations`), since they need the model's
+forward pass; the dry run adds both (`training.report.memory_report`).
 """
 
 from __future__ import annotations

@@ -147,10 +147,11 @@ def _count(
     checkpoint: bool,
 ) -> _Counter:
     counter = _Counter({id(t) for t in tensors.values()})
+    device_type = next(model.parameters()).device.type  # fake tensors keep the real device
     autocast = (
         contextlib.nullcontext()
         if autocast_dtype is None
-        else torch.autocast("cpu", dtype=autocast_dtype)
+        else torch.autocast(device_type, dtype=autocast_dtype)
     )
     was_training = model.training
     model.train()
