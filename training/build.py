@@ -51,7 +51,7 @@ from training.distributed import make_accelerator, training_device
 from training.ema import EmaSettings, ema_memory, ema_settings
 from training.length import RunLength, optimizer_steps
 from training.lora_setup import add_run_adapters, lora_export, weights_source
-from training.planner import fit_budget
+from training.planner import fit_budget, trains
 from training.precision import choose_precision
 from training.run import Run
 from training.samples import SampleSettings, load_sample_settings
@@ -284,7 +284,7 @@ def _fit_budget(
     """``vram_budget_gb``: the savings the forecast needs (`training.planner`); a batch split
     into accumulation plans the data again."""
     c = p.train.config
-    trained = [name for name in ("unet", "text_encoder") if _trains(getattr(models, name))]
+    trained = [name for name in ("unet", "text_encoder") if trains(getattr(models, name))]
     on_device = ema is not None and ema.device == device
     ema_bytes = ema_memory(ema, models, trained)["total_bytes"] if on_device else 0
     dtype = choose_precision(device, c.mixed_precision, c.disable_amp).dtype
@@ -306,8 +306,18 @@ def _fit_budget(
     ), optim
 
 
-def _trains(model: torch.nn.Module) -> bool:
-    return any(parameter.requires_grad for parameter in model.parameters())
+def _check_placement(c: TrainConfig, world_size: int, text_encoder_trains: bool) -> None:
+    """Settings that the models' training and the process count rule out."""
+    if c.fused_backward_pass and world_size > 1:
+        raise UserError(
+            "fused_backward_pass: cannot run in several processes (each parameter would step "
+            "before the processes average its gradient); launch one process or turn it off"
+        )
+    if c.text_encoder_offload and text_encoder_trains:
+        raise UserError(
+            "text_encoder_offload: the text encoder trains, so it must stay on the training "
+            "device; set disable_textenc_training (or freeze all of it) or turn the offload off"
+        )
 
 
 def build_run(
@@ -332,18 +342,9 @@ def build_run(
         p, optim = _fit_budget(p, optim, models, device, world_size, ema)
         c = p.train.config
         ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
-    if c.fused_backward_pass and world_size > 1:
-        raise UserError(
-            "fused_backward_pass: cannot run in several processes (each parameter would step "
-            "before the processes average its gradient); launch one process or turn it off"
-        )
+    _check_placement(c, world_size, trains(models.text_encoder))
     fused = c.fused_backward_pass
     unet, text_encoder = build_trainings(models, optim, p.length.planned_steps, device, fused)
-    if c.text_encoder_offload and text_encoder is not None:
-        raise UserError(
-            "text_encoder_offload: the text encoder trains, so it must stay on the training "
-            "device; set disable_textenc_training (or freeze all of it) or turn the offload off"
-        )
     base_model = base_model_of(c.resume_ckpt, p.resume_state)
     run = Run(
         train=p.train,

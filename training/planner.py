@@ -178,7 +178,8 @@ def settings_of(config: Any, optimizers: dict[str, str | None]) -> Settings:
     )
 
 
-def _trains(model: torch.nn.Module) -> bool:
+def trains(model: torch.nn.Module) -> bool:
+    """Whether any of the model's parameters trains (adapters included)."""
     return any(p.requires_grad for p in model.parameters())
 
 
@@ -197,7 +198,7 @@ def fit_budget(
     assert c.vram_budget_gb is not None
     by_model = {"unet": optim.unet, "text_encoder": optim.text_encoder}
     optimizers = {
-        name: settings.name if _trains(getattr(models, name)) else None
+        name: settings.name if trains(getattr(models, name)) else None
         for name, settings in by_model.items()
     }
     setting = Setting(
