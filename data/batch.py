@@ -21,7 +21,8 @@ class Batch:
     loaded (a latent cache supplies the latents instead). ``image_indices`` index
     `TrainDataset.images`; with ``flipped`` they identify the pixels exactly. ``captions`` are
     what the text encoder gets: caption transforms applied, "" where conditional dropout
-    dropped the caption.
+    dropped the caption. ``original_sizes`` (width, height) and ``crops`` (left, top) are each
+    image's size before resizing and what its crop cut off: SDXL's size conditioning.
     """
 
     epoch: int
@@ -32,6 +33,8 @@ class Batch:
     flipped: tuple[bool, ...]
     image_indices: tuple[int, ...]
     loss_scales: tuple[float, ...]
+    original_sizes: tuple[Size, ...]
+    crops: tuple[Size, ...]
     pixel_values: torch.Tensor | None = None
 
     @classmethod
@@ -55,6 +58,8 @@ class Batch:
             flipped=tuple(item.flipped for item in items),
             image_indices=tuple(item.image_index for item in items),
             loss_scales=tuple(item.loss_scale for item in items),
+            original_sizes=tuple(item.original_size for item in items),
+            crops=tuple(item.crop for item in items),
             pixel_values=pixel_values,
         )
 

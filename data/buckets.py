@@ -47,6 +47,16 @@ def make_buckets(resolution: int) -> list[Size]:
     return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
 
 
+def crop_offset(size: Size, bucket: Size, flipped: bool) -> Size:
+    """``(left, top)``: the pixels the bucket's crop cuts off on the left and at the top of the
+    image scaled to cover the bucket (after the flip, when flipped), rounded. SDXL's crop
+    conditioning is this pair (as ``top, left``)."""
+    left, top, right, _ = crop_box(size, bucket)
+    scale = bucket[0] / (right - left)
+    cut_left = size[0] - right if flipped else left
+    return round(cut_left * scale), round(top * scale)
+
+
 def nearest_bucket(size: Size, buckets: list[Size]) -> Size:
     """The bucket whose aspect is nearest to the image's (compared on a log scale, so 2:1 and 1:2
     are equally far from 1:1); on a tie the larger bucket."""

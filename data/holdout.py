@@ -75,8 +75,7 @@ def fixed_batches(records: Sequence[ImageRecord], batch_size: int) -> list[Batch
         group = members[bucket]
         for start in range(0, len(group), batch_size):
             items = tuple(
-                PlanItem(r.index, str(r.path), r.caption, flipped=False)
-                for r in group[start : start + batch_size]
+                PlanItem.of(r, r.caption, flipped=False) for r in group[start : start + batch_size]
             )
             plans.append(BatchPlan(index=len(plans), bucket=bucket, items=items))
     return plans

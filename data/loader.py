@@ -173,8 +173,7 @@ def _bucket_members(dataset: TrainDataset) -> dict[Size, list[PlanItem]]:
     images = dataset.images
     return {
         bucket: [
-            PlanItem(i, str(images[i].path), images[i].caption, False, images[i].loss_scale)
-            for i in indices
+            PlanItem.of(images[i], images[i].caption, False, images[i].loss_scale) for i in indices
         ]
         for bucket, indices in dataset.buckets.items()
     }

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from data.buckets import Size
+from data.buckets import Size, crop_offset
 from data.captions import render_caption
 from data.draws import generator, shuffle
 from data.epochs import COMMON_POOL, RatedSchedule, epoch_images, group_slots
@@ -26,7 +26,9 @@ class PlanItem:
     """One image slot of a batch. `image_index` indexes `TrainDataset.images`; together with
     `flipped` it identifies the pixels exactly (what a latent cache keys on). `caption` is the
     caption before caption transforms and before dropout: with `dropped` the image is trained
-    with the empty caption (`data.transforms.trained_caption`)."""
+    with the empty caption (`data.transforms.trained_caption`). `original_size` is the image's
+    ``(width, height)`` before resizing and `crop` the ``(left, top)`` pixels its bucket's crop
+    cut off (`data.buckets.crop_offset`): SDXL's size conditioning, written to the schedule."""
 
     image_index: int
     path: str
@@ -34,6 +36,29 @@ class PlanItem:
     flipped: bool
     loss_scale: float = 1.0
     dropped: bool = False
+    original_size: Size = field(kw_only=True)
+    crop: Size = field(kw_only=True)
+
+    @classmethod
+    def of(
+        cls,
+        image: ImageRecord,
+        caption: str,
+        flipped: bool,
+        loss_scale: float = 1.0,
+        dropped: bool = False,
+    ) -> PlanItem:
+        """The slot of ``image`` in its own bucket."""
+        return cls(
+            image.index,
+            str(image.path),
+            caption,
+            flipped,
+            loss_scale,
+            dropped,
+            original_size=image.size,
+            crop=crop_offset(image.size, image.bucket, flipped),
+        )
 
 
 @dataclass(frozen=True)
@@ -165,9 +190,7 @@ def build_plan(
                     settings.keep_tags,
                     image.max_caption_length,
                 )
-            items.append(
-                PlanItem(image.index, str(image.path), caption, flipped, image.loss_scale, dropped)
-            )
+            items.append(PlanItem.of(image, caption, flipped, image.loss_scale, dropped))
         mine = items[rank * size : (rank + 1) * size]
         plans.append(BatchPlan(index=index, bucket=bucket, items=tuple(mine)))
     return plans

@@ -24,10 +24,13 @@ from config.errors import UserError
 from models.text_keys import TEXT_MODEL
 
 ADAPTER = "default"
-# The two models that get adapters, as the bundle, diffusers' files and our names call them.
+# The models that get adapters, as the bundle, diffusers' files and our names call them
+# (``text_encoder_2``: SDXL's second encoder).
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
-PARTS = (UNET, TEXT_ENCODER)
+TEXT_ENCODER_2 = "text_encoder_2"
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
+TEXT_PARTS = (TEXT_ENCODER, TEXT_ENCODER_2)
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class AdapterWeights:
 
 def file_module_name(part: str, name: str) -> str:
     """A module's name in LoRA files: text-encoder names always start with ``text_model.``."""
-    if part == TEXT_ENCODER and not name.startswith(TEXT_MODEL):
+    if part in TEXT_PARTS and not name.startswith(TEXT_MODEL):
         return TEXT_MODEL + name
     return name
 

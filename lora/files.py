@@ -23,12 +23,19 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from lora.adapters import ADAPTER, AdapterWeights, module_weights
-from lora.kohya import KohyaInfo, addnet_hashes, kohya_metadata, kohya_tensors
+from lora.kohya import (
+    SD_NAMING,
+    KohyaInfo,
+    KohyaNaming,
+    addnet_hashes,
+    kohya_metadata,
+    kohya_tensors,
+)
 from lora.settings import LoraSettings
 from storage.atomic import atomic_file, write_error
 
@@ -105,21 +112,24 @@ def write_kohya_file(
     settings: LoraSettings,
     info: KohyaInfo,
     full_precision: bool,
+    naming: KohyaNaming = SD_NAMING,
 ) -> Path:
-    """Write the adapters of ``models`` (``{"unet": ..., "text_encoder": ...}``) to ``path``.
+    """Write the adapters of ``models`` (``{"unet": ..., "text_encoder": ...}``, SDXL's
+    ``text_encoder_2`` too) to ``path``, named by ``naming`` (SDXL's names for SDXL).
 
     See the module's docstring; returns ``path``.
     """
     path = Path(path)
     dtype = file_dtype(full_precision)
     weights = live_weights(models)
-    tensors = kohya_tensors(weights, dtype)
+    tensors = kohya_tensors(weights, dtype, naming)
     metadata = kohya_metadata(settings, info, time.time())
     metadata.update(addnet_hashes(tensors, metadata))
 
     def write(temp: Path) -> None:
         safetensors.torch.save_file(tensors, str(temp), metadata=metadata)
-        compare_tensors(path, safetensors.torch.load_file(str(temp)), kohya_tensors(weights, dtype))
+        written = safetensors.torch.load_file(str(temp))
+        compare_tensors(path, written, kohya_tensors(weights, dtype, naming))
         if read_metadata(temp) != metadata:
             raise LoraFileMismatchError(f"{path}: read back, its metadata differs")
 
@@ -168,13 +178,22 @@ def write_diffusers_file(
     configs = adapter_configs(models, list(layers))
 
     def write(temp: Path) -> None:
-        StableDiffusionPipeline.save_lora_weights(
+        kwargs: dict[str, Any] = {}
+        pipeline: Any = StableDiffusionPipeline
+        if "text_encoder_2" in layers:  # SDXL's: the same keys, and the second encoder's
+            pipeline = StableDiffusionXLPipeline
+            kwargs = {
+                "text_encoder_2_lora_layers": layers["text_encoder_2"],
+                "text_encoder_2_lora_adapter_metadata": configs["text_encoder_2"],
+            }
+        pipeline.save_lora_weights(
             temp.parent,
             unet_lora_layers=layers.get("unet"),
             text_encoder_lora_layers=layers.get("text_encoder"),
             weight_name=temp.name,
             unet_lora_adapter_metadata=configs.get("unet"),
             text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
+            **kwargs,
         )
         _verify_diffusers_file(temp, path, weights, configs, dtype)
 

@@ -39,6 +39,7 @@ class Injected:
 
     unet: tuple[Target, ...]
     text_encoder: tuple[Target, ...]
+    text_encoder_2: tuple[Target, ...] = ()
 
 
 @contextlib.contextmanager
@@ -87,26 +88,29 @@ def add_lora_adapters(
     train_text_encoder: bool,
     frozen_text_layers: Collection[int] = (),
     seed: int | None = None,
+    frozen_text_layers_2: Collection[int] = (),
 ) -> Injected:
     """Add adapters to the models that train (see the module's docstring); returns the targets.
 
     A model that does not train, or whose targets all lie in frozen layers, gets none and is
-    frozen whole.
+    frozen whole. SDXL's second encoder trains with the first, ``frozen_text_layers_2`` left
+    out.
     """
     unet = unet_targets(bundle.unet, settings) if train_unet else []
-    text = (
-        text_encoder_targets(bundle.text_encoder, settings, frozen_text_layers)
-        if train_text_encoder
-        else []
-    )
+    text: list[Target] = []
+    text_2: list[Target] = []
+    if train_text_encoder:
+        text = text_encoder_targets(bundle.text_encoder, settings, frozen_text_layers)
+        if bundle.text_encoder_2 is not None:
+            text_2 = text_encoder_targets(bundle.text_encoder_2, settings, frozen_text_layers_2)
+    models = [("unet", bundle.unet, unet), ("text_encoder", bundle.text_encoder, text)]
+    if bundle.text_encoder_2 is not None:
+        models.append(("text_encoder_2", bundle.text_encoder_2, text_2))
     with _seeded(seed):
-        for name, model, targets in (
-            ("unet", bundle.unet, unet),
-            ("text_encoder", bundle.text_encoder, text),
-        ):
+        for name, model, targets in models:
             if not targets:
                 model.requires_grad_(False)
                 continue
             inject(model, targets, settings)
             logger.info("LoRA: %s gets %d adapters", name, len(targets))
-    return Injected(tuple(unet), tuple(text))
+    return Injected(tuple(unet), tuple(text), tuple(text_2))

@@ -19,14 +19,20 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import safetensors.torch
 import torch
+from torch import nn
 
-from lora.adapters import TEXT_ENCODER, UNET, AdapterWeights
+from lora.adapters import TEXT_ENCODER, TEXT_ENCODER_2, UNET, AdapterWeights
 from lora.settings import LoraSettings
+from models.bundle import TEXT_TIME
+from models.ldm_layout import unet_key_to_ldm
 
 PREFIXES = {UNET: "lora_unet", TEXT_ENCODER: "lora_te"}
+SDXL_PREFIXES = {UNET: "lora_unet", TEXT_ENCODER: "lora_te1", TEXT_ENCODER_2: "lora_te2"}
+ALL_PREFIXES = tuple(dict.fromkeys([*PREFIXES.values(), *SDXL_PREFIXES.values()]))
 DOWN = "lora_down.weight"
 UP = "lora_up.weight"
 ALPHA = "alpha"
@@ -37,13 +43,39 @@ _LEGACY_LENGTH = 0x10000
 _HEADER_LENGTH_BYTES = 8
 
 
-def kohya_module_name(part: str, module: str) -> str:
-    """``lora_unet_down_blocks_0_..._to_q`` for a module's name in files (`lora.adapters`)."""
-    return f"{PREFIXES[part]}_{module.replace('.', '_')}"
+@dataclass(frozen=True)
+class KohyaNaming:
+    """How kohya names a model's modules. SD1.x/2.x: ``lora_unet_`` and ``lora_te_`` with
+    diffusers' and transformers' module paths. SDXL (``sdxl_unet`` set: the UNet's config):
+    ``lora_te1_`` / ``lora_te2_`` for the two encoders, and the UNet's modules by their LDM
+    names (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya's SDXL UNet has
+    them and A1111, ComfyUI and diffusers read them."""
+
+    sdxl_unet: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, unet: nn.Module) -> KohyaNaming:
+        """The naming for the model ``unet`` belongs to (SDXL: ``text_time`` conditioning)."""
+        config = dict(unet.config)
+        return cls(config if config.get("addition_embed_type") == TEXT_TIME else None)
+
+    def name(self, part: str, module: str) -> str:
+        """``lora_unet_down_blocks_0_..._to_q`` for a module's name in files (`lora.adapters`)."""
+        if self.sdxl_unet is None:
+            return f"{PREFIXES[part]}_{module.replace('.', '_')}"
+        if part == UNET:
+            module = unet_key_to_ldm(f"{module}.weight", dict(self.sdxl_unet))
+            module = module.removesuffix(".weight")
+        return f"{SDXL_PREFIXES[part]}_{module.replace('.', '_')}"
+
+
+SD_NAMING = KohyaNaming()  # SD1.x/2.x's names
 
 
 def kohya_tensors(
-    weights: Mapping[str, Mapping[str, AdapterWeights]], dtype: torch.dtype
+    weights: Mapping[str, Mapping[str, AdapterWeights]],
+    dtype: torch.dtype,
+    naming: KohyaNaming = SD_NAMING,
 ) -> dict[str, torch.Tensor]:
     """The file's tensors: ``weights`` (part -> module name -> adapter) as CPU ``dtype`` copies.
 
@@ -52,7 +84,7 @@ def kohya_tensors(
     tensors = {}
     for part, modules in weights.items():
         for module, adapter in modules.items():
-            key = kohya_module_name(part, module)
+            key = naming.name(part, module)
             tensors[f"{key}.{DOWN}"] = _converted(adapter.down, dtype, key)
             tensors[f"{key}.{UP}"] = _converted(adapter.up, dtype, key)
             tensors[f"{key}.{ALPHA}"] = torch.tensor(adapter.alpha, dtype=dtype)
@@ -107,18 +139,24 @@ class KohyaInfo:
     epoch: int  # epochs so far
     v2: bool  # an SD2.x model (OpenCLIP text encoder)
     v_prediction: bool
+    sdxl: bool  # an SDXL model
     resolution: int  # training resolution in pixels
     base_model: str  # the base model's name (a built-in name, a folder or file name)
 
 
-def base_model_version(v2: bool, v_prediction: bool) -> str:
-    """kohya's ``ss_base_model_version``: ``sd_v1``, ``sd_v2``, with ``_v`` for v-prediction."""
+def base_model_version(v2: bool, v_prediction: bool, sdxl: bool = False) -> str:
+    """kohya's ``ss_base_model_version``: ``sd_v1``, ``sd_v2``, with ``_v`` for v-prediction;
+    ``sdxl_base_v1-0`` for SDXL."""
+    if sdxl:
+        return "sdxl_base_v1-0"
     return f"sd_{'v2' if v2 else 'v1'}{'_v' if v_prediction else ''}"
 
 
 def _architecture(info: KohyaInfo) -> str:
     """ModelSpec's architecture of a LoRA for the base model, as kohya names it."""
-    if not info.v2:
+    if info.sdxl:
+        base = "stable-diffusion-xl-v1-base"
+    elif not info.v2:
         base = "stable-diffusion-v1"
     else:
         base = "stable-diffusion-v2-768-v" if info.v_prediction else "stable-diffusion-v2-512"
@@ -133,7 +171,7 @@ def kohya_metadata(settings: LoraSettings, info: KohyaInfo, finished_at: float) 
         "ss_network_alpha": str(settings.alpha),
         "ss_network_dropout": str(settings.dropout),
         "ss_v2": str(info.v2),
-        "ss_base_model_version": base_model_version(info.v2, info.v_prediction),
+        "ss_base_model_version": base_model_version(info.v2, info.v_prediction, info.sdxl),
         "ss_sd_model_name": info.base_model,
         "ss_output_name": info.output_name,
         "ss_training_started_at": str(info.training_started_at),

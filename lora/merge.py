@@ -74,7 +74,7 @@ def merged_bundle(bundle: ModelBundle, dtype: torch.dtype = torch.float32) -> Mo
     """The bundle with its adapted models replaced by merged copies (others shared as they are)."""
     changes = {
         name: merged_model(getattr(bundle, name), dtype)
-        for name in ("unet", "text_encoder")
-        if has_adapters(getattr(bundle, name))
+        for name in ("unet", "text_encoder", "text_encoder_2")
+        if getattr(bundle, name) is not None and has_adapters(getattr(bundle, name))
     }
     return dataclasses.replace(bundle, **changes)

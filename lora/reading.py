@@ -42,13 +42,14 @@ from lora.adapters import (
     ADAPTER,
     PARTS,
     TEXT_ENCODER,
+    TEXT_ENCODER_2,
     UNET,
     AdapterWeights,
     file_module_name,
     named_layers,
 )
 from lora.files import DIFFUSERS_METADATA, DIFFUSERS_WEIGHTS, Weights, read_metadata
-from lora.kohya import PREFIXES, kohya_module_name, read_kohya_tensors
+from lora.kohya import ALL_PREFIXES, KohyaNaming, read_kohya_tensors
 from lora.settings import LoraSettings
 from lora.targets import TEXT_ENCODER_BLOCKS, UNET_BLOCKS, UNET_CONV_BLOCKS, block_layers
 
@@ -58,7 +59,11 @@ KEY = "lora_init"
 KOHYA = "kohya"
 DIFFUSERS = "diffusers"
 _SDXL_MARKERS = ("lora_te1_", "lora_te2_", "text_encoder_2.", "input_blocks", "output_blocks")
-_BLOCKS = {UNET: UNET_BLOCKS + UNET_CONV_BLOCKS, TEXT_ENCODER: TEXT_ENCODER_BLOCKS}
+_BLOCKS = {
+    UNET: UNET_BLOCKS + UNET_CONV_BLOCKS,
+    TEXT_ENCODER: TEXT_ENCODER_BLOCKS,
+    TEXT_ENCODER_2: TEXT_ENCODER_BLOCKS,
+}
 
 
 @dataclass(frozen=True)
@@ -89,9 +94,11 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{KEY}: {path}: not a readable safetensors file ({error})") from error
 
 
-def _reject_foreign(path: Path, keys: list[str]) -> None:
+def _reject_foreign(path: Path, keys: list[str], sdxl_run: bool) -> None:
     if not keys:
         raise UserError(f"{KEY}: {path} holds no tensors")
+    if sdxl_run:
+        return  # an SD1.x/2.x file's keys name no module of SDXL's: reported as unknown
     sdxl = next((k for k in keys if any(marker in k for marker in _SDXL_MARKERS)), None)
     if sdxl is not None:
         raise UserError(
@@ -99,11 +106,23 @@ def _reject_foreign(path: Path, keys: list[str]) -> None:
         )
 
 
+def naming_of(models: Mapping[str, nn.Module]) -> KohyaNaming:
+    """kohya's naming for these models: SDXL's when they are SDXL's (a second text encoder,
+    or a UNet with SDXL's conditioning)."""
+    if UNET in models:
+        return KohyaNaming.of(models[UNET])
+    if TEXT_ENCODER_2 in models:
+        raise AssertionError("SDXL's text encoders without the UNet: pass the bundle's UNet")
+    return KohyaNaming()
+
+
 def possible_modules(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
     """kohya name -> (part, module name in files) of every module kohya could adapt."""
+    naming = naming_of(models)
     return {
-        kohya_module_name(part, file_module_name(part, name)): (part, file_module_name(part, name))
+        naming.name(part, file_module_name(part, name)): (part, file_module_name(part, name))
         for part, model in models.items()
+        if part in _BLOCKS
         for name, _ in block_layers(model, _BLOCKS[part])
     }
 
@@ -113,8 +132,8 @@ def read_lora_file(path: Path, models: Mapping[str, nn.Module]) -> LoraFile:
     path = lora_file_path(path)
     tensors = _load(path)
     keys = sorted(tensors)
-    _reject_foreign(path, keys)
-    if all(key.startswith(tuple(f"{p}_" for p in PREFIXES.values())) for key in keys):
+    _reject_foreign(path, keys, naming_of(models).sdxl_unet is not None)
+    if all(key.startswith(tuple(f"{p}_" for p in ALL_PREFIXES)) for key in keys):
         weights, unknown = read_kohya_tensors(tensors, possible_modules(models))
         if unknown:
             raise UserError(
@@ -127,11 +146,14 @@ def read_lora_file(path: Path, models: Mapping[str, nn.Module]) -> LoraFile:
         return LoraFile(path, DIFFUSERS, _diffusers_weights(path, tensors))
     raise UserError(
         f"{KEY}: {path} is not a LoRA file of kohya's or diffusers' format (keys such as "
-        f"{keys[0]}; expected lora_unet_*/lora_te_* or unet.*/text_encoder.*)"
+        f"{keys[0]}; expected lora_unet_*/lora_te_* (SDXL: lora_te1_*/lora_te2_*) or "
+        "unet.*/text_encoder.*)"
     )
 
 
 def _architecture(models: Mapping[str, nn.Module]) -> str:
+    if naming_of(models).sdxl_unet is not None:
+        return "SDXL"
     encoder = models.get(TEXT_ENCODER)
     if encoder is None:
         return "SD"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lora.adapters import ADAPTER, file_module_name, named_layers
-from lora.kohya import ALPHA, DOWN, UP, kohya_module_name
+from lora.kohya import ALPHA, DOWN, SD_NAMING, UP, KohyaNaming
 from lora.targets import Target
 
 ModuleShapes = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
@@ -54,19 +54,19 @@ def target_shapes(part: str, model: nn.Module, targets: list[Target]) -> ModuleS
     return shapes
 
 
-def kohya_file_bytes(shapes: Shapes, dtype: torch.dtype) -> int:
+def kohya_file_bytes(shapes: Shapes, dtype: torch.dtype, naming: KohyaNaming) -> int:
     """The size of the kohya file of these adapters in ``dtype``, without metadata."""
     tensors = {}
     for part, modules in shapes.items():
         for module, (down, up) in modules.items():
-            key = kohya_module_name(part, module)
+            key = naming.name(part, module)
             tensors[f"{key}.{DOWN}"] = torch.empty(down, dtype=dtype)
             tensors[f"{key}.{UP}"] = torch.empty(up, dtype=dtype)
             tensors[f"{key}.{ALPHA}"] = torch.empty((), dtype=dtype)
     return len(safetensors.torch.save(tensors)) if tensors else 0
 
 
-def _report(shapes: Shapes, full_precision: bool) -> dict[str, Any]:
+def _report(shapes: Shapes, full_precision: bool, naming: KohyaNaming) -> dict[str, Any]:
     models = {}
     for part, modules in shapes.items():
         parameters = sum(math.prod(d) + math.prod(u) for d, u in modules.values())
@@ -83,20 +83,27 @@ def _report(shapes: Shapes, full_precision: bool) -> dict[str, Any]:
         "kohya_file": {
             "tensors": 3 * modules,
             "dtype": str(dtype).removeprefix("torch."),
-            "bytes": kohya_file_bytes(shapes, dtype),
+            "bytes": kohya_file_bytes(shapes, dtype, naming),
         },
     }
 
 
-def lora_report(models: Mapping[str, nn.Module | None], full_precision: bool) -> dict[str, Any]:
+def lora_report(
+    models: Mapping[str, nn.Module | None],
+    full_precision: bool,
+    naming: KohyaNaming = SD_NAMING,
+) -> dict[str, Any]:
     """Per model: adapted modules, adapter tensors and parameters in memory (lora_A, lora_B)
     and their fp32 bytes; ``kohya_file``: its tensors, dtype and size without metadata."""
-    return _report(live_shapes(models), full_precision)
+    return _report(live_shapes(models), full_precision, naming)
 
 
 def planned_report(
-    models: Mapping[str, nn.Module], targets: Mapping[str, list[Target]], full_precision: bool
+    models: Mapping[str, nn.Module],
+    targets: Mapping[str, list[Target]],
+    full_precision: bool,
+    naming: KohyaNaming = SD_NAMING,
 ) -> dict[str, Any]:
     """`lora_report` worked out from targets, for models without adapters (``meta`` is fine)."""
     shapes = {part: target_shapes(part, models[part], targets[part]) for part in targets}
-    return _report(shapes, full_precision)
+    return _report(shapes, full_precision, naming)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 # The model families, as `ModelBundle.family` names them.
@@ -31,6 +32,21 @@ def model_family(hidden_act: str, has_text_encoder_2: bool) -> str:
     if has_text_encoder_2:
         return SDXL
     return SD2 if hidden_act == OPEN_CLIP_ACT else SD1
+
+
+class TextEncoders(nn.Module):
+    """SDXL's two text encoders as one module: what the role "text_encoder" covers for SDXL
+    (one optimizer, one EMA, one fp32 copy), its parameters named ``text_encoder.…`` and
+    ``text_encoder_2.…``."""
+
+    def __init__(self, text_encoder: nn.Module, text_encoder_2: nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+
+# The roles a checkpoint and the trainer name: the UNet, the text encoder(s), the VAE.
+COMPONENTS = ("unet", "text_encoder", "vae")
 
 
 @dataclass
@@ -77,3 +93,12 @@ class ModelBundle:
         if self.text_encoder_2 is None:
             return (self.text_encoder,)
         return (self.text_encoder, self.text_encoder_2)
+
+    def component(self, name: str) -> nn.Module:
+        """The module of a role of `COMPONENTS`: the UNet, the VAE, or the text encoder, which
+        for SDXL is both encoders as one module (`TextEncoders`): its optimizer, EMA, fp32 copy
+        and parameter counts cover both."""
+        assert name in COMPONENTS, f"{name} is not one of {COMPONENTS}"
+        if name == "text_encoder" and self.text_encoder_2 is not None:
+            return TextEncoders(self.text_encoder, self.text_encoder_2)
+        return getattr(self, name)

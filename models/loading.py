@@ -35,10 +35,15 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from config.errors import UserError, did_you_mean
-from models.builtin import BUILTIN_MODELS, build_builtin, is_builtin
+from models.builtin import (
+    BUILTIN_MODELS,
+    build_builtin,
+    builtin_text_encoder_2_layers,
+    is_builtin,
+)
 from models.bundle import ModelBundle
 from models.single_file import SINGLE_FILE_SUFFIXES, is_single_file
-from models.single_file_load import load_single_file
+from models.single_file_load import load_single_file, single_file_layout
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +163,25 @@ def _load_components(source: str, local_files_only: bool) -> ModelBundle:
         # diffusers passes an argument huggingface_hub 2.x deprecates; not the user's concern.
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
         return _from_pretrained(source, options)
+
+
+def is_sdxl(resume_ckpt: str) -> bool | None:
+    """Whether ``resume_ckpt`` is an SDXL model, told without loading it: a built-in's config, a
+    folder's ``model_index.json``, a ``.safetensors`` file's header, a hub repo's cached
+    ``model_index.json``. None when it cannot be told (a ``.ckpt`` file, an uncached hub id)."""
+    kind = classify_resume_ckpt(resume_ckpt)
+    if kind is SourceKind.BUILTIN:
+        return builtin_text_encoder_2_layers(resume_ckpt) is not None
+    if kind is SourceKind.LOCAL:
+        return folder_is_sdxl(Path(resume_ckpt).expanduser())
+    if kind is SourceKind.SINGLE_FILE:
+        layout = single_file_layout(Path(resume_ckpt).expanduser())
+        return None if layout is None else builtin_text_encoder_2_layers(layout) is not None
+    try:
+        index = DiffusionPipeline.load_config(resume_ckpt, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return _names_second_encoder(index)
 
 
 def _is_sdxl_source(source: str, options: dict[str, bool]) -> bool:

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from config.errors import ConfigError, UserError
-from models import text_encoder_parts
+from models import ModelBundle, text_encoder_parts
+from models.text import sdxl_unused_final_layers
 from optimizer.config import ModelOptimizer, OptimizerConfig
 from optimizer.freezing import FreezePlan, count_parameters, freeze, frozen_modules, plan_freezing
 from optimizer.fused import FUSABLE, FusedBackward
@@ -91,6 +92,21 @@ def apply_text_encoder_freezing(
     return FreezeReport(plan, trainable, frozen)
 
 
+def freeze_text_encoders(
+    config: OptimizerConfig, bundle: ModelBundle, train_text_encoder: bool, clip_skip: int
+) -> tuple[FreezeReport, ...]:
+    """`apply_text_encoder_freezing` for each text encoder, each counting its own layers (SDXL:
+    both, with the final layers ``clip_skip`` leaves unused, `models.text`)."""
+    if bundle.text_encoder_2 is None:
+        unused = (max(0, clip_skip - 1),)
+    else:
+        unused = sdxl_unused_final_layers(clip_skip)
+    return tuple(
+        apply_text_encoder_freezing(config, encoder, train_text_encoder, count)
+        for encoder, count in zip(bundle.text_encoders, unused, strict=True)
+    )
+
+
 def build_model_training(
     model_name: str,
     model: torch.nn.Module,
@@ -98,19 +114,31 @@ def build_model_training(
     total_optimizer_steps: int,
     on_cuda: bool,
     fused: bool = False,
+    second: tuple[torch.nn.Module, dict[str, Any]] | None = None,
 ) -> ModelTraining | None:
     """Optimizer and scheduler for a model's trainable parameters; None when nothing trains.
-    ``fused``: per-parameter optimizers stepped in backward (`optimizer.fused`)."""
+    ``fused``: per-parameter optimizers stepped in backward (`optimizer.fused`). ``second``:
+    a module whose parameters form a second parameter group with its own values of
+    `GROUP_KEYS` (SDXL's second text encoder)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
+    values = _values(settings)
+    groups = _second_group(settings, values, second, on_cuda)
+    if not parameters and not groups:
         logger.info("%s: no trainable parameters, no optimizer", model_name)
         return None
-    values = _values(settings)
-    optimizer, kwargs = (
-        _fused(settings, parameters, values, on_cuda)
-        if fused
-        else build_optimizer(settings.name, parameters, values, on_cuda=on_cuda)
-    )
+    if fused:
+        if groups and any(k != "params" for k in groups[0]):
+            raise UserError(
+                "fused_backward_pass: text_encoder_2_overrides gives the second text encoder "
+                "values of its own, which per-parameter optimizers cannot keep; remove them or "
+                "turn fused_backward_pass off"
+            )
+        parameters += [p for group in groups for p in group["params"]]
+        optimizer, kwargs = _fused(settings, parameters, values, on_cuda)
+    else:
+        first = [{"params": parameters}] if parameters else []
+        params: list[Any] = [*first, *groups] if groups else parameters
+        optimizer, kwargs = build_optimizer(settings.name, params, values, on_cuda=on_cuda)
     if has_eval_mode(optimizer):
         optimizer.train()  # schedule-free: steps need train mode
     length = schedule_length(
@@ -124,8 +152,29 @@ def build_model_training(
         scheduler=scheduler,
         kwargs=kwargs,
         length=length,
-        trainable_parameters=sum(p.numel() for p in parameters),
+        trainable_parameters=sum(
+            p.numel() for group in optimizer.param_groups for p in group["params"]
+        ),
     )
+
+
+def _second_group(
+    settings: ModelOptimizer,
+    values: dict[str, Any],
+    second: tuple[torch.nn.Module, dict[str, Any]] | None,
+    on_cuda: bool,
+) -> list[dict[str, Any]]:
+    """The second module's parameter group (none without trainable parameters): its keyword
+    arguments where they differ from the first group's."""
+    if second is None:
+        return []
+    module, own = second
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    if not parameters:
+        return []
+    first = constructor_kwargs(settings.name, values, on_cuda)
+    mine = constructor_kwargs(settings.name, values | own, on_cuda)
+    return [{"params": parameters, **{k: v for k, v in mine.items() if first.get(k) != v}}]
 
 
 def _fused(

@@ -22,7 +22,7 @@ from config.errors import ConfigError
 from config.fields import parse_fields, setting
 from config.jsonfile import read_json_object
 from config.load import CLI_SOURCE, TRAIN_JSON, LoadedTrainConfig, find_input_file
-from optimizer.freezing import FREEZING_ALIASES, FreezingConfig
+from optimizer.freezing import FreezingConfig, parse_freezing
 from optimizer.registry import OPTIMIZERS, optimizer_names
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,11 @@ class OptimizerFile:
     doc: Any = setting(None, "Free text, ignored.")
     base: Any = setting(None, "UNet optimizer (and defaults for the text encoder).")
     text_encoder_overrides: Any = setting(None, "Text-encoder optimizer; null keys copy base.")
+    text_encoder_2_overrides: Any = setting(
+        None,
+        "SDXL's second text encoder: lr, betas, epsilon, weight_decay of its own; null keys copy "
+        "the text encoder's.",
+    )
     text_encoder_lr_scale: float | None = setting(
         None,
         "Copied text-encoder LR = base LR x this (default 1.0).",
@@ -187,6 +192,10 @@ class ModelOptimizer:
         ]
 
 
+# What text_encoder_2_overrides may set: the values one optimizer keeps per parameter group.
+GROUP_KEYS = ("lr", "betas", "epsilon", "weight_decay")
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     """Everything optimizer.json, train.json and the CLI say about optimizing both models."""
@@ -199,11 +208,16 @@ class OptimizerConfig:
     text_encoder_lr_scale: float
     path: Path | None
     top_sources: dict[str, str]
+    # SDXL's second encoder: its parameter group's values (GROUP_KEYS), in the text encoder's
+    # optimizer, and where each came from.
+    text_encoder_2: dict[str, Any] = dataclasses.field(default_factory=dict)
+    text_encoder_2_sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def sources(self) -> dict[str, str]:
         """Provenance of every resolved value, keyed ``unet.lr``, ``text_encoder.betas``, ..."""
         out = {f"unet.{k}": v for k, v in self.unet.sources.items()}
         out |= {f"text_encoder.{k}": v for k, v in self.text_encoder.sources.items()}
+        out |= {f"text_encoder_2.{k}": v for k, v in self.text_encoder_2_sources.items()}
         out |= self.top_sources
         return out
 
@@ -233,8 +247,9 @@ def resolve_optimizer_config(
             logger.warning("%s: '%s' is deprecated, write '%s'", where, old, new)
     base, p1 = _parse_section(top.get("base"), where, "base")
     te, p2 = _parse_section(top.get("text_encoder_overrides"), where, "text_encoder_overrides")
-    freezing, p3 = _parse_freezing(top.get("text_encoder_freezing"), where)
-    problems += p1 + p2 + p3
+    freezing, p3 = parse_freezing(top.get("text_encoder_freezing"), where)
+    te2, p4 = _parse_section(top.get("text_encoder_2_overrides"), where, "text_encoder_2_overrides")
+    problems += p1 + p2 + p3 + p4 + _group_only(te2, where)
     if problems:
         raise ConfigError(problems)
 
@@ -242,6 +257,7 @@ def resolve_optimizer_config(
     scale_given = top.get("text_encoder_lr_scale")
     scale = TOP_DEFAULTS["text_encoder_lr_scale"] if scale_given is None else scale_given
     text_encoder = _resolve_text_encoder(te, unet, scale, scale_given is not None)
+    te2_values, te2_sources = _resolve_text_encoder_2(te2, text_encoder)
     top_values = {k: top.get(k, default) for k, default in TOP_DEFAULTS.items()}
     top_sources = {k: OPTIMIZER_JSON if k in top else DEFAULT for k in TOP_DEFAULTS}
     config = OptimizerConfig(
@@ -253,6 +269,8 @@ def resolve_optimizer_config(
         text_encoder_lr_scale=scale,
         path=path,
         top_sources=top_sources,
+        text_encoder_2=te2_values,
+        text_encoder_2_sources=te2_sources,
     )
     _warn_adaptive(config)
     return config
@@ -267,21 +285,6 @@ def _parse_section(raw: Any, where: str, key: str) -> tuple[OptimizerSection, li
     if values.get("lr_decay_steps") == 0:
         del values["lr_decay_steps"]  # EveryDream2's "automatic"
     return OptimizerSection(**values), problems
-
-
-def _parse_freezing(raw: Any, where: str) -> tuple[FreezingConfig, list[str]]:
-    key = "text_encoder_freezing"
-    if raw is None:
-        return FreezingConfig(), []
-    if not isinstance(raw, dict):
-        return FreezingConfig(), [f"{where}: {key}: expected an object {{...}} or null"]
-    values, problems = parse_fields(
-        FreezingConfig, raw, where, key_prefix=f"{key}.", aliases=FREEZING_ALIASES
-    )
-    for old, new in FREEZING_ALIASES.items():
-        if raw.get(old) is not None and raw.get(new) is not None and raw[old] != raw[new]:
-            problems.append(f"{where}: {key}: {old} and {new} are the same key with two values")
-    return FreezingConfig(**values), problems
 
 
 def _main_value(train: LoadedTrainConfig, key: str) -> tuple[Any, str] | None:
@@ -343,6 +346,31 @@ def _resolve_text_encoder(
         k for k, source in sources.items() if source == OPTIMIZER_JSON or k in base.user_set
     )
     return ModelOptimizer(OptimizerSection(**values), sources, user_set)
+
+
+def _group_only(section: OptimizerSection, where: str) -> list[str]:
+    """text_encoder_2_overrides sets only what a parameter group of one optimizer can hold."""
+    return [
+        f"{where}: text_encoder_2_overrides.{key}: the second text encoder shares the text "
+        f"encoder's optimizer; it may set only {', '.join(GROUP_KEYS)}"
+        for key in SECTION_KEYS
+        if key not in GROUP_KEYS and getattr(section, key) is not None
+    ]
+
+
+def _resolve_text_encoder_2(
+    overrides: OptimizerSection, text_encoder: ModelOptimizer
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The second encoder's group values: its own, else the text encoder's."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key in GROUP_KEYS:
+        own = getattr(overrides, key)
+        if own is None:
+            values[key], sources[key] = text_encoder.value(key), "inherited from text_encoder"
+        else:
+            values[key], sources[key] = own, OPTIMIZER_JSON
+    return values, sources
 
 
 def _warn_adaptive(config: OptimizerConfig) -> None:

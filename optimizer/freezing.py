@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from config.fields import setting
+from config.fields import parse_fields, setting
 from config.limits import MAX_TEXT_ENCODER_LAYERS
 
 
@@ -36,6 +37,22 @@ class FreezingConfig:
 
 
 FREEZING_ALIASES = {"unfreeze_last_n_layers": "unfreeze_final_n_layers"}
+
+
+def parse_freezing(raw: Any, where: str) -> tuple[FreezingConfig, list[str]]:
+    """The ``text_encoder_freezing`` block of optimizer.json ``where``, and its problems."""
+    key = "text_encoder_freezing"
+    if raw is None:
+        return FreezingConfig(), []
+    if not isinstance(raw, dict):
+        return FreezingConfig(), [f"{where}: {key}: expected an object {{...}} or null"]
+    values, problems = parse_fields(
+        FreezingConfig, raw, where, key_prefix=f"{key}.", aliases=FREEZING_ALIASES
+    )
+    for old, new in FREEZING_ALIASES.items():
+        if raw.get(old) is not None and raw.get(new) is not None and raw[old] != raw[new]:
+            problems.append(f"{where}: {key}: {old} and {new} are the same key with two values")
+    return FreezingConfig(**values), problems
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def adapted(
     add_lora_adapters(bundle, settings, train_unet, train_text_encoder, frozen, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for model in (bundle.unet, bundle.text_encoder):
+        for model in (bundle.unet, *bundle.text_encoders):
             for key, p in adapter_parameters(model).items():
                 if ".lora_B." in key:
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
@@ -43,7 +43,10 @@ def adapted(
 
 
 def models_of(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
-    return {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    if bundle.text_encoder_2 is not None:
+        models["text_encoder_2"] = bundle.text_encoder_2
+    return models
 
 
 def info_of(bundle: ModelBundle, name: str = "run") -> KohyaInfo:
@@ -54,6 +57,7 @@ def info_of(bundle: ModelBundle, name: str = "run") -> KohyaInfo:
         epoch=3,
         v2=uses_open_clip(bundle.text_encoder),
         v_prediction=bundle.prediction_type == "v_prediction",
+        sdxl=bundle.family == "sdxl",
         resolution=64,
         base_model=bundle.source,
     )

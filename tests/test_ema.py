@@ -32,7 +32,9 @@ def tiny_bundle() -> SimpleNamespace:
     torch.manual_seed(0)
     text_encoder = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     text_encoder[0].requires_grad_(False)
-    return SimpleNamespace(unet=nn.Linear(3, 2), text_encoder=text_encoder)
+    bundle = SimpleNamespace(unet=nn.Linear(3, 2), text_encoder=text_encoder)
+    bundle.component = lambda name: getattr(bundle, name)  # as ModelBundle.component
+    return bundle
 
 
 def settings(**changes) -> EmaSettings:

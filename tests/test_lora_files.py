@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from lora.files import DIFFUSERS_WEIGHTS, write_diffusers_file, write_kohya_file
-from lora.kohya import kohya_module_name
+from lora.kohya import KohyaNaming
 from tests.lora_helpers import (
     LOCON,
     RANK4,
@@ -96,7 +96,7 @@ def test_kohya_file_keys_shapes_and_dtypes(tmp_path):
     assert tensors[f"{text}.lora_down.weight"].shape == (4, 32)
     assert all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in tensors)
     assert len(tensors) == 3 * (79 + 72)
-    assert kohya_module_name("unet", "mid_block.attentions.0.proj_in") == (
+    assert KohyaNaming().name("unet", "mid_block.attentions.0.proj_in") == (
         "lora_unet_mid_block_attentions_0_proj_in"
     )
 

@@ -56,14 +56,14 @@ def test_the_fake_pass_counts_what_a_real_pass_saves(bundle, batch, size):
 
 
 def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(bundle):
-    one = step_activations(bundle.unet, bundle.text_encoder, 1, (64, 64), False, None)
-    four = step_activations(bundle.unet, bundle.text_encoder, 4, (64, 64), False, None)
-    kept = step_activations(bundle.unet, bundle.text_encoder, 4, (64, 64), True, None)
+    one = step_activations(bundle.unet, (bundle.text_encoder,), 1, (64, 64), False, None)
+    four = step_activations(bundle.unet, (bundle.text_encoder,), 4, (64, 64), False, None)
+    kept = step_activations(bundle.unet, (bundle.text_encoder,), 4, (64, 64), True, None)
     assert four["unet"].saved_bytes > 3 * one["unet"].saved_bytes
     assert kept["unet"].total_bytes < four["unet"].total_bytes
     assert kept["unet"].recompute_bytes > 0
     assert not bundle.unet.is_gradient_checkpointing  # left as it was
-    frozen_text = step_activations(bundle.unet, None, 1, (64, 64), False, None)
+    frozen_text = step_activations(bundle.unet, (), 1, (64, 64), False, None)
     assert "text_encoder" not in frozen_text
 
 

@@ -288,14 +288,3 @@ def test_text_encoder_parts_of_the_second_encoder(tiny: ModelBundle) -> None:
     inside = {id(p) for m in (embeddings, layers, final_layer_norm) for p in m.parameters()}
     outside = [n for n, p in encoder.named_parameters() if id(p) not in inside]
     assert outside == ["text_projection.weight"]
-
-
-def test_training_an_sdxl_model_is_refused_with_one_message(tmp_path, caplog):
-    """Until the step handles two encoders and time ids, an SDXL run stops before training."""
-    from tests.e2e import ADAMW, run, write_config
-
-    config = write_config(tmp_path, ADAMW, resume_ckpt="tiny-sdxl", max_epochs=1)
-    assert run(config) == 2
-    assert run(config, "--dry_run") == 2
-    assert "is an SDXL model" in caplog.text
-    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

@@ -323,7 +323,7 @@ def test_prediction_type_from_yaml_rule_and_override(
 def test_text_encoder_layers_read_from_the_header(
     tiny: dict[str, ModelBundle], tmp_path: Path
 ) -> None:
-    from training.build import expected_text_encoder_layers
+    from training.before_models import expected_text_encoder_layers
 
     for name, layers in (("tiny-sd15", 12), ("tiny-sd21", 23)):
         path = tmp_path / f"{name}.safetensors"

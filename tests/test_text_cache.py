@@ -19,9 +19,9 @@ def test_each_caption_is_encoded_once_and_alone():
     cached = CachedPromptEncoder(encoder)
     ids = tokenize(bundle.tokenizer, ["a red circle", "", "a red circle"])
     with torch.no_grad():
-        first = cached(ids)
-        again = cached(ids[:2])
-        alone = torch.cat([encoder(ids[i : i + 1]) for i in range(3)])
+        first = cached(ids).embeds
+        again = cached(ids[:2]).embeds
+        alone = torch.cat([encoder(ids[i : i + 1]).embeds for i in range(3)])
     assert torch.equal(first, alone)  # each row as if encoded alone
     assert torch.equal(again, first[:2])
     assert (cached.misses, cached.hits) == (2, 3)  # two distinct captions

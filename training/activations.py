@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +161,7 @@ def _count(
             for k, v in inputs.items()
         }
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            functional_call(model, tensors, (), fake_inputs)
+            functional_call(model, tensors, (), _nested(fake_inputs))
     model.train(was_training)
     return counter
 
@@ -195,33 +195,70 @@ def _enable(model: torch.nn.Module) -> None:
 
 def step_activations(
     unet: torch.nn.Module | None,
-    text_encoder: torch.nn.Module | None,
+    text_encoders: Sequence[torch.nn.Module],
     batch_size: int,
     bucket: tuple[int, int],
     checkpointing: bool,
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, Activations]:
     """The activations of one step for a batch of ``batch_size`` images of ``bucket`` (width,
-    height) pixels: the UNet's (None: nothing trains) and a trained text encoder's (None: it
-    does not train, so it runs without gradients). A frozen UNet still keeps activations when
-    the text encoder trains: its gradient flows back through them."""
+    height) pixels: the UNet's (None: nothing trains) and the trained text encoders' (none:
+    they do not train, so they run without gradients; SDXL's two run one after the other, so
+    their saved tensors add up). A frozen UNet still keeps activations when the text encoder
+    trains: its gradient flows back through them."""
     out: dict[str, Activations] = {}
-    if text_encoder is not None:
-        ids = torch.zeros(batch_size, text_encoder.config.max_position_embeddings, dtype=torch.long)
-        out["text_encoder"] = forward_activations(
-            text_encoder, {"input_ids": ids}, checkpointing, autocast_dtype
+    if text_encoders:
+        parts = [
+            forward_activations(
+                encoder, {"input_ids": _ids(encoder, batch_size)}, checkpointing, autocast_dtype
+            )
+            for encoder in text_encoders
+        ]
+        out["text_encoder"] = Activations(
+            sum(part.saved_bytes for part in parts), max(part.recompute_bytes for part in parts)
         )
     if unet is not None:
-        width, height = bucket
-        config = unet.config
-        tokens = 77 if text_encoder is None else text_encoder.config.max_position_embeddings
-        inputs = {
-            "sample": torch.zeros(batch_size, config.in_channels, height // 8, width // 8),
-            "timestep": torch.zeros(batch_size, dtype=torch.long),
-            # a trained text encoder gets its gradient through the UNet's input
-            "encoder_hidden_states": torch.zeros(
-                batch_size, tokens, config.cross_attention_dim
-            ).requires_grad_(text_encoder is not None),
-        }
+        inputs = _unet_inputs(unet, batch_size, bucket, text_trains=bool(text_encoders))
         out["unet"] = forward_activations(unet, inputs, checkpointing, autocast_dtype)
+    return out
+
+
+def _ids(text_encoder: torch.nn.Module, batch_size: int) -> torch.Tensor:
+    return torch.zeros(batch_size, text_encoder.config.max_position_embeddings, dtype=torch.long)
+
+
+def _unet_inputs(
+    unet: torch.nn.Module, batch_size: int, bucket: tuple[int, int], text_trains: bool
+) -> dict[str, torch.Tensor]:
+    """The UNet's inputs for a batch; SDXL's added conditions as ``added_cond_kwargs.<name>``
+    (nested again by `_count`)."""
+    width, height = bucket
+    config = unet.config
+    inputs = {
+        "sample": torch.zeros(batch_size, config.in_channels, height // 8, width // 8),
+        "timestep": torch.zeros(batch_size, dtype=torch.long),
+        # a trained text encoder gets its gradient through the UNet's input
+        "encoder_hidden_states": torch.zeros(
+            batch_size, 77, config.cross_attention_dim
+        ).requires_grad_(text_trains),
+    }
+    if config.addition_embed_type == "text_time":
+        time_ids = 6 * config.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - time_ids
+        inputs[f"{_ADDED}text_embeds"] = torch.zeros(batch_size, pooled).requires_grad_(text_trains)
+        inputs[f"{_ADDED}time_ids"] = torch.zeros(batch_size, 6)
+    return inputs
+
+
+_ADDED = "added_cond_kwargs."
+
+
+def _nested(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``added_cond_kwargs.<name>`` entries gathered into the ``added_cond_kwargs`` dict."""
+    out: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if key.startswith(_ADDED):
+            out.setdefault(_ADDED[:-1], {})[key[len(_ADDED) :]] = value
+        else:
+            out[key] = value
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -20,23 +19,21 @@ from data import DataSettings, TrainDataset, load_dataset
 from lora.settings import LoraSettings
 from models import (
     ModelBundle,
-    builtin_text_encoder_layers,
     classify_resume_ckpt,
     load_models,
 )
 from models.loading import SourceKind
-from models.single_file_load import single_file_text_encoder_layers
 from optimizer.build import (
     FreezeReport,
     ModelTraining,
-    apply_text_encoder_freezing,
     build_model_training,
-    freeze_plan,
+    freeze_text_encoders,
 )
 from optimizer.config import OptimizerConfig, load_optimizer_config
 from plugins.loading import load_plugins
 from plugins.plugins import BasePlugin
 from plugins.runner import PluginTransforms
+from training.before_models import check_before_models, with_family_resolution
 from training.checkpointing.find_last import resolve_findlast
 from training.checkpointing.names import check_output_names, longest_checkpoint_dir
 from training.checkpointing.state import (
@@ -71,31 +68,6 @@ def resolve_seed(seed: int) -> int:
         logger.info("seed -1: using random seed %d", chosen)
         return chosen
     return seed
-
-
-def expected_text_encoder_layers(resume_ckpt: str) -> int | None:
-    """The text encoder's layer count read without building a model, when it can be."""
-    resume_ckpt = weights_source(resume_ckpt).model
-    kind = classify_resume_ckpt(resume_ckpt)
-    if kind is SourceKind.BUILTIN:
-        return builtin_text_encoder_layers(resume_ckpt)
-    if kind is SourceKind.LOCAL:
-        config_file = Path(resume_ckpt).expanduser() / "text_encoder" / "config.json"
-        try:
-            return int(json.loads(config_file.read_text())["num_hidden_layers"])
-        except (OSError, ValueError, KeyError):
-            return None  # from_pretrained will say what is wrong with the folder
-    if kind is SourceKind.SINGLE_FILE:
-        return single_file_text_encoder_layers(Path(resume_ckpt).expanduser())
-    return None
-
-
-def check_before_models(train: LoadedTrainConfig, optim: OptimizerConfig) -> None:
-    """Checks that need the model's shape but not its weights: run before anything loads."""
-    assert train.config.resume_ckpt is not None
-    num_layers = expected_text_encoder_layers(train.config.resume_ckpt)
-    if num_layers is not None:
-        freeze_plan(optim, num_layers)
 
 
 def data_settings(
@@ -208,30 +180,20 @@ def load_trainable_models(
     resume_state: TrainingState | None,
     device: torch.device,
     seed: int,
-) -> tuple[ModelBundle, FreezeReport, LoraSettings | None]:
+) -> tuple[ModelBundle, tuple[FreezeReport, ...], LoraSettings | None]:
     """The models, exactly as a resumed checkpoint left them, frozen as configured, with the
     run's LoRA adapters if it trains some (and their settings), on device."""
     c = train.config
     assert c.resume_ckpt is not None
     source = weights_source(c.resume_ckpt)
     models = load_models(source.model, c.prediction_type)
-    if models.family == "sdxl":
-        raise UserError(
-            f"resume_ckpt: {source.model} is an SDXL model; this version reads and writes SDXL "
-            "models but does not train them yet (docs/sdxl.md): use an SD1.x or SD2.x model"
-        )
     if resume_state is not None:
         restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
     models.vae.requires_grad_(False)
     models.unet.requires_grad_(not c.disable_unet_training)
-    freezing = apply_text_encoder_freezing(
-        optim,
-        models.text_encoder,
-        train_text_encoder=not c.disable_textenc_training,
-        unused_final_layers=max(0, c.clip_skip - 1),
-    )
+    freezing = freeze_text_encoders(optim, models, not c.disable_textenc_training, c.clip_skip)
     lora = add_run_adapters(train, models, freezing, source, seed)
-    for module in (models.unet, models.text_encoder, models.vae):
+    for module in (models.unet, *models.text_encoders, models.vae):
         module.to(device)
     return models, freezing, lora
 
@@ -259,6 +221,8 @@ def _prepare(
     assert c.resume_ckpt is not None
     plugins = load_plugins(c.plugins, train.folder)
     check_before_models(train, optim)
+    train = with_family_resolution(train)
+    c = train.config
     resume_state = resume_state_of(c.resume_ckpt)
     seed = seed_of(c.seed, resume_state)
     samples = sample_settings(train, seed)
@@ -284,7 +248,7 @@ def _fit_budget(
     """``vram_budget_gb``: the savings the forecast needs (`training.planner`); a batch split
     into accumulation plans the data again."""
     c = p.train.config
-    trained = [name for name in ("unet", "text_encoder") if trains(getattr(models, name))]
+    trained = [name for name in ("unet", "text_encoder") if trains(models.component(name))]
     on_device = ema is not None and ema.device == device
     ema_bytes = ema_memory(ema, models, trained)["total_bytes"] if on_device else 0
     dtype = choose_precision(device, c.mixed_precision, c.disable_amp).dtype
@@ -342,7 +306,7 @@ def build_run(
         p, optim = _fit_budget(p, optim, models, device, world_size, ema)
         c = p.train.config
         ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
-    _check_placement(c, world_size, trains(models.text_encoder))
+    _check_placement(c, world_size, trains(models.component("text_encoder")))
     fused = c.fused_backward_pass
     unet, text_encoder = build_trainings(models, optim, p.length.planned_steps, device, fused)
     base_model = base_model_of(c.resume_ckpt, p.resume_state)
@@ -380,10 +344,18 @@ def build_trainings(
     """The UNet's and the text encoder's optimizer and LR scheduler (None: not trained);
     ``fused``: stepped in backward (``fused_backward_pass``)."""
     on_cuda = device.type == "cuda"
+    te2 = models.text_encoder_2
+    second = None if te2 is None else (te2, optim.text_encoder_2)
     return (
         build_model_training("unet", models.unet, optim.unet, planned_steps, on_cuda, fused),
         build_model_training(
-            "text_encoder", models.text_encoder, optim.text_encoder, planned_steps, on_cuda, fused
+            "text_encoder",
+            models.text_encoder,
+            optim.text_encoder,
+            planned_steps,
+            on_cuda,
+            fused,
+            second,
         ),
     )
 

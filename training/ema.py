@@ -184,7 +184,7 @@ def tracked_parameters(
     return [
         (f"{model}.{name}", parameter)
         for model in trained
-        for name, parameter in getattr(bundle, model).named_parameters()
+        for name, parameter in bundle.component(model).named_parameters()
         if parameter.requires_grad
     ]
 
@@ -217,7 +217,7 @@ def load_start_weights(source: str, names: list[str]) -> dict[str, torch.Tensor]
             raise _renamed(error) from error
     found: dict[str, torch.Tensor] = {}
     for model in dict.fromkeys(name.split(".", 1)[0] for name in names):
-        for name, parameter in getattr(bundle, model).named_parameters():
+        for name, parameter in bundle.component(model).named_parameters():
             found[f"{model}.{name}"] = parameter.detach()
     _check_same_shapes(f"{KEY}: {source}", names, found, None)
     return {name: found[name] for name in names}

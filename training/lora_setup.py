@@ -62,13 +62,16 @@ def weights_source(resume_ckpt: str) -> WeightsSource:
 
 
 def _models_by_name(bundle: ModelBundle) -> dict[str, Any]:
-    return {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    if bundle.text_encoder_2 is not None:
+        models["text_encoder_2"] = bundle.text_encoder_2
+    return models
 
 
 def add_run_adapters(
     train: LoadedTrainConfig,
     models: ModelBundle,
-    freezing: FreezeReport,
+    freezing: tuple[FreezeReport, ...],
     source: WeightsSource,
     seed: int,
 ) -> LoraSettings | None:
@@ -87,7 +90,8 @@ def add_run_adapters(
         settings,
         train_unet=not c.disable_unet_training,
         train_text_encoder=not c.disable_textenc_training,
-        frozen_text_layers=freezing.plan.frozen_layers,
+        frozen_text_layers=freezing[0].plan.frozen_layers,
+        frozen_text_layers_2=freezing[-1].plan.frozen_layers if len(freezing) > 1 else (),
         seed=seed,
     )
     if not adapted_models(models):
@@ -116,6 +120,7 @@ def lora_export(
         settings=settings,
         base_model=base_model,
         v2=models.family == "sd2",
+        sdxl=models.family == "sdxl",
         v_prediction=models.noise_scheduler.config.prediction_type == "v_prediction",
         resolution=c.resolution,
         started_at=time.time(),

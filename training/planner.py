@@ -74,7 +74,7 @@ class Setting:
         if key not in self.measured:
             parts = step_activations(
                 self.models.unet,
-                self.models.text_encoder if text_trains else None,
+                self.models.text_encoders if text_trains else (),
                 batch_size,
                 self.bucket,
                 checkpointing,
@@ -89,7 +89,7 @@ def forecast(settings: Settings, setting: Setting) -> dict[str, int]:
     bundle = setting.models
     parts: dict[str, int] = {}
     for name, optimizer in settings.optimizers.items():
-        model = getattr(bundle, name)
+        model = bundle.component(name)
         slice_p = setting.slice_p.get(name, 1)
         memory = model_memory(model, optimizer, slice_p, settings.fused_backward_pass)
         offloaded = name == "text_encoder" and settings.text_encoder_offload
@@ -198,7 +198,7 @@ def fit_budget(
     assert c.vram_budget_gb is not None
     by_model = {"unet": optim.unet, "text_encoder": optim.text_encoder}
     optimizers = {
-        name: settings.name if trains(getattr(models, name)) else None
+        name: settings.name if trains(models.component(name)) else None
         for name, settings in by_model.items()
     }
     setting = Setting(

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
+from lora.kohya import KohyaNaming
 from lora.report import lora_report
 from optimizer.build import ModelTraining
 from optimizer.config import ModelOptimizer
@@ -42,6 +43,13 @@ def model_report(training: ModelTraining) -> dict[str, Any]:
         "unused": {key: settings.value(key) for key in settings.unused_keys()},
         "trainable_parameters": training.trainable_parameters,
     }
+    groups = training.optimizer.param_groups
+    if len(groups) > 1:  # SDXL's text encoders: each encoder's group, as the optimizer holds it
+        out["param_groups"] = [
+            {k: v for k, v in group.items() if k != "params"}
+            | {"trainable_parameters": sum(p.numel() for p in group["params"])}
+            for group in groups
+        ]
     return jsonable(out)
 
 
@@ -49,7 +57,7 @@ def memory_report(run: Run) -> dict[str, Any]:
     """Expected bytes of weights, gradients and optimizer state of each model."""
     out: dict[str, Any] = {}
     for name, training in run.trainings_by_model().items():
-        model = getattr(run.models, name)
+        model = run.models.component(name)
         if training is None:
             out[name] = model_memory(model, None)
         else:
@@ -85,7 +93,7 @@ def activation_report(run: Run) -> dict[str, Any]:
     precision = choose_precision(run.device, c.mixed_precision, c.disable_amp)
     parts = step_activations(
         run.models.unet if anything else None,
-        run.models.text_encoder if trains["text_encoder"] is not None else None,
+        run.models.text_encoders if trains["text_encoder"] is not None else (),
         c.batch_size,
         bucket,
         c.gradient_checkpointing,
@@ -113,15 +121,24 @@ def dry_run_report(run: Run) -> dict[str, Any]:
             name: None if training is None else model_report(training)
             for name, training in run.trainings_by_model().items()
         },
-        "text_encoder_freezing": run.freezing.as_dict(),
+        **{
+            f"text_encoder{'' if i == 0 else f'_{i + 1}'}_freezing": report.as_dict()
+            for i, report in enumerate(run.freezing)
+        },
         "sources": sources,
         "data": run.dataset.summary(),
         "validation": None if run.validation is None else run.validation.describe(),
         "memory": memory_report(run),
         "model": {
             "resume_ckpt": c.resume_ckpt,
+            "family": run.models.family,
             "prediction_type": run.models.prediction_type,
-            "text_encoder_layers": run.freezing.plan.num_layers,
+            "text_encoder_layers": run.freezing[0].plan.num_layers,
+            **(
+                {"text_encoder_2_layers": run.freezing[1].plan.num_layers}
+                if len(run.freezing) > 1
+                else {}
+            ),
         },
         "run": {
             "device": str(run.device),
@@ -146,5 +163,6 @@ def lora_section(run: Run) -> dict[str, Any] | None:
     if run.lora is None:
         return None
     full_precision = run.train.config.save_full_precision
-    report = lora_report(adapted_models(run.models), full_precision)
+    naming = KohyaNaming.of(run.models.unet)
+    report = lora_report(adapted_models(run.models), full_precision, naming)
     return jsonable({**run.lora.as_dict(), "merge": run.lora.merge, **report})

@@ -31,7 +31,7 @@ class Run:
     device: torch.device
     dataset: TrainDataset
     models: ModelBundle
-    freezing: FreezeReport
+    freezing: tuple[FreezeReport, ...]  # one per text encoder
     unet_training: ModelTraining | None  # the UNet's optimizer and LR scheduler; None: frozen
     text_encoder_training: ModelTraining | None
     length: RunLength  # what the LR schedule and the EMA were sized for

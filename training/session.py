@@ -29,7 +29,7 @@ from training.report import dry_run_report, memory_report
 from training.run import Run
 from training.sources import BatchSource, MaskedSource, PixelSource
 from training.step import CaptionTokenizer, PromptEncoder, Shard, StepModels
-from training.text_cache import CachedPromptEncoder, offload_text_encoder
+from training.text_cache import CachedPromptEncoder, offload_text_encoders
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,14 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
     train_text_encoder = run.text_encoder_training is not None
     bundle.vae.eval()
     bundle.unet.train(train_unet)
-    bundle.text_encoder.train(train_text_encoder)
+    for text_encoder in bundle.text_encoders:
+        text_encoder.train(train_text_encoder)
     if c.gradient_checkpointing:
         # A frozen UNet still backpropagates to a trained text encoder: checkpoint it too.
         bundle.unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            bundle.text_encoder.gradient_checkpointing_enable()
+            for text_encoder in bundle.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
     if c.attn_type == "slice":
         bundle.unet.set_attention_slice("auto")
     if run.device.type == "cuda":
@@ -64,11 +66,11 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
     if c.compile_unet:
         logger.info("compiling the UNet with torch.compile (the first steps are slow)")
         unet = torch.compile(unet)
-    prompt_encoder: torch.nn.Module = PromptEncoder(bundle.text_encoder, c.clip_skip)
+    prompt_encoder: torch.nn.Module = PromptEncoder.of(bundle, c.clip_skip)
     if not train_text_encoder and not c.shuffle_tags:
         prompt_encoder = CachedPromptEncoder(prompt_encoder)  # frozen: each caption once
         if c.text_encoder_offload:
-            offload_text_encoder(bundle.text_encoder)
+            offload_text_encoders(bundle.text_encoders)
 
     if accelerator.num_processes > 1:
         if train_unet:
@@ -81,7 +83,7 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
         prompt_encoder=prompt_encoder,
         noise_scheduler=bundle.noise_scheduler,
         train_text_encoder=train_text_encoder,
-        tokens=CaptionTokenizer(bundle.tokenizer),
+        tokens=CaptionTokenizer.of(bundle),
     )
 
 

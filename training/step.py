@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from diffusers import DDPMScheduler
@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler
 from config.live import StepSettings
 from data import Batch
 from data.masks import MaskLoader
-from models import encode_prompts, tokenize
+from models import add_time_ids, added_cond_kwargs, encode_prompts, encode_prompts_sdxl, tokenize
 from models.bundle import ModelBundle
 from training.loss import per_sample_loss, perturb_embeddings
 from training.noise import sample_noise, sample_timesteps, training_target
@@ -39,39 +39,81 @@ class Shard:
         return global_tensor[self.rank * size : (self.rank + 1) * size]
 
 
+class Conditioning(NamedTuple):
+    """What the UNet is conditioned on besides the noisy latents and the timesteps: the text
+    embeddings ``[B, 77, width]`` and, for SDXL, the pooled embedding ``[B, projection]``."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
 class PromptEncoder(torch.nn.Module):
-    """Token ids → the embeddings the UNet sees, with ``clip_skip``, as one module.
+    """Token ids → the UNet's text conditioning, with ``clip_skip``, as one module.
 
     Keeping the whole encoding inside one ``forward`` lets DDP wrap it (the final layer norm
-    that ``clip_skip`` applies to an inner layer's output is part of it).
+    that ``clip_skip`` applies to an inner layer's output is part of it). SDXL's ids hold both
+    tokenizers' rows (``[B, 2, 77]``) and both encoders run (`models.text.encode_prompts_sdxl`).
     """
 
-    def __init__(self, text_encoder: torch.nn.Module, clip_skip: int) -> None:
+    def __init__(
+        self,
+        text_encoder: torch.nn.Module,
+        clip_skip: int,
+        text_encoder_2: torch.nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
         self.clip_skip = clip_skip
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return encode_prompts(self.text_encoder, input_ids, self.clip_skip)
+    @classmethod
+    def of(cls, bundle: ModelBundle, clip_skip: int) -> PromptEncoder:
+        return cls(bundle.text_encoder, clip_skip, bundle.text_encoder_2)
+
+    def forward(self, input_ids: torch.Tensor) -> Conditioning:
+        if self.text_encoder_2 is None:
+            return Conditioning(encode_prompts(self.text_encoder, input_ids, self.clip_skip))
+        embeds, pooled = encode_prompts_sdxl(
+            self.text_encoder, self.text_encoder_2, input_ids[:, 0], input_ids[:, 1], self.clip_skip
+        )
+        return Conditioning(embeds, pooled)
 
 
 class CaptionTokenizer:
-    """Token ids of captions, remembered: most captions come back every epoch."""
+    """Token ids of captions, remembered: most captions come back every epoch. With SDXL's
+    second tokenizer, each caption's ids are both tokenizers' rows (``[B, 2, 77]``)."""
 
-    def __init__(self, tokenizer: Any, capacity: int = 65536) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, capacity: int = 65536, tokenizer_2: Any = None) -> None:
+        self.tokenizers = (tokenizer,) if tokenizer_2 is None else (tokenizer, tokenizer_2)
         self.capacity = capacity
         self._ids: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def of(cls, bundle: ModelBundle) -> CaptionTokenizer:
+        return cls(bundle.tokenizer, tokenizer_2=bundle.tokenizer_2)
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         missing = [c for c in dict.fromkeys(captions) if c not in self._ids]
         if missing:
-            for caption, ids in zip(missing, tokenize(self.tokenizer, missing), strict=True):
-                self._ids[caption] = ids
+            rows = [tokenize(tokenizer, missing) for tokenizer in self.tokenizers]
+            ids = rows[0] if len(rows) == 1 else torch.stack(rows, dim=1)
+            for caption, caption_ids in zip(missing, ids, strict=True):
+                self._ids[caption] = caption_ids
         batch = torch.stack([self._ids[c] for c in captions])
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
         return batch
+
+
+def size_conditioning(batch: Batch) -> torch.Tensor:
+    """SDXL's time ids of a batch (`models.sdxl.add_time_ids`): each image's original size,
+    crop and the bucket, as (height, width) and (top, left)."""
+    width, height = batch.bucket
+    return add_time_ids(
+        [(h, w) for w, h in batch.original_sizes],
+        [(top, left) for left, top in batch.crops],
+        [(height, width)] * len(batch),
+    )
 
 
 @dataclass
@@ -208,13 +250,22 @@ def batch_loss(
     grad = contextlib.nullcontext() if models.train_text_encoder else torch.no_grad()
     with precision.autocast():
         with grad:
-            embeddings = models.prompt_encoder(ids)
+            conditioning = models.prompt_encoder(ids)
+        embeddings = conditioning.embeds
         if config.embedding_perturbation > 0:  # drawn for the global batch, like the rest
             zeros = _global_like(embeddings, shard).zero_()
             strength = config.embedding_perturbation
             embeddings = embeddings + shard.take(perturb_embeddings(zeros, strength, generator))
+        added = (
+            None
+            if conditioning.pooled is None
+            else added_cond_kwargs(conditioning.pooled, size_conditioning(batch))
+        )
         prediction = models.unet(
-            noised.latents, noised.timesteps, encoder_hidden_states=embeddings
+            noised.latents,
+            noised.timesteps,
+            encoder_hidden_states=embeddings,
+            added_cond_kwargs=added,
         ).sample
     losses = per_sample_loss(
         prediction.float(),

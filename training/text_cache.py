@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from training.step import Conditioning
+
 logger = logging.getLogger(__name__)
 
-# 2 GiB: about 9,000 SD1.x captions (77 x 768 fp32) or 7,000 SD2.x ones.
+# 2 GiB: about 9,000 SD1.x captions (77 x 768 fp32), 7,000 SD2.x or 3,400 SDXL ones.
 MAX_CACHED_BYTES = 2 * 2**30
 
 
@@ -36,16 +38,19 @@ class CachedPromptEncoder(torch.nn.Module):
         super().__init__()
         self.encoder = encoder
         self.max_bytes = max_bytes
-        self._cache: dict[bytes, torch.Tensor] = {}
+        self._cache: dict[bytes, Conditioning] = {}
         self._bytes = 0
         self.hits = 0
         self.misses = 0
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor) -> Conditioning:
         rows = [self._row(ids) for ids in input_ids]
-        return torch.stack(rows).to(input_ids.device)
+        embeds = torch.stack([row.embeds for row in rows]).to(input_ids.device)
+        if rows[0].pooled is None:
+            return Conditioning(embeds)
+        return Conditioning(embeds, torch.stack([row.pooled for row in rows]).to(embeds.device))
 
-    def _row(self, ids: torch.Tensor) -> torch.Tensor:
+    def _row(self, ids: torch.Tensor) -> Conditioning:
         key = ids.to("cpu").numpy().tobytes()
         found = self._cache.get(key)
         if found is not None:
@@ -54,15 +59,22 @@ class CachedPromptEncoder(torch.nn.Module):
         self.misses += 1
         where = next(self.encoder.parameters()).device  # the CPU with text_encoder_offload
         with torch.no_grad():
-            embedding = self.encoder(ids[None].to(where))[0].detach().to("cpu")
-        if self._bytes + embedding.nbytes <= self.max_bytes:
-            self._cache[key] = embedding
-            self._bytes += embedding.nbytes
-        return embedding
+            out = self.encoder(ids[None].to(where))
+        row = Conditioning(*(None if t is None else t[0].detach().to("cpu") for t in out))
+        size = sum(t.nbytes for t in row if t is not None)
+        if self._bytes + size <= self.max_bytes:
+            self._cache[key] = row
+            self._bytes += size
+        return row
 
 
-def offload_text_encoder(text_encoder: torch.nn.Module) -> None:
-    """``text_encoder_offload``: keep the frozen encoder in CPU memory while training."""
+def offload_text_encoders(encoders: Sequence[torch.nn.Module]) -> None:
+    """``text_encoder_offload``: keep the frozen encoder(s) in CPU memory while training."""
+    for text_encoder in encoders:
+        _offload(text_encoder)
+
+
+def _offload(text_encoder: torch.nn.Module) -> None:
     size = sum(p.numel() * p.element_size() for p in text_encoder.parameters())
     device = next(text_encoder.parameters()).device
     text_encoder.to("cpu")
@@ -72,6 +84,15 @@ def offload_text_encoder(text_encoder: torch.nn.Module) -> None:
         size / 2**30,
         device,
     )
+
+
+@contextlib.contextmanager
+def text_encoders_on(encoders: Sequence[torch.nn.Module], device: torch.device) -> Iterator[None]:
+    """The text encoder(s) on ``device`` for a pass, then back where they were."""
+    with contextlib.ExitStack() as stack:
+        for text_encoder in encoders:
+            stack.enter_context(text_encoder_on(text_encoder, device))
+        yield
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from torch import nn
 from config.errors import UserError
 from lora.adapters import adapter_state_dict, has_adapters, load_adapter_state_dict
 from lora.files import DIFFUSERS_WEIGHTS, write_diffusers_file, write_kohya_file
+from lora.kohya import KohyaNaming
 from models import ModelBundle
 from storage.atomic import atomic_folder, write_error
 from training.checkpointing.options import LoraExport, SaveOptions
@@ -47,6 +48,8 @@ WHAT = "LoRA checkpoint"
 def adapted_models(bundle: ModelBundle) -> dict[str, nn.Module]:
     """The bundle's models by name, as LoRA files name them (only those that have adapters)."""
     models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    if bundle.text_encoder_2 is not None:
+        models["text_encoder_2"] = bundle.text_encoder_2
     return {name: model for name, model in models.items() if has_adapters(model)}
 
 
@@ -82,7 +85,8 @@ def save_lora_checkpoint(
         note = options.note or {}
         info = export.kohya_info(path.name, int(note.get("epoch", 0)), note.get("global_step", 0))
         kohya = path.with_name(f"{path.name}.safetensors")
-        write_kohya_file(kohya, models, export.settings, info, full_precision)
+        naming = KohyaNaming.of(bundle.unet)
+        write_kohya_file(kohya, models, export.settings, info, full_precision, naming)
     logger.info(
         "LoRA checkpoint written to %s in %.1f s (%s adapters%s)",
         path,

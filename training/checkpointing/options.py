@@ -19,6 +19,7 @@ class LoraExport:
     v2: bool
     v_prediction: bool
     resolution: int
+    sdxl: bool
     started_at: float  # time.time() when the run started
     merge: bool  # lora_merge: also write the merged model
 
@@ -30,6 +31,7 @@ class LoraExport:
             epoch=epoch,
             v2=self.v2,
             v_prediction=self.v_prediction,
+            sdxl=self.sdxl,
             resolution=self.resolution,
             base_model=self.base_model,
         )

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from config.errors import UserError
 from lora.merge import merged_bundle
 from models import ModelBundle
+from models.bundle import COMPONENTS
 from models.pipeline_folder import write_pipeline_folder
 from models.single_file import write_single_file
 from storage.atomic import atomic_folder, write_error
@@ -50,7 +51,7 @@ from training.checkpointing.state import (
 logger = logging.getLogger(__name__)
 
 # Components whose weights a checkpoint holds, as named in the pipeline folder and the bundle.
-COMPONENTS = ("unet", "text_encoder", "vae")
+
 TRAINABLE = ("unet", "text_encoder")
 # The file that marks a folder as a diffusers pipeline (and so as replaceable by a new save).
 PIPELINE_MARKER = "model_index.json"
@@ -162,7 +163,7 @@ def _write_training_state(
     assert not unknown, f"optimizers of {sorted(unknown)}: not among {TRAINABLE}"
     copies = [] if full_precision else [n for n in COMPONENTS if n in state.optimizers]
     for name in copies:
-        safetensors.torch.save_model(getattr(bundle, name), str(folder / f"{name}.safetensors"))
+        safetensors.torch.save_model(bundle.component(name), str(folder / f"{name}.safetensors"))
     write_training_state(folder, state, copies)
 
 
@@ -187,9 +188,9 @@ def frozen_weights_reference(
     None when every frozen model is exact in fp16 (nothing to restore on resume).
     """
     digests = {
-        name: weights_sha256(getattr(bundle, name))
+        name: weights_sha256(bundle.component(name))
         for name in COMPONENTS
-        if name not in trained and rounded_by_fp16(getattr(bundle, name))
+        if name not in trained and rounded_by_fp16(bundle.component(name))
     }
     return {"source": source, "sha256": digests} if digests else None
 
@@ -208,7 +209,7 @@ def restore_full_precision_weights(path: Path, bundle: ModelBundle) -> None:
     if not isinstance(names, list) or not set(names) <= set(COMPONENTS):
         raise unreadable(path, f"full_precision_weights is {names!r}")
     for name in names:
-        model = getattr(bundle, name)
+        model = bundle.component(name)
         file = path / STATE_DIR / f"{name}.safetensors"
         device = next(model.parameters()).device
         try:
@@ -237,7 +238,7 @@ def _restore_frozen(frozen: dict[str, Any], bundle: ModelBundle) -> None:
         )
         return
     for name, digest in digests.items():
-        model = getattr(base, name)
+        model = base.component(name)
         if weights_sha256(model) != digest:
             logger.warning(
                 "%s in %s changed since the run started: resuming with the checkpoint's "
@@ -247,5 +248,5 @@ def _restore_frozen(frozen: dict[str, Any], bundle: ModelBundle) -> None:
                 name,
             )
             continue
-        getattr(bundle, name).load_state_dict(model.state_dict())
+        bundle.component(name).load_state_dict(model.state_dict())
         logger.info("restored the exact weights of frozen %s from %s", name, source)

@@ -21,10 +21,10 @@ from torch import nn
 
 from training.samples.schedulers import is_zero_terminal_snr, make_inference_scheduler
 from training.samples.settings import DEFAULT_SCHEDULER, RANDOM_SEED, SampleRequest
-from training.text_cache import text_encoder_on
+from training.text_cache import text_encoders_on
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from PIL.Image import Image
 
     from models.bundle import ModelBundle
@@ -84,7 +84,7 @@ def _seed_for(request: SampleRequest) -> int:
 class _Drawing:
     """How every image of one call is drawn."""
 
-    pipe: StableDiffusionPipeline
+    pipe: DiffusionPipeline
     bundle: ModelBundle
     scheduler_name: str
     clip_skip: int
@@ -93,33 +93,59 @@ class _Drawing:
 
 def _build_pipeline(
     bundle: ModelBundle, scheduler_name: str, noise_scheduler_config: Mapping[str, Any]
-) -> StableDiffusionPipeline:
-    """A pipeline around the bundle's own modules (no copy of their weights)."""
-    from diffusers import StableDiffusionPipeline
+) -> DiffusionPipeline:
+    """A pipeline around the bundle's own modules (no copy of their weights): diffusers'
+    ``StableDiffusionXLPipeline`` for SDXL (no watermark), else ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    scheduler = make_inference_scheduler(scheduler_name, noise_scheduler_config)
+    if bundle.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoder,
+            text_encoder_2=bundle.text_encoder_2,
+            tokenizer=bundle.tokenizer,
+            tokenizer_2=bundle.tokenizer_2,
+            unet=bundle.unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=bundle.vae,
         text_encoder=bundle.text_encoder,
         tokenizer=bundle.tokenizer,
         unet=bundle.unet,
-        scheduler=make_inference_scheduler(scheduler_name, noise_scheduler_config),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
 
 
-def _make_image(drawing: _Drawing, request: SampleRequest, prompt: str, seed: int) -> Image:
-    from models.text import encode_prompts, tokenize
+def _prompt_kwargs(drawing: _Drawing, prompt: str, negative_prompt: str) -> dict[str, Any]:
+    """The pipeline's prompt arguments, encoded as training encodes captions (``clip_skip``);
+    SDXL's pooled embeddings too (its size conditioning is the pipeline's: the image's size,
+    no crop)."""
+    from training.step import CaptionTokenizer, PromptEncoder
 
     bundle = drawing.bundle
-    input_ids = tokenize(bundle.tokenizer, [prompt, request.negative_prompt])
-    embeds = encode_prompts(bundle.text_encoder, input_ids, drawing.clip_skip)
+    ids = CaptionTokenizer.of(bundle)([prompt, negative_prompt])
+    conditioning = PromptEncoder.of(bundle, drawing.clip_skip)(ids)
+    kwargs = {
+        "prompt_embeds": conditioning.embeds[0:1],
+        "negative_prompt_embeds": conditioning.embeds[1:2],
+    }
+    if conditioning.pooled is not None:
+        kwargs["pooled_prompt_embeds"] = conditioning.pooled[0:1]
+        kwargs["negative_pooled_prompt_embeds"] = conditioning.pooled[1:2]
+    return kwargs
+
+
+def _make_image(drawing: _Drawing, request: SampleRequest, prompt: str, seed: int) -> Image:
     # A CPU generator: the same seed gives the same starting noise on any device.
     generator = torch.Generator("cpu").manual_seed(seed)
     output = drawing.pipe(
-        prompt_embeds=embeds[0:1],
-        negative_prompt_embeds=embeds[1:2],
+        **_prompt_kwargs(drawing, prompt, request.negative_prompt),
         width=request.width,
         height=request.height,
         guidance_scale=request.guidance_scale,
@@ -237,10 +263,10 @@ def _drawing(model: SamplingModel, scheduler_name: str) -> _Drawing:
 def _sampling_context(model: SamplingModel) -> Iterator[None]:
     """Eval mode, a forked RNG, no gradients and the autocast, all undone afterwards."""
     bundle = model.bundle
-    modules = [bundle.unet, bundle.text_encoder, bundle.vae]
+    modules = [bundle.unet, *bundle.text_encoders, bundle.vae]
     autocast = _autocast(model.device) if model.autocast is None else model.autocast()
     with (
-        text_encoder_on(bundle.text_encoder, model.device),
+        text_encoders_on(bundle.text_encoders, model.device),
         _sampling_mode(modules),
         torch.random.fork_rng(devices=_forked_devices(model.device)),
         torch.no_grad(),

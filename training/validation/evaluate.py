@@ -42,7 +42,7 @@ from training.step import (
     encode_latent_distribution,
     with_masks,
 )
-from training.text_cache import text_encoder_on
+from training.text_cache import text_encoders_on
 from training.validation.sets import EvalSet
 
 BAR_WIDTH = 80
@@ -75,7 +75,7 @@ def evaluation_models(models: StepModels, clip_skip: int) -> StepModels:
     return StepModels(
         bundle=bundle,
         unet=bundle.unet,
-        prompt_encoder=PromptEncoder(bundle.text_encoder, clip_skip),
+        prompt_encoder=PromptEncoder.of(bundle, clip_skip),
         noise_scheduler=models.noise_scheduler,
         train_text_encoder=False,
         tokens=models.tokens,
@@ -137,7 +137,8 @@ class Evaluator:
         step settings in force (see `evaluation_settings`)."""
         settings = evaluation_settings(settings)
         mine = eval_set.plans[self.shard.rank :: self.shard.world_size]
-        modules = [self.bundle.unet, self.bundle.text_encoder, self.bundle.vae]
+        encoders = self.bundle.text_encoders
+        modules = [self.bundle.unet, *encoders, self.bundle.vae]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         images = 0
         bar = tqdm(
@@ -150,7 +151,8 @@ class Evaluator:
             # a second bar moves the cursor: on a terminal only, never into a log file
             disable=not (self.show_progress and sys.stderr.isatty()),
         )
-        with bar, evaluation_mode(modules, self.device), text_encoder_on(modules[1], self.device):
+        on = text_encoders_on(encoders, self.device)
+        with bar, evaluation_mode(modules, self.device), on:
             for batch, latents in self._batches(eval_set, mine):
                 if self.masks is not None:
                     latents = with_masks(latents, batch, self.masks)
