@@ -88,11 +88,12 @@ def test_diffusers_loads_both_sdxl_files_with_the_trainers_outputs(settings, tmp
 def test_kohya_names_of_the_real_sdxl_unet():
     """SDXL 1.0's UNet (two resnets per level): the names kohya's SDXL LoRAs have."""
     naming = KohyaNaming(BUILTIN_CONFIGS["sdxl-random"]["unet"])
+    b = "transformer_blocks"
     cases = {
-        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
-        "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2": "input_blocks_8_1_transformer_blocks_9_ff_net_2",
+        f"down_blocks.1.attentions.0.{b}.0.attn1.to_q": f"input_blocks_4_1_{b}_0_attn1_to_q",
+        f"down_blocks.2.attentions.1.{b}.9.ff.net.2": f"input_blocks_8_1_{b}_9_ff_net_2",
         "mid_block.attentions.0.proj_out": "middle_block_1_proj_out",
-        "up_blocks.0.attentions.2.transformer_blocks.0.attn2.to_v": "output_blocks_2_1_transformer_blocks_0_attn2_to_v",
+        f"up_blocks.0.attentions.2.{b}.0.attn2.to_v": f"output_blocks_2_1_{b}_0_attn2_to_v",
         "up_blocks.1.resnets.0.conv1": "output_blocks_3_0_in_layers_2",
         "down_blocks.0.downsamplers.0.conv": "input_blocks_3_0_op",
     }
