@@ -68,11 +68,12 @@ from bench.trainer_harness import (
     train_with_hook,
     write_optimizer_json,
 )
-from models import tokenize
+from models import add_time_ids, added_cond_kwargs
 from training.build import Run
 from training.context import TrainingContext
 from training.latent_cache import LatentCache
 from training.report import memory_report
+from training.step import CaptionTokenizer, PromptEncoder
 
 logger = logging.getLogger("bench_cuda")
 
@@ -80,11 +81,20 @@ RESULT_PREFIX = "BENCH_RESULT "
 # (model, resolution) pairs of the matrix
 CUDA_CASES = (("sd15-random", 512), ("sd21-random", 512), ("sd21-random", 768))
 CUDA_BATCHES = (1, 8)
-DRY_CASES = (("tiny-sd15", 64),)
+# SDXL's rows (--sdxl): 1024 px, batches 1 and 4, gradient checkpointing on, full and LoRA.
+SDXL_CASES = (("sdxl-random", 1024),)
+SDXL_BATCHES = (1, 4)
+DRY_CASES = (("tiny-sd15", 64), ("tiny-sdxl", 64))
 DRY_BATCHES = (1, 2)
 CUDA_DEFAULTS = {"warmup": 6, "steps": 20, "images": 256}
 DRY_DEFAULTS = {"warmup": 2, "steps": 3, "images": 0}
 # --- the child: one configuration -------------------------------------------------------------
+
+
+def size_conditioning_of(resolution: int, batch: int) -> torch.Tensor:
+    """SDXL's time ids of square images of ``resolution`` px, uncropped."""
+    size = (resolution, resolution)
+    return add_time_ids([size] * batch, [(0, 0)] * batch, [size] * batch)
 
 
 def count_forward_flops(run: Run) -> dict[str, int]:
@@ -95,7 +105,7 @@ def count_forward_flops(run: Run) -> dict[str, int]:
     bundle, device = run.models, run.device
     resolution = run.train.config.resolution
     factor = 2 ** (len(bundle.vae.config.block_out_channels) - 1)
-    ids = tokenize(bundle.tokenizer, [""]).to(device)
+    ids = CaptionTokenizer.of(bundle)([""]).to(device)
     pixels = torch.zeros(1, bundle.vae.config.in_channels, resolution, resolution, device=device)
     side = resolution // factor
     latents = torch.zeros(1, bundle.unet.config.in_channels, side, side, device=device)
@@ -103,10 +113,19 @@ def count_forward_flops(run: Run) -> dict[str, int]:
     flops: dict[str, int] = {}
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as counter:
-            embeddings = bundle.text_encoder(ids).last_hidden_state
+            conditioning = PromptEncoder.of(bundle, 0)(ids)
         flops["text_encoder"] = counter.get_total_flops()
+        added = None
+        if conditioning.pooled is not None:  # SDXL: the pooled embedding and the time ids
+            time_ids = size_conditioning_of(resolution, 1).to(device)
+            added = added_cond_kwargs(conditioning.pooled, time_ids)
         with FlopCounterMode(display=False) as counter:
-            bundle.unet(latents, timesteps, encoder_hidden_states=embeddings)
+            bundle.unet(
+                latents,
+                timesteps,
+                encoder_hidden_states=conditioning.embeds,
+                added_cond_kwargs=added,
+            )
         flops["unet"] = counter.get_total_flops()
         with FlopCounterMode(display=False) as counter:
             bundle.vae.encode(pixels)
@@ -237,8 +256,9 @@ def device_name(dry_run: bool) -> str:
 
 
 def build_matrix(args: argparse.Namespace) -> list[Config]:
-    cases = DRY_CASES if args.dry_run_cpu else CUDA_CASES
-    batches = args.batch_sizes or (DRY_BATCHES if args.dry_run_cpu else CUDA_BATCHES)
+    cases = DRY_CASES if args.dry_run_cpu else (SDXL_CASES if args.sdxl else CUDA_CASES)
+    default_batches = SDXL_BATCHES if args.sdxl else CUDA_BATCHES
+    batches = args.batch_sizes or (DRY_BATCHES if args.dry_run_cpu else default_batches)
     scenario = DRY_SCENARIO if args.dry_run_cpu else CUDA_SCENARIO
     configs = [
         Config(model, resolution, batch, ckpt, optimizer, cached, variant)

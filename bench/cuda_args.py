@@ -36,7 +36,17 @@ def _matrix_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets-only", action="store_true", help="only the rows that issue 5's targets apply to"
     )
-    parser.add_argument("--models", nargs="+", help="subset of sd15-random, sd21-random")
+    parser.add_argument(
+        "--sdxl",
+        action="store_true",
+        help="SDXL's rows: sdxl-random at 1024 px, batches 1 and 4 (e.g. --sdxl --ckpt on "
+        "--cached on --variants full lora16 --optimizers adafactor)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        help="subset of sd15-random, sd21-random (dry run: tiny-sd15, tiny-sdxl)",
+    )
     parser.add_argument("--resolutions", nargs="+", type=int, help="subset of 512, 768")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default 1 8 (dry run: 1 2)")
     parser.add_argument(

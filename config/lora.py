@@ -45,14 +45,40 @@ def lora_problems(loaded: LoadedTrainConfig) -> list[str]:
                 "%s: no effect while lora_rank is 0 (a full fine-tune)",
                 ", ".join(loaded.where(key) for key in ignored),
             )
+        asked = _changed(c, NEEDS_LORA) + (
+            ["lora_base_dtype"] if c.lora_base_dtype != "fp32" else []
+        )
         return [
             f"{loaded.where(key)}: needs LoRA, which is off; set lora_rank (e.g. 16) to train "
             "LoRA adapters"
-            for key in _changed(c, NEEDS_LORA)
+            for key in asked
         ]
+    problems = _base_dtype_problems(loaded)
     if c.lora_conv_rank == 0 and c.lora_conv_alpha is not None:
         logger.warning(
             "%s: no effect while lora_conv_rank is 0 (no 3x3 convolution adapters)",
             loaded.where("lora_conv_alpha"),
         )
-    return []
+    return problems
+
+
+def _base_dtype_problems(loaded: LoadedTrainConfig) -> list[str]:
+    """``lora_base_dtype`` other than fp32 needs an autocast of its dtype (the base layers then
+    see inputs of their own dtype) and no merge (the merged model would hold rounded weights)."""
+    c = loaded.config
+    if c.lora_base_dtype == "fp32":
+        return []
+    problems = []
+    if c.disable_amp or c.mixed_precision not in ("auto", c.lora_base_dtype):
+        problems.append(
+            f"{loaded.where('lora_base_dtype')}: {c.lora_base_dtype} needs mixed_precision "
+            f"{c.lora_base_dtype} (or auto on a GPU that picks it), not "
+            f"{'no' if c.disable_amp else c.mixed_precision}"
+        )
+    if c.lora_merge:
+        problems.append(
+            f"{loaded.where('lora_base_dtype')}: {c.lora_base_dtype} rounds the base weights, "
+            "which lora_merge would write as a full model; merge with fp32 base weights (the "
+            "default) or turn lora_merge off"
+        )
+    return problems

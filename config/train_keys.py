@@ -375,3 +375,11 @@ class TrainingKeys:
         "single file. Needs lora_rank.",
         group="lora",
     )
+    lora_base_dtype: str = setting(
+        "fp32",
+        "LoRA runs: the dtype the frozen base weights (the UNet's and the text encoders', not "
+        "the VAE's) are kept in on the training device; bf16 halves their memory (an SDXL LoRA "
+        "on a 12 GB card). Needs mixed_precision of the same dtype; not with lora_merge.",
+        choices=("fp32", "bf16", "fp16"),
+        group="lora",
+    )

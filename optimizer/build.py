@@ -15,7 +15,7 @@ from models.text import sdxl_unused_final_layers
 from optimizer.config import ModelOptimizer, OptimizerConfig
 from optimizer.freezing import FreezePlan, count_parameters, freeze, frozen_modules, plan_freezing
 from optimizer.fused import FUSABLE, FusedBackward
-from optimizer.registry import build_optimizer, constructor_kwargs, optimizer_class
+from optimizer.registry import OPTIMIZERS, build_optimizer, constructor_kwargs, optimizer_class
 from optimizer.schedule_free import has_eval_mode
 from optimizer.schedulers import ScheduleLength, build_scheduler, schedule_length
 
@@ -172,6 +172,12 @@ def _second_group(
     parameters = [p for p in module.parameters() if p.requires_grad]
     if not parameters:
         return []
+    unused = sorted(set(own) - set(OPTIMIZERS[settings.name].takes))
+    if unused:
+        raise UserError(
+            f"text_encoder_2_overrides: {', '.join(unused)}: not used by {settings.name}, the "
+            f"text encoders' optimizer; remove {'them' if len(unused) > 1 else 'it'}"
+        )
     first = constructor_kwargs(settings.name, values, on_cuda)
     mine = constructor_kwargs(settings.name, values | own, on_cuda)
     return [{"params": parameters, **{k: v for k, v in mine.items() if first.get(k) != v}}]

@@ -221,6 +221,14 @@ class OptimizerConfig:
         out |= self.top_sources
         return out
 
+    def text_encoder_2_own(self) -> dict[str, Any]:
+        """The values text_encoder_2_overrides sets itself (the rest are the text encoder's)."""
+        return {
+            key: value
+            for key, value in self.text_encoder_2.items()
+            if self.text_encoder_2_sources.get(key) == OPTIMIZER_JSON
+        }
+
     def where(self, key_path: str) -> str:
         """The file and key path, for messages."""
         return f"{self.path or 'built-in optimizer defaults'}: {key_path}"

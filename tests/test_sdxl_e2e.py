@@ -21,7 +21,7 @@ from data.buckets import crop_offset
 from models import load_models
 from models.builtin import build_builtin
 from models.single_file import write_single_file
-from tests.e2e import assert_same_weights, checkpoints, run, run_folders, write_config
+from tests.e2e import REPO, assert_same_weights, checkpoints, run, run_folders, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -206,3 +206,29 @@ def test_sdxl_lora_trains_resumes_exactly_and_exports_kohyas_names(tmp_path):
     assert all(torch.equal(left[k], right[k]) for k in left)
     kohya = load_file(a.with_name(f"{a.name}.safetensors"))
     assert {key.split("_")[1] for key in kohya} == {"unet", "te1", "te2"}
+
+
+@pytest.mark.parametrize("preset", ["trainSDXL.json", "trainSDXL_lora.json"])
+def test_sdxl_presets_train_on_the_tiny_model(preset, capsys, tmp_path):
+    """The shipped SDXL presets as they are, on tiny-sdxl at 64 px for one epoch (the dry run
+    first: it shows the settings that make them fit)."""
+    flags = [
+        "--resume_ckpt",
+        "tiny-sdxl",
+        "--resolution",
+        "64",
+        "--data_root",
+        str(REPO / "examples" / "data"),
+        "--logdir",
+        str(tmp_path / "logs"),
+        "--max_epochs",
+        "1",
+    ]
+    config = REPO / preset
+    assert run(config, "--dry_run", *flags) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["family"] == "sdxl"
+    assert report["text_encoder"] is None  # frozen, offloaded, its output cached
+    assert report["memory"]["text_encoder"]["counted_in_total"] is False
+    assert run(config, *flags) == 0
+    assert checkpoints(tmp_path, "last-")

@@ -47,7 +47,12 @@ from training.disk_cache import check_cache_dir
 from training.distributed import make_accelerator, training_device
 from training.ema import EmaSettings, ema_memory, ema_settings
 from training.length import RunLength, optimizer_steps
-from training.lora_setup import add_run_adapters, lora_export, weights_source
+from training.lora_setup import (
+    add_run_adapters,
+    lora_export,
+    store_base_weights,
+    weights_source,
+)
 from training.planner import fit_budget, trains
 from training.precision import choose_precision
 from training.run import Run
@@ -193,6 +198,7 @@ def load_trainable_models(
     models.unet.requires_grad_(not c.disable_unet_training)
     freezing = freeze_text_encoders(optim, models, not c.disable_textenc_training, c.clip_skip)
     lora = add_run_adapters(train, models, freezing, source, seed)
+    store_base_weights(train, models, device)
     for module in (models.unet, *models.text_encoders, models.vae):
         module.to(device)
     return models, freezing, lora
@@ -345,7 +351,8 @@ def build_trainings(
     ``fused``: stepped in backward (``fused_backward_pass``)."""
     on_cuda = device.type == "cuda"
     te2 = models.text_encoder_2
-    second = None if te2 is None else (te2, optim.text_encoder_2)
+    own = optim.text_encoder_2_own()
+    second = None if te2 is None else (te2, own)
     return (
         build_model_training("unet", models.unet, optim.unet, planned_steps, on_cuda, fused),
         build_model_training(

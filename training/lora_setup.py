@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from config.errors import UserError
 from config.load import LoadedTrainConfig, find_input_file
 from lora.inject import add_lora_adapters
@@ -33,6 +35,7 @@ from training.checkpointing.lora_writer import (
     restore_adapters,
 )
 from training.checkpointing.options import LoraExport
+from training.precision import DTYPES, choose_precision
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,29 @@ def add_run_adapters(
         check_lora_init(file, settings)
         apply_lora_init(file, adapted_models(models))
     return settings
+
+
+def store_base_weights(train: LoadedTrainConfig, models: ModelBundle, device: torch.device) -> None:
+    """``lora_base_dtype``: the frozen weights of the UNet and the text encoders in that dtype
+    (adapters and the VAE stay fp32). The autocast must be of the same dtype: `UserError`."""
+    c = train.config
+    if c.lora_rank == 0 or c.lora_base_dtype == "fp32":
+        return
+    dtype = DTYPES[c.lora_base_dtype]
+    precision = choose_precision(device, c.mixed_precision, c.disable_amp)
+    if precision.dtype != dtype:
+        raise UserError(
+            f"lora_base_dtype: {c.lora_base_dtype} needs an autocast of {c.lora_base_dtype}; "
+            f"mixed_precision {c.mixed_precision} on {device} is {precision.describe()}: set "
+            f"mixed_precision: {c.lora_base_dtype}"
+        )
+    stored = 0
+    for model in (models.unet, *models.text_encoders):
+        for parameter in model.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(dtype)
+                stored += parameter.numel()
+    logger.info("lora_base_dtype: %d frozen base weights kept in %s", stored, c.lora_base_dtype)
 
 
 def lora_export(

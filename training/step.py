@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler
@@ -22,6 +22,7 @@ from data import Batch
 from data.masks import MaskLoader
 from models import add_time_ids, added_cond_kwargs, encode_prompts, encode_prompts_sdxl, tokenize
 from models.bundle import ModelBundle
+from training.conditioning import Conditioning
 from training.loss import per_sample_loss, perturb_embeddings
 from training.noise import sample_noise, sample_timesteps, training_target
 from training.precision import Precision
@@ -37,14 +38,6 @@ class Shard:
     def take(self, global_tensor: torch.Tensor) -> torch.Tensor:
         size = global_tensor.shape[0] // self.world_size
         return global_tensor[self.rank * size : (self.rank + 1) * size]
-
-
-class Conditioning(NamedTuple):
-    """What the UNet is conditioned on besides the noisy latents and the timesteps: the text
-    embeddings ``[B, 77, width]`` and, for SDXL, the pooled embedding ``[B, projection]``."""
-
-    embeds: torch.Tensor
-    pooled: torch.Tensor | None = None
 
 
 class PromptEncoder(torch.nn.Module):

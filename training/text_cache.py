@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from training.step import Conditioning
+from training.conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
 
