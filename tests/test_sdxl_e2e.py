@@ -122,6 +122,11 @@ def test_sdxl_dry_run_shows_both_encoders(capsys, tmp_path):
     assert report["model"]["family"] == "sdxl"
     assert report["model"]["text_encoder_layers"] == 12
     assert report["model"]["text_encoder_2_layers"] == 32
+    bundle = build_builtin("tiny-sdxl")
+    assert report["model"]["parameters"] == {
+        name: sum(p.numel() for p in getattr(bundle, name).parameters())
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae")
+    }
     assert report["text_encoder_freezing"]["num_layers"] == 12
     assert report["text_encoder_2_freezing"]["num_layers"] == 32
     groups = report["text_encoder"]["param_groups"]

@@ -6,8 +6,10 @@ import dataclasses
 import math
 from typing import Any
 
+from lora.adapters import adapter_parameters
 from lora.kohya import KohyaNaming
 from lora.report import lora_report
+from models import ModelBundle
 from optimizer.build import ModelTraining
 from optimizer.config import ModelOptimizer
 from optimizer.memory import model_memory
@@ -111,6 +113,20 @@ def activation_report(run: Run) -> dict[str, Any]:
     return out
 
 
+def parameter_counts(bundle: ModelBundle) -> dict[str, int]:
+    """Each model's own parameters (trained or not; LoRA adapters, counted in the ``lora``
+    section, left out), SDXL's two text encoders apart."""
+    models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
+    if bundle.text_encoder_2 is not None:
+        models["text_encoder_2"] = bundle.text_encoder_2
+    models["vae"] = bundle.vae
+    return {
+        name: sum(p.numel() for p in model.parameters())
+        - sum(p.numel() for p in adapter_parameters(model).values())
+        for name, model in models.items()
+    }
+
+
 def dry_run_report(run: Run) -> dict[str, Any]:
     """Everything the run was built with, as one JSON-ready object."""
     c = run.train.config
@@ -132,6 +148,7 @@ def dry_run_report(run: Run) -> dict[str, Any]:
         "model": {
             "resume_ckpt": c.resume_ckpt,
             "family": run.models.family,
+            "parameters": parameter_counts(run.models),
             "prediction_type": run.models.prediction_type,
             "text_encoder_layers": run.freezing[0].plan.num_layers,
             **(
