@@ -71,14 +71,18 @@ def apply_text_encoder_freezing(
     text_encoder: torch.nn.Module,
     train_text_encoder: bool,
     unused_final_layers: int = 0,
+    final_layer_norm_unused: bool = False,
 ) -> FreezeReport:
     """Freeze what optimizer.json says (everything when the text encoder is not trained).
 
     ``unused_final_layers``: layers at the end whose output is never used (``clip_skip`` n
-    skips n-1 of them); they get no gradient, so they are frozen too.
+    skips n-1 of them); they get no gradient, so they are frozen too, and so is the final layer
+    norm when ``final_layer_norm_unused`` (SDXL's first encoder).
     """
     embeddings, layers, final_norm = text_encoder_parts(text_encoder)
     plan = freeze_plan(config, len(layers))
+    if final_layer_norm_unused:
+        plan = dataclasses.replace(plan, final_layer_norm_frozen=True)
     if unused_final_layers > 0:
         unused = range(len(layers) - unused_final_layers, len(layers))
         plan = dataclasses.replace(
@@ -96,14 +100,17 @@ def freeze_text_encoders(
     config: OptimizerConfig, bundle: ModelBundle, train_text_encoder: bool, clip_skip: int
 ) -> tuple[FreezeReport, ...]:
     """`apply_text_encoder_freezing` for each text encoder, each counting its own layers (SDXL:
-    both, with the final layers ``clip_skip`` leaves unused, `models.text`)."""
+    both, with what SDXL leaves unused: the first encoder's layers after the one ``clip_skip``
+    picks and its final layer norm, `models.text`)."""
     if bundle.text_encoder_2 is None:
         unused = (max(0, clip_skip - 1),)
+        norms = (False,)
     else:
         unused = sdxl_unused_final_layers(clip_skip)
+        norms = (True, False)
     return tuple(
-        apply_text_encoder_freezing(config, encoder, train_text_encoder, count)
-        for encoder, count in zip(bundle.text_encoders, unused, strict=True)
+        apply_text_encoder_freezing(config, encoder, train_text_encoder, count, norm)
+        for encoder, count, norm in zip(bundle.text_encoders, unused, norms, strict=True)
     )
 
 

@@ -306,3 +306,38 @@ def test_a_launch_that_formed_no_group_is_refused(processes, env, refused):
             check_process_group(processes, env)
     else:
         check_process_group(processes, env)
+
+
+def sdxl_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 trained weights a checkpoint keeps for resuming (both text encoders)."""
+    state = checkpoint / "training_state"
+    return {
+        f"{file.stem}.{key}": value
+        for file in sorted(state.glob("*.safetensors"))
+        for key, value in load_file(file).items()
+    }
+
+
+def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path):
+    """SDXL with both text encoders training under DDP: every trained parameter gets a
+    gradient in every step (the first encoder's unused final layer and norm are frozen), and 2
+    processes of batch 1 train as one process of batch 2, to float rounding."""
+    keys = {"resume_ckpt": "tiny-sdxl", "max_epochs": 1}
+    two = write_config(tmp_path / "two", ADAMW, batch_size=1, **keys)
+    one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
+    result = launch(two, 2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert run(one) == 0
+    a, b = sdxl_state(own(tmp_path / "two", "last-")), sdxl_state(own(tmp_path / "one", "last-"))
+    start = load_models("tiny-sdxl")
+    w0 = {
+        f"{name}.{key}": value
+        for name in ("unet", "text_encoder")
+        for key, value in start.component(name).state_dict().items()
+    }
+    assert a.keys() == b.keys() and set(a) <= set(w0)
+    assert any(".text_encoder_2." in key for key in a)
+    difference = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
+    change = sum((a[k] - w0[k]).norm() ** 2 for k in a) ** 0.5
+    assert change > 0
+    assert difference < 0.02 * change, float(difference / change)

@@ -84,6 +84,8 @@ def test_text_encoder_2_overrides_make_the_second_encoders_group(tmp_path):
     assert [report.plan.num_layers for report in freezing] == [12, 32]
     # clip_skip 0: the first encoder's last layer and final norm make nothing SDXL uses
     assert freezing[0].plan.frozen_layers == (11,)
+    assert freezing[0].plan.final_layer_norm_frozen
+    assert not freezing[1].plan.final_layer_norm_frozen  # the pooled embedding goes through it
     _, text = build_trainings(bundle, optim, 10, torch.device("cpu"))
     assert text is not None
     first, second = text.optimizer.param_groups
