@@ -53,6 +53,7 @@ def test_flags_and_help_section(tmp_path):
         "lora_conv_alpha",
         "lora_init",
         "lora_merge",
+        "lora_base_dtype",
     }
 
 
