@@ -254,3 +254,57 @@ def test_the_example_plugin_runs(tmp_path, caplog):
     )
     assert run(config) == 0
     assert "ExampleLoggingPlugin.on_epoch_end: epoch=0" in caplog.text
+
+
+SDXL_PLUGIN = """
+import json
+from plugins.plugins import BasePlugin
+
+
+class SdxlPlugin(BasePlugin):
+    def on_training_start(self, **kwargs):
+        self.log_folder = kwargs["log_folder"]
+        self.seen = []
+
+    def on_step_end(self, **kwargs):
+        state = kwargs["ed_state"]
+        self.seen.append(
+            {
+                "text_encoder_ema": type(state.text_encoder_ema).__name__,
+                "text_encoder_2_ema": type(state.text_encoder_2_ema).__name__,
+                "text_encoder_2": type(state.text_encoder_2).__name__,
+                "ema_layers_2": len(state.text_encoder_2_ema.text_model.encoder.layers),
+            }
+        )
+
+    def on_step_start(self, **kwargs):
+        assert list(kwargs["batch"]["tokens"].shape[1:]) == [77]
+
+    def on_training_end(self, **kwargs):
+        with open(self.log_folder + "/plugin-report.json", "w") as f:
+            json.dump(self.seen, f)
+"""
+
+
+@pytest.mark.slow
+def test_an_sdxl_run_gives_plugins_both_encoders_and_their_ema(tmp_path):
+    plugin_folder(tmp_path, "sdxl", SDXL_PLUGIN)
+    config = write_config(
+        tmp_path,
+        ADAMW,
+        resume_ckpt="tiny-sdxl",
+        max_epochs=1,
+        plugins=["plugins.sdxl.SdxlPlugin"],
+        ema_decay_rate=0.9,
+        ema_update_interval=1,
+    )
+    assert run(config) == 0
+    (report_file,) = (tmp_path / "logs").glob("*/plugin-report.json")
+    seen = json.loads(report_file.read_text())
+    assert len(seen) == 7
+    assert seen[-1] == {
+        "text_encoder_ema": "CLIPTextModel",
+        "text_encoder_2_ema": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+        "ema_layers_2": 32,
+    }

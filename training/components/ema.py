@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from config.errors import UserError
@@ -120,12 +121,14 @@ class EMA(Component):
         LoRA runs (a model with adapters has no such copy: docs/lora.md)."""
         if self.weights is None or self.lora is not None:
             return {}
-        ema = self.weights.state_dict()
+        bundle = ctx.models.bundle
         views = {}
-        for name in dict.fromkeys(key.split(".", 1)[0] for key in ema):
-            prefix = f"{name}."
-            mine = {k.removeprefix(prefix): v for k, v in ema.items() if k.startswith(prefix)}
-            views[name] = sharing_copy(getattr(ctx.models.bundle, name), mine)
+        for name, mine in _by_prefix(self.weights.state_dict()).items():
+            if name == "text_encoder" and bundle.text_encoder_2 is not None:  # SDXL: each encoder
+                for part, weights in _by_prefix(mine).items():
+                    views[part] = sharing_copy(getattr(bundle, part), weights)
+            else:
+                views[name] = sharing_copy(getattr(bundle, name), mine)
         return views
 
     def state_dict(self) -> dict[str, Any] | None:
@@ -144,3 +147,12 @@ class EMA(Component):
 
     def describe(self) -> dict[str, Any] | None:
         return self.settings.describe()
+
+
+def _by_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"a.x": t}`` → ``{"a": {"x": t}}``."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        head, _, rest = key.partition(".")
+        out.setdefault(head, {})[rest] = tensor
+    return out

@@ -31,7 +31,9 @@ from training.context import TrainingContext
 class EveryDreamState:
     """What EveryDream2 passes as ``ed_state``, under its names (``optimizer`` holds this
     trainer's per-model optimizers; ``unet_ema``/``text_encoder_ema`` are modules holding the
-    EMA weights, None without EMA or for a model that does not train)."""
+    EMA weights, None without EMA or for a model that does not train). SDXL's second encoder,
+    its tokenizer and its EMA view are added under ``text_encoder_2``, ``tokenizer_2`` and
+    ``text_encoder_2_ema`` (None for SD1.x/2.x)."""
 
     optimizer: Any
     train_batch: Any
@@ -42,6 +44,9 @@ class EveryDreamState:
     vae: torch.nn.Module
     unet_ema: torch.nn.Module | None = None
     text_encoder_ema: torch.nn.Module | None = None
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    text_encoder_2_ema: torch.nn.Module | None = None
 
 
 class PluginHooks(Component):
@@ -137,7 +142,7 @@ class PluginHooks(Component):
     def _batch(ctx: TrainingContext, batch: Batch) -> dict[str, Any]:
         return {
             "image": batch.pixel_values,
-            "tokens": ctx.models.tokens(list(batch.captions)),
+            "tokens": _first_tokenizers(ctx.models.tokens(list(batch.captions))),
             "captions": list(batch.captions),
             "loss_scale": torch.tensor(batch.loss_scales),
             "runt_size": 0,
@@ -158,4 +163,13 @@ class PluginHooks(Component):
             vae=bundle.vae,
             unet_ema=views.get("unet"),
             text_encoder_ema=views.get("text_encoder"),
+            text_encoder_2=bundle.text_encoder_2,
+            tokenizer_2=bundle.tokenizer_2,
+            text_encoder_2_ema=views.get("text_encoder_2"),
         )
+
+
+def _first_tokenizers(ids: torch.Tensor) -> torch.Tensor:
+    """EveryDream2's ``tokens`` (``[B, 77]``): SDXL's ids hold both tokenizers' rows
+    (``[B, 2, 77]``); plugins get the first's, as for SD1.x/2.x."""
+    return ids[:, 0] if ids.ndim == 3 else ids
