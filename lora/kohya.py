@@ -46,25 +46,28 @@ _HEADER_LENGTH_BYTES = 8
 @dataclass(frozen=True)
 class KohyaNaming:
     """How kohya names a model's modules. SD1.x/2.x: ``lora_unet_`` and ``lora_te_`` with
-    diffusers' and transformers' module paths. SDXL (``sdxl_unet`` set: the UNet's config):
-    ``lora_te1_`` / ``lora_te2_`` for the two encoders, and the UNet's modules by their LDM
-    names (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya's SDXL UNet has
-    them and A1111, ComfyUI and diffusers read them."""
+    diffusers' and transformers' module paths. SDXL: ``lora_te1_`` / ``lora_te2_`` for the two
+    encoders, and the UNet's modules by their LDM names
+    (``input_blocks_4_1_transformer_blocks_0_attn1_to_q``), as kohya's SDXL UNet has them and
+    A1111, ComfyUI and diffusers read them; ``unet_config`` (the UNet's) gives those names."""
 
-    sdxl_unet: Mapping[str, Any] | None = None
+    sdxl: bool = False
+    unet_config: Mapping[str, Any] | None = None
 
     @classmethod
     def of(cls, unet: nn.Module) -> KohyaNaming:
         """The naming for the model ``unet`` belongs to (SDXL: ``text_time`` conditioning)."""
         config = dict(unet.config)
-        return cls(config if config.get("addition_embed_type") == TEXT_TIME else None)
+        sdxl = config.get("addition_embed_type") == TEXT_TIME
+        return cls(sdxl, config if sdxl else None)
 
     def name(self, part: str, module: str) -> str:
         """``lora_unet_down_blocks_0_..._to_q`` for a module's name in files (`lora.adapters`)."""
-        if self.sdxl_unet is None:
+        if not self.sdxl:
             return f"{PREFIXES[part]}_{module.replace('.', '_')}"
         if part == UNET:
-            module = unet_key_to_ldm(f"{module}.weight", dict(self.sdxl_unet))
+            assert self.unet_config is not None, "SDXL's UNet names need the UNet's config"
+            module = unet_key_to_ldm(f"{module}.weight", dict(self.unet_config))
             module = module.removesuffix(".weight")
         return f"{SDXL_PREFIXES[part]}_{module.replace('.', '_')}"
 

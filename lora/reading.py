@@ -111,9 +111,7 @@ def naming_of(models: Mapping[str, nn.Module]) -> KohyaNaming:
     or a UNet with SDXL's conditioning)."""
     if UNET in models:
         return KohyaNaming.of(models[UNET])
-    if TEXT_ENCODER_2 in models:
-        raise AssertionError("SDXL's text encoders without the UNet: pass the bundle's UNet")
-    return KohyaNaming()
+    return KohyaNaming(sdxl=TEXT_ENCODER_2 in models)
 
 
 def possible_modules(models: Mapping[str, nn.Module]) -> dict[str, tuple[str, str]]:
@@ -132,7 +130,7 @@ def read_lora_file(path: Path, models: Mapping[str, nn.Module]) -> LoraFile:
     path = lora_file_path(path)
     tensors = _load(path)
     keys = sorted(tensors)
-    _reject_foreign(path, keys, naming_of(models).sdxl_unet is not None)
+    _reject_foreign(path, keys, naming_of(models).sdxl)
     if all(key.startswith(tuple(f"{p}_" for p in ALL_PREFIXES)) for key in keys):
         weights, unknown = read_kohya_tensors(tensors, possible_modules(models))
         if unknown:
@@ -152,7 +150,7 @@ def read_lora_file(path: Path, models: Mapping[str, nn.Module]) -> LoraFile:
 
 
 def _architecture(models: Mapping[str, nn.Module]) -> str:
-    if naming_of(models).sdxl_unet is not None:
+    if naming_of(models).sdxl:
         return "SDXL"
     encoder = models.get(TEXT_ENCODER)
     if encoder is None:

@@ -87,7 +87,7 @@ def test_diffusers_loads_both_sdxl_files_with_the_trainers_outputs(settings, tmp
 
 def test_kohya_names_of_the_real_sdxl_unet():
     """SDXL 1.0's UNet (two resnets per level): the names kohya's SDXL LoRAs have."""
-    naming = KohyaNaming(BUILTIN_CONFIGS["sdxl-random"]["unet"])
+    naming = KohyaNaming(sdxl=True, unet_config=BUILTIN_CONFIGS["sdxl-random"]["unet"])
     b = "transformer_blocks"
     cases = {
         f"down_blocks.1.attentions.0.{b}.0.attn1.to_q": f"input_blocks_4_1_{b}_0_attn1_to_q",
@@ -149,3 +149,20 @@ def test_an_sd_lora_does_not_fit_an_sdxl_model(tmp_path):
     file = write_kohya_file(tmp_path / "sd.safetensors", models_of(sd), RANK4, info_of(sd), False)
     with pytest.raises(UserError, match="SDXL model"):
         read_lora_file(file, models_of(build_builtin("tiny-sdxl")))
+
+
+def test_a_text_encoders_only_sdxl_lora_continues_into_adapters_without_the_unet(tmp_path):
+    """UNet frozen: only the two encoders have adapters, and `lora_init` maps the file onto
+    them without a UNet among the adapted models."""
+    bundle = adapted("tiny-sdxl", RANK4, train_unet=False)
+    file = write_both(bundle, RANK4, tmp_path)
+    with safe_open(str(file), framework="pt") as handle:
+        assert {key.split("_")[1] for key in handle.keys()} == {"te1", "te2"}  # noqa: SIM118
+    fresh = adapted("tiny-sdxl", RANK4, train_unet=False, seed=7)
+    lora_file = read_lora_file(file, models_of(fresh))
+    text_only = {k: v for k, v in models_of(fresh).items() if k != "unet"}
+    assert apply_lora_init(lora_file, text_only) > 0
+    expected = outputs(bundle.unet, bundle.text_encoder, bundle.text_encoder_2)
+    got = outputs(fresh.unet, fresh.text_encoder, fresh.text_encoder_2)
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
