@@ -222,6 +222,25 @@ def _mask_weights(mask: torch.Tensor | None, config: StepSettings) -> torch.Tens
     return config.unmasked_weight + (1.0 - config.unmasked_weight) * mask
 
 
+def _unet_conditioning(
+    conditioning: Conditioning,
+    batch: Batch,
+    config: StepSettings,
+    generator: torch.Generator,
+    shard: Shard,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The UNet's text embeddings (perturbed, drawn for the global batch like the rest) and, for
+    SDXL, its added conditions (pooled embedding and the batch's time ids)."""
+    embeddings = conditioning.embeds
+    if config.embedding_perturbation > 0:
+        zeros = _global_like(embeddings, shard).zero_()
+        strength = config.embedding_perturbation
+        embeddings = embeddings + shard.take(perturb_embeddings(zeros, strength, generator))
+    if conditioning.pooled is None:
+        return embeddings, None
+    return embeddings, added_cond_kwargs(conditioning.pooled, size_conditioning(batch))
+
+
 def batch_loss(
     models: StepModels,
     latents_dist: LatentDistribution,
@@ -244,16 +263,7 @@ def batch_loss(
     with precision.autocast():
         with grad:
             conditioning = models.prompt_encoder(ids)
-        embeddings = conditioning.embeds
-        if config.embedding_perturbation > 0:  # drawn for the global batch, like the rest
-            zeros = _global_like(embeddings, shard).zero_()
-            strength = config.embedding_perturbation
-            embeddings = embeddings + shard.take(perturb_embeddings(zeros, strength, generator))
-        added = (
-            None
-            if conditioning.pooled is None
-            else added_cond_kwargs(conditioning.pooled, size_conditioning(batch))
-        )
+        embeddings, added = _unet_conditioning(conditioning, batch, config, generator, shard)
         prediction = models.unet(
             noised.latents,
             noised.timesteps,
