@@ -28,7 +28,7 @@ from tests.e2e import (
     trained_weights,
     write_config,
 )
-from training.distributed import check_process_group
+from training.distributed import check_engine, check_process_group
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -341,3 +341,32 @@ def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path):
     change = sum((a[k] - w0[k]).norm() ** 2 for k in a) ** 0.5
     assert change > 0
     assert difference < 0.02 * change, float(difference / change)
+
+
+@pytest.mark.parametrize(
+    ("distributed_type", "env", "refused"),
+    [
+        ("NO", {}, False),
+        ("MULTI_CPU", {}, False),
+        ("MULTI_GPU", {"ACCELERATE_USE_FSDP": "false"}, False),
+        ("FSDP", {"ACCELERATE_USE_FSDP": "true"}, True),
+        ("DEEPSPEED", {}, True),
+        ("MULTI_CPU", {"ACCELERATE_USE_FSDP": "true"}, True),  # accelerate dropped it on a CPU
+    ],
+)
+def test_engines_the_trainer_does_not_run_are_refused(distributed_type, env, refused):
+    if refused:
+        with pytest.raises(UserError, match="this trainer runs one process or DDP"):
+            check_engine(env, distributed_type)
+    else:
+        check_engine(env, distributed_type)
+
+
+def test_an_fsdp_launch_is_refused_before_anything_is_written(tmp_path):
+    config = write_config(tmp_path, ADAMW, max_epochs=1)
+    command = accelerate_launch(REPO / "train.py", 2, "--config", str(config))
+    command[command.index("--multi_gpu")] = "--use_fsdp"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode != 0
+    assert "accelerate launch asked for FSDP" in result.stderr
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

@@ -54,12 +54,39 @@ def make_accelerator() -> Accelerator:
     needs the grad scaler and the device choice in its own hands); accelerate provides the
     process group and the DDP wrapper.
     """
+    check_engine(os.environ)  # before accelerate builds (and may fail on) an FSDP plugin
     # Without CUDA, accelerate forms a process group (gloo) only when told it runs on the CPU.
     accelerator = Accelerator(
         device_placement=False, mixed_precision="no", cpu=not torch.cuda.is_available()
     )
     check_process_group(accelerator.num_processes, os.environ)
+    check_engine(os.environ, str(accelerator.distributed_type.value))
     return accelerator
+
+
+# accelerate's distributed types the trainer runs: one process, or DDP (on CPUs or GPUs).
+ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+# What accelerate's launcher sets for --use_fsdp / --use_deepspeed (on a CPU, accelerate then
+# forms a plain DDP group: the request would be dropped silently).
+_ENGINE_REQUESTS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def check_engine(env: Mapping[str, str], distributed_type: str = "NO") -> None:
+    """`UserError` for an accelerate launch with an engine this trainer does not run (FSDP,
+    DeepSpeed, Megatron, XLA), whether accelerate formed it or, on a CPU, dropped it: its
+    wrapping would replace the parameters the trainer's own optimizers, EMA and checkpoints
+    hold."""
+    asked = [name for key, name in _ENGINE_REQUESTS.items() if env.get(key, "").lower() == "true"]
+    if distributed_type not in ENGINES or asked:
+        engine = asked[0] if asked else distributed_type
+        raise UserError(
+            f"accelerate launch asked for {engine}; this trainer runs one process or "
+            "DDP: launch with --multi_gpu (on CPUs too) and without --use_fsdp or "
+            "--use_deepspeed, or an accelerate config file whose distributed_type is "
+            "MULTI_GPU (docs/multi-gpu.md)"
+        )
 
 
 def check_process_group(processes: int, env: Mapping[str, str]) -> None:
