@@ -167,8 +167,9 @@ def _load_components(source: str, local_files_only: bool) -> ModelBundle:
 
 def is_sdxl(resume_ckpt: str) -> bool | None:
     """Whether ``resume_ckpt`` is an SDXL model, told without loading it: a built-in's config, a
-    folder's ``model_index.json``, a ``.safetensors`` file's header, a hub repo's cached
-    ``model_index.json``. None when it cannot be told (a ``.ckpt`` file, an uncached hub id)."""
+    folder's ``model_index.json``, a ``.safetensors`` file's header, a hub repo's
+    ``model_index.json`` (cached, else downloaded once the hub answers quickly). None when it
+    cannot be told (a ``.ckpt`` file; a hub id offline: loading it reports that)."""
     kind = classify_resume_ckpt(resume_ckpt)
     if kind is SourceKind.BUILTIN:
         return builtin_text_encoder_2_layers(resume_ckpt) is not None
@@ -177,11 +178,24 @@ def is_sdxl(resume_ckpt: str) -> bool | None:
     if kind is SourceKind.SINGLE_FILE:
         layout = single_file_layout(Path(resume_ckpt).expanduser())
         return None if layout is None else builtin_text_encoder_2_layers(layout) is not None
-    try:
-        index = DiffusionPipeline.load_config(resume_ckpt, local_files_only=True)
-    except (OSError, ValueError):
-        return None
-    return _names_second_encoder(index)
+    return _hub_is_sdxl(resume_ckpt)
+
+
+def _hub_is_sdxl(repo_id: str) -> bool | None:
+    for local_only in (True, False):
+        if not local_only:
+            if hub_constants.HF_HUB_OFFLINE:
+                return None
+            try:
+                _check_hub(repo_id, f"resume_ckpt: '{repo_id}':")
+            except UserError:
+                return None  # loading the model says why
+        try:
+            index = DiffusionPipeline.load_config(repo_id, local_files_only=local_only)
+        except (OSError, ValueError):
+            continue
+        return _names_second_encoder(index)
+    return None
 
 
 def _is_sdxl_source(source: str, options: dict[str, bool]) -> bool:

@@ -125,6 +125,35 @@ def test_hub_repo_is_sdxl_by_its_model_index(
     assert not loading._is_sdxl_source("owner/other", {"local_files_only": True})
 
 
+def test_a_hub_ids_family_is_told_before_loading(
+    tiny: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`is_sdxl` (the resolution default): a cached index; else the hub's, once it answers;
+    None offline (loading the model then says why)."""
+    write_pipeline_folder(tmp_path / "repo", tiny, True)
+    index = json.loads((tmp_path / "repo" / "model_index.json").read_text())
+    cached: set[str] = set()
+    checked: list[str] = []
+
+    def load_config(source: str, local_files_only: bool = False) -> dict[str, object]:
+        if local_files_only and source not in cached:
+            raise OSError("not in the cache")
+        return index
+
+    def check_hub(repo_id: str, not_here: str) -> None:
+        checked.append(repo_id)
+        if repo_id == "owner/offline":
+            raise UserError("no network")
+
+    monkeypatch.setattr(loading.DiffusionPipeline, "load_config", load_config)
+    monkeypatch.setattr(loading, "_check_hub", check_hub)
+    monkeypatch.setattr(loading.hub_constants, "HF_HUB_OFFLINE", False)
+    cached.add("owner/cached")
+    assert loading.is_sdxl("owner/cached") is True and checked == []
+    assert loading.is_sdxl("owner/online") is True and checked == ["owner/online"]
+    assert loading.is_sdxl("owner/offline") is None
+
+
 # --- the single-file layout ------------------------------------------------------------------
 
 # Keys and shapes of the real SDXL 1.0 base single file (sd_xl_base_1.0.safetensors).
