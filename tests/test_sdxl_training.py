@@ -23,7 +23,14 @@ from optimizer.config import load_optimizer_config
 from tests.e2e import EXAMPLE_DATA, run, write_config
 from training.before_models import with_family_resolution
 from training.build import build_trainings, data_settings
-from training.step import CaptionTokenizer, PromptEncoder, size_conditioning
+from training.precision import Precision
+from training.samples import SampleBatch, SampleRequest, SamplingModel, generate_samples
+from training.step import (
+    CaptionTokenizer,
+    PromptEncoder,
+    encode_latent_distribution,
+    size_conditioning,
+)
 from training.text_cache import CachedPromptEncoder
 
 
@@ -146,3 +153,39 @@ def test_the_text_embedding_cache_keeps_sdxls_pooled_embedding():
     assert torch.equal(first.embeds, torch.cat([a.embeds for a in alone]))
     assert torch.equal(first.pooled, torch.cat([a.pooled for a in alone]))
     assert (cached.misses, cached.hits) == (2, 1)
+
+
+def _autocast_seen(module: torch.nn.Module, method: str) -> list[bool]:
+    """Whether CPU autocast was on each time ``module.<method>`` ran."""
+    seen: list[bool] = []
+    original = getattr(module, method)
+
+    def wrapped(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+
+    setattr(module, method, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize(("name", "fp32"), [("tiny-sdxl", True), ("tiny-sd15", False)])
+def test_sdxls_vae_encodes_in_fp32_under_an_fp16_autocast(name, fp32):
+    bundle = load_models(name)
+    seen = _autocast_seen(bundle.vae, "encode")
+    pixels = torch.zeros(1, 3, 64, 64)
+    dist = encode_latent_distribution(bundle, pixels, Precision("cpu", torch.float16))
+    assert seen == [not fp32]
+    assert torch.isfinite(dist.mean).all()
+
+
+def test_sdxl_samples_decode_in_fp32_under_an_fp16_autocast(tmp_path):
+    bundle = load_models("tiny-sdxl")
+    seen = _autocast_seen(bundle.vae, "decode")
+    model = SamplingModel(
+        bundle, torch.device("cpu"), autocast=Precision("cpu", torch.float16).autocast
+    )
+    size = {"width": 64, "height": 64}
+    request = SampleRequest(prompt="a red circle", seed=1, num_inference_steps=2, **size)
+    (path,) = generate_samples(model, SampleBatch([request], tmp_path, 1))
+    assert seen == [False]
+    assert path.exists()

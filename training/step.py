@@ -141,9 +141,14 @@ def with_masks(dist: LatentDistribution, batch: Batch, loader: MaskLoader) -> La
 def encode_latent_distribution(
     bundle: ModelBundle, pixels: torch.Tensor, precision: Precision
 ) -> LatentDistribution:
-    """The frozen VAE's posterior for a batch of images in [-1, 1], scaled for the UNet."""
+    """The frozen VAE's posterior for a batch of images in [-1, 1], scaled for the UNet. SDXL's
+    VAE overflows in fp16 (NaN latents): under an fp16 autocast it encodes in fp32, as
+    diffusers' SDXL training scripts keep it."""
     scale = bundle.vae.config.scaling_factor
-    with torch.no_grad(), precision.autocast():
+    autocast = precision.autocast()
+    if bundle.text_encoder_2 is not None and precision.dtype == torch.float16:
+        autocast = torch.autocast(precision.device_type, enabled=False)
+    with torch.no_grad(), autocast:
         dist = bundle.vae.encode(pixels).latent_dist
     return LatentDistribution(dist.mean.float() * scale, dist.std.float() * scale)
 

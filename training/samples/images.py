@@ -144,6 +144,7 @@ def _prompt_kwargs(drawing: _Drawing, prompt: str, negative_prompt: str) -> dict
 def _make_image(drawing: _Drawing, request: SampleRequest, prompt: str, seed: int) -> Image:
     # A CPU generator: the same seed gives the same starting noise on any device.
     generator = torch.Generator("cpu").manual_seed(seed)
+    sdxl = drawing.bundle.text_encoder_2 is not None
     output = drawing.pipe(
         **_prompt_kwargs(drawing, prompt, request.negative_prompt),
         width=request.width,
@@ -152,9 +153,20 @@ def _make_image(drawing: _Drawing, request: SampleRequest, prompt: str, seed: in
         guidance_rescale=drawing.guidance_rescale,
         num_inference_steps=request.num_inference_steps,
         generator=generator,
-        output_type="pil",
+        output_type="latent" if sdxl else "pil",
     )
+    if sdxl:
+        return _decode_in_fp32(drawing, output.images)
     return output.images[0]
+
+
+def _decode_in_fp32(drawing: _Drawing, latents: torch.Tensor) -> Image:
+    """SDXL's VAE overflows in fp16 (NaNs, black images): its decode runs in fp32 whatever the
+    sampling autocast, as diffusers' SDXL pipeline upcasts it (``force_upcast``)."""
+    vae = drawing.bundle.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        pixels = vae.decode(latents.float() / vae.config.scaling_factor).sample
+    return drawing.pipe.image_processor.postprocess(pixels, output_type="pil")[0]
 
 
 def _describe(
