@@ -73,8 +73,8 @@ def _copy_unsaved_buffers(plain: nn.Module, model: nn.Module) -> None:
 def merged_bundle(bundle: ModelBundle, dtype: torch.dtype = torch.float32) -> ModelBundle:
     """The bundle with its adapted models replaced by merged copies (others shared as they are)."""
     changes = {
-        name: merged_model(getattr(bundle, name), dtype)
-        for name in ("unet", "text_encoder", "text_encoder_2")
-        if getattr(bundle, name) is not None and has_adapters(getattr(bundle, name))
+        name: merged_model(model, dtype)
+        for name, model in bundle.named_models().items()
+        if has_adapters(model)
     }
     return dataclasses.replace(bundle, **changes)

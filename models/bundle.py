@@ -102,3 +102,11 @@ class ModelBundle:
         if name == "text_encoder" and self.text_encoder_2 is not None:
             return TextEncoders(self.text_encoder, self.text_encoder_2)
         return getattr(self, name)
+
+    def named_models(self) -> dict[str, nn.Module]:
+        """The UNet and each text encoder by the names checkpoints and LoRA files use
+        (``unet``, ``text_encoder``, and SDXL's ``text_encoder_2``)."""
+        models: dict[str, nn.Module] = {"unet": self.unet, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            models["text_encoder_2"] = self.text_encoder_2
+        return models

@@ -182,20 +182,19 @@ def is_sdxl(resume_ckpt: str) -> bool | None:
 
 
 def _hub_is_sdxl(repo_id: str) -> bool | None:
-    for local_only in (True, False):
-        if not local_only:
-            if hub_constants.HF_HUB_OFFLINE:
-                return None
-            try:
-                _check_hub(repo_id, f"resume_ckpt: '{repo_id}':")
-            except UserError:
-                return None  # loading the model says why
-        try:
-            index = DiffusionPipeline.load_config(repo_id, local_files_only=local_only)
-        except (OSError, ValueError):
-            continue
-        return _names_second_encoder(index)
-    return None
+    """From the cached ``model_index.json``, else the hub's once it answers; None offline
+    (loading the model says why)."""
+    try:
+        return _names_second_encoder(DiffusionPipeline.load_config(repo_id, local_files_only=True))
+    except (OSError, ValueError):
+        pass
+    if hub_constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        _check_hub(repo_id, f"resume_ckpt: '{repo_id}':")
+        return _names_second_encoder(DiffusionPipeline.load_config(repo_id))
+    except (UserError, OSError, ValueError):
+        return None
 
 
 def _is_sdxl_source(source: str, options: dict[str, bool]) -> bool:

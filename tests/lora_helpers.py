@@ -6,7 +6,7 @@ import functools
 from collections.abc import Collection
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from lora.adapters import adapter_parameters
 from lora.inject import add_lora_adapters
@@ -43,10 +43,7 @@ def adapted(
 
 
 def models_of(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
-    models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-    if bundle.text_encoder_2 is not None:
-        models["text_encoder_2"] = bundle.text_encoder_2
-    return models
+    return bundle.named_models()
 
 
 def info_of(bundle: ModelBundle, name: str = "run") -> KohyaInfo:
@@ -63,9 +60,20 @@ def info_of(bundle: ModelBundle, name: str = "run") -> KohyaInfo:
     )
 
 
-def base_pipeline(name: str) -> StableDiffusionPipeline:
+def base_pipeline(name: str) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """A fresh pipeline of built-in ``name``, as a user would load the base model."""
     bundle = build_builtin(name)
+    if bundle.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=bundle.vae,
+            text_encoder=bundle.text_encoder,
+            text_encoder_2=bundle.text_encoder_2,
+            tokenizer=bundle.tokenizer,
+            tokenizer_2=bundle.tokenizer_2,
+            unet=bundle.unet,
+            scheduler=bundle.noise_scheduler,
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=bundle.vae,
         text_encoder=bundle.text_encoder,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
 from config.errors import UserError
@@ -18,7 +17,7 @@ from lora.kohya import KohyaNaming
 from lora.reading import apply_lora_init, read_lora_file
 from models import ModelBundle, added_cond_kwargs
 from models.builtin import BUILTIN_CONFIGS, build_builtin
-from tests.lora_helpers import LOCON, RANK4, adapted, info_of, models_of
+from tests.lora_helpers import LOCON, RANK4, adapted, base_pipeline, info_of, models_of
 
 
 def write_both(bundle: ModelBundle, settings, folder: Path) -> Path:
@@ -28,20 +27,6 @@ def write_both(bundle: ModelBundle, settings, folder: Path) -> Path:
     )
     write_diffusers_file(folder, models_of(bundle), False)
     return kohya
-
-
-def base_pipeline() -> StableDiffusionXLPipeline:
-    bundle = build_builtin("tiny-sdxl")
-    return StableDiffusionXLPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        text_encoder_2=bundle.text_encoder_2,
-        tokenizer=bundle.tokenizer,
-        tokenizer_2=bundle.tokenizer_2,
-        unet=bundle.unet,
-        scheduler=bundle.noise_scheduler,
-        add_watermarker=False,
-    )
 
 
 def outputs(unet, text_encoder, text_encoder_2) -> list[torch.Tensor]:
@@ -78,7 +63,7 @@ def test_diffusers_loads_both_sdxl_files_with_the_trainers_outputs(settings, tmp
     for ours, theirs in zip(mine, before, strict=True):  # the adapters change every model
         assert (ours - theirs).abs().max() > 1e-2
     for source in (kohya, tmp_path):  # kohya's file; the folder with diffusers' file
-        pipe = base_pipeline()
+        pipe = base_pipeline("tiny-sdxl")
         pipe.load_lora_weights(str(source))
         loaded = outputs(pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
         for ours, theirs in zip(mine, loaded, strict=True):

@@ -187,9 +187,9 @@ class DiskLatentCache:
         keys = list(zip(batch.image_indices, batch.flipped, strict=True))
         entries = [self._entry(key) for key in keys]
         device = self.encoder.device
-        blocking = device.type != "cuda"
-        mean = torch.stack([m for m, _ in entries]).to(device, non_blocking=not blocking)
-        std = torch.stack([s for _, s in entries]).to(device, non_blocking=not blocking)
+        non_blocking = device.type == "cuda"
+        mean = torch.stack([m for m, _ in entries]).to(device, non_blocking=non_blocking)
+        std = torch.stack([s for _, s in entries]).to(device, non_blocking=non_blocking)
         return LatentDistribution(mean, std)
 
     def _entry(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,13 +64,6 @@ def weights_source(resume_ckpt: str) -> WeightsSource:
     return WeightsSource(saved["base_model"], path, saved)
 
 
-def _models_by_name(bundle: ModelBundle) -> dict[str, Any]:
-    models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-    if bundle.text_encoder_2 is not None:
-        models["text_encoder_2"] = bundle.text_encoder_2
-    return models
-
-
 def add_run_adapters(
     train: LoadedTrainConfig,
     models: ModelBundle,
@@ -106,7 +99,7 @@ def add_run_adapters(
         restore_adapters(source.lora_checkpoint, adapted_models(models))
     elif c.lora_init is not None:
         path = find_input_file(c.lora_init, train.folder, "lora_init")
-        file = read_lora_file(path, _models_by_name(models))
+        file = read_lora_file(path, models.named_models())
         check_lora_init(file, settings)
         apply_lora_init(file, adapted_models(models))
     return settings

@@ -116,10 +116,7 @@ def activation_report(run: Run) -> dict[str, Any]:
 def parameter_counts(bundle: ModelBundle) -> dict[str, int]:
     """Each model's own parameters (trained or not; LoRA adapters, counted in the ``lora``
     section, left out), SDXL's two text encoders apart."""
-    models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-    if bundle.text_encoder_2 is not None:
-        models["text_encoder_2"] = bundle.text_encoder_2
-    models["vae"] = bundle.vae
+    models = bundle.named_models() | {"vae": bundle.vae}
     return {
         name: sum(p.numel() for p in model.parameters())
         - sum(p.numel() for p in adapter_parameters(model).values())

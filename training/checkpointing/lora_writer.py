@@ -47,10 +47,7 @@ WHAT = "LoRA checkpoint"
 
 def adapted_models(bundle: ModelBundle) -> dict[str, nn.Module]:
     """The bundle's models by name, as LoRA files name them (only those that have adapters)."""
-    models = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
-    if bundle.text_encoder_2 is not None:
-        models["text_encoder_2"] = bundle.text_encoder_2
-    return {name: model for name, model in models.items() if has_adapters(model)}
+    return {name: model for name, model in bundle.named_models().items() if has_adapters(model)}
 
 
 def is_lora_checkpoint(path: Path) -> bool:
