@@ -59,7 +59,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from bench.cuda_args import VARIANT_FLAGS, parse_args
+from bench.cuda_args import FSDP_PROCESSES, VARIANT_FLAGS, fsdp_launch_flags, parse_args
 from bench.cuda_matrix import CUDA_SCENARIO, DRY_SCENARIO, Config
 from bench.cuda_table import print_table
 from bench.trainer_harness import (
@@ -225,7 +225,8 @@ def child_main(spec_json: str) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     row = run_child(spec)
-    print(RESULT_PREFIX + json.dumps(row), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # FSDP rows: the main process reports
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
     return 0
 
 
@@ -283,6 +284,9 @@ def launch(spec: dict[str, Any], dry_run: bool, timeout: float, verbose: bool) -
         env["CUDA_VISIBLE_DEVICES"] = ""  # the same code path, on the CPU
         env["OMP_NUM_THREADS"] = "1"  # a busy small machine makes more OpenMP threads stall
     command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    processes = FSDP_PROCESSES.get(spec["config"]["variant"])
+    if processes is not None:
+        command[1:1] = fsdp_launch_flags(processes)
     try:
         done = subprocess.run(
             command,

@@ -3,17 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit", "adafactor")
 DEFAULT_OPTIMIZERS = ("adamw", "adamw8bit", "lion8bit")
-# What a row trains besides the matrix's settings: the full weights, LoRA adapters, or the full
-# weights with a fused backward pass (memory: no full set of gradients).
+# What a row trains besides the matrix's settings: the full weights, LoRA adapters, the full
+# weights with a fused backward pass (memory: no full set of gradients), or the full weights
+# sharded by FSDP2 over 1 or 2 processes (`FSDP_PROCESSES`).
 VARIANT_FLAGS = {
     "full": [],
     "lora16": ["--lora_rank", "16"],
     "fused": ["--fused_backward_pass", "true"],
+    "fsdp1": [],
+    "fsdp2": [],
 }
+# FSDP rows: launched by accelerate with examples/accelerate_fsdp2.yaml in this many processes
+# (one GPU each); images/s counts every process's batch, peak memory is the main process's.
+FSDP_PROCESSES = {"fsdp1": 1, "fsdp2": 2}
+
+
+def fsdp_launch_flags(processes: int) -> list[str]:
+    """``python -m accelerate.commands.launch`` with the shipped FSDP2 config."""
+    with socket.socket() as probe:  # a free port: rows never share accelerate's default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(Path(__file__).resolve().parent.parent / "examples" / "accelerate_fsdp2.yaml"),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(port),
+    ]
 
 
 def parse_args(argv: list[str] | None, description: str) -> argparse.Namespace:
@@ -57,8 +81,9 @@ def _matrix_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=sorted(VARIANT_FLAGS),
         default=["full"],
-        help="full weights, LoRA rank 16, or a fused backward pass (e.g. --variants fused "
-        "--optimizers adafactor --ckpt on: the memory issue's row)",
+        help="full weights, LoRA rank 16, a fused backward pass (e.g. --variants fused "
+        "--optimizers adafactor --ckpt on: the memory issue's row), or FSDP2 on 1 or 2 GPUs "
+        "(--variants fsdp1 fsdp2 --optimizers adamw: FSDP shards no 8-bit state)",
     )
     parser.add_argument(
         "--ckpt",

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from bench.cuda_args import FSDP_PROCESSES
 from bench.cuda_matrix import (
     GIB,
     TARGET_CACHED_IMAGES_PER_S,
@@ -26,7 +27,9 @@ def training_flops(row: dict[str, Any]) -> float:
 
 
 def images_per_second(row: dict[str, Any]) -> float:
-    return row["config"]["batch_size"] * row["steps"] / row["seconds"]
+    """Every process's images (FSDP rows run several) per second."""
+    processes = FSDP_PROCESSES.get(row["config"]["variant"], 1)
+    return row["config"]["batch_size"] * processes * row["steps"] / row["seconds"]
 
 
 def judge(row: dict[str, Any], rows: list[dict[str, Any]], scenario: Scenario) -> str:

@@ -28,6 +28,9 @@ class OptimizerSpec:
     adaptive: bool = False  # D-Adaptation / Prodigy: expect an LR around 0.1-1.0
     fixed: tuple[tuple[str, Any], ...] = ()  # constructor keywords optimizer.json does not set
     betas_extra: tuple[float, ...] = ()  # appended to optimizer.json's two betas (CAME's third)
+    # Steps parameters sharded by FSDP (DTensors) as it steps whole ones; False for 8-bit
+    # blockwise state and factored moments, which mix plain tensors into the update.
+    shardable: bool = True
 
 
 _ADAM = ("lr", "betas", "epsilon", "weight_decay")
@@ -35,9 +38,13 @@ _LION = ("lr", "betas", "weight_decay")
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec("torch.optim", "AdamW", "torch", _ADAM),
-    "adamw8bit": OptimizerSpec("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", _ADAM),
+    "adamw8bit": OptimizerSpec(
+        "bitsandbytes.optim", "AdamW8bit", "bitsandbytes", _ADAM, shardable=False
+    ),
     "lion": OptimizerSpec("lion_pytorch", "Lion", "lion-pytorch", _LION),
-    "lion8bit": OptimizerSpec("bitsandbytes.optim", "Lion8bit", "bitsandbytes", _LION),
+    "lion8bit": OptimizerSpec(
+        "bitsandbytes.optim", "Lion8bit", "bitsandbytes", _LION, shardable=False
+    ),
     "dadapt_adam": OptimizerSpec(
         "dadaptation",
         "DAdaptAdam",
@@ -78,6 +85,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "transformers",
         ("lr", "weight_decay"),
         fixed=(("relative_step", False), ("scale_parameter", False), ("warmup_init", False)),
+        shardable=False,
     ),
     # Schedule-free AdamW on optimizer.json's LR schedule (its own warm-up off): the trainer
     # evaluates, samples and saves its evaluation weights (optimizer.schedule_free).
@@ -91,6 +99,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "came-pytorch",
         ("lr", "betas", "weight_decay"),
         betas_extra=(0.9999,),
+        shardable=False,
     ),
 }
 

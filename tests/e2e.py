@@ -98,6 +98,24 @@ def accelerate_launch(script: Path, processes: int, *args: str) -> list[str]:
     ]
 
 
+def fsdp_launch(script: Path, processes: int, *args: str) -> list[str]:
+    """The command that launches ``script`` with the shipped FSDP2 accelerate config, in
+    ``processes`` processes (gloo on this machine), on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "examples" / "accelerate_fsdp2.yaml"),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
+
+
 def run_folders(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / "logs").iterdir() if p.is_dir())
 

@@ -22,13 +22,14 @@ from tests.e2e import (
     accelerate_launch,
     checkpoints,
     free_port,
+    fsdp_launch,
     run,
     run_folders,
     scalars,
     trained_weights,
     write_config,
 )
-from training.distributed import check_engine, check_process_group
+from training.distributed import check_process_group
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -298,6 +299,8 @@ def test_machines_launched_without_multi_gpu_are_refused(tmp_path):
         (1, {"ACCELERATE_USE_CPU": "False"}, False),  # accelerate launch, one process
         (1, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "10.0.0.1"}, True),  # a lone "group"
         (2, {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "10.0.0.1"}, False),
+        # torchrun's one process (accelerate launch --use_fsdp --num_processes 1)
+        (1, {"ACCELERATE_USE_CPU": "False", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "1"}, False),
     ],
 )
 def test_a_launch_that_formed_no_group_is_refused(processes, env, refused):
@@ -318,14 +321,21 @@ def sdxl_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path):
-    """SDXL with both text encoders training under DDP: every trained parameter gets a
-    gradient in every step (the first encoder's unused final layer and norm are frozen), and 2
-    processes of batch 1 train as one process of batch 2, to float rounding."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine):
+    """SDXL with both text encoders training under DDP (every trained parameter gets a
+    gradient in every step: the first encoder's unused final layer and norm are frozen) or
+    sharded by FSDP2: 2 processes of batch 1 train as one process of batch 2, to float
+    rounding, and save both encoders whole."""
     keys = {"resume_ckpt": "tiny-sdxl", "max_epochs": 1}
     two = write_config(tmp_path / "two", ADAMW, batch_size=1, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
-    result = launch(two, 2)
+    if engine == "ddp":
+        result = launch(two, 2)
+    else:
+        command = fsdp_launch(REPO / "train.py", 2, "--config", str(two))
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert "FSDP: text_encoder_2 sharded" in result.stderr
     assert result.returncode == 0, result.stderr[-4000:]
     assert run(one) == 0
     a, b = sdxl_state(own(tmp_path / "two", "last-")), sdxl_state(own(tmp_path / "one", "last-"))
@@ -343,30 +353,11 @@ def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path):
     assert difference < 0.02 * change, float(difference / change)
 
 
-@pytest.mark.parametrize(
-    ("distributed_type", "env", "refused"),
-    [
-        ("NO", {}, False),
-        ("MULTI_CPU", {}, False),
-        ("MULTI_GPU", {"ACCELERATE_USE_FSDP": "false"}, False),
-        ("FSDP", {"ACCELERATE_USE_FSDP": "true"}, True),
-        ("DEEPSPEED", {}, True),
-        ("MULTI_CPU", {"ACCELERATE_USE_FSDP": "true"}, True),  # accelerate dropped it on a CPU
-    ],
-)
-def test_engines_the_trainer_does_not_run_are_refused(distributed_type, env, refused):
-    if refused:
-        with pytest.raises(UserError, match="this trainer runs one process or DDP"):
-            check_engine(env, distributed_type)
-    else:
-        check_engine(env, distributed_type)
-
-
-def test_an_fsdp_launch_is_refused_before_anything_is_written(tmp_path):
+def test_an_fsdp1_launch_is_refused_before_anything_is_written(tmp_path):
     config = write_config(tmp_path, ADAMW, max_epochs=1)
     command = accelerate_launch(REPO / "train.py", 2, "--config", str(config))
     command[command.index("--multi_gpu")] = "--use_fsdp"
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode != 0
-    assert "accelerate launch asked for FSDP" in result.stderr
+    assert "fsdp_version 1: the trainer runs FSDP2 only" in result.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

@@ -44,8 +44,9 @@ from training.checkpointing.state import (
 )
 from training.checkpointing.writer import restore_full_precision_weights
 from training.disk_cache import check_cache_dir
-from training.distributed import make_accelerator, training_device
+from training.distributed import FsdpOptions, make_accelerator, training_device
 from training.ema import EmaSettings, ema_memory, ema_settings
+from training.fsdp import check_fsdp
 from training.length import RunLength, optimizer_steps
 from training.lora_setup import (
     add_run_adapters,
@@ -290,18 +291,24 @@ def _check_placement(c: TrainConfig, world_size: int, text_encoder_trains: bool)
         )
 
 
+def _check_fsdp(
+    c: TrainConfig, optim: OptimizerConfig, models: ModelBundle, device: torch.device
+) -> None:
+    trained = [name for name in ("unet", "text_encoder") if trains(models.component(name))]
+    scaler = choose_precision(device, c.mixed_precision, c.disable_amp).uses_grad_scaler
+    check_fsdp(c, optim, trained, scaler)
+
+
 def build_run(
     train: LoadedTrainConfig,
     optim: OptimizerConfig,
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
+    fsdp: FsdpOptions | None = None,
 ) -> Run:
-    """Validate what needs the model's shape, scan the data, load models, build optimizers.
-
-    Everything that can be checked without the models (plugins, files, data, names) is
-    checked before they load.
-    """
+    """Validate what needs the model's shape, scan the data, load models, build optimizers
+    (what can be checked without the models is checked before they load)."""
     p = _prepare(train, optim, device, rank, world_size)
     c = p.train.config
     assert c.resume_ckpt is not None
@@ -313,8 +320,10 @@ def build_run(
         c = p.train.config
         ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
     _check_placement(c, world_size, trains(models.component("text_encoder")))
-    fused = c.fused_backward_pass
-    unet, text_encoder = build_trainings(models, optim, p.length.planned_steps, device, fused)
+    if fsdp is not None:
+        _check_fsdp(c, optim, models, device)
+    steps = p.length.planned_steps
+    unet, text_encoder = build_trainings(models, optim, steps, device, c.fused_backward_pass)
     base_model = base_model_of(c.resume_ckpt, p.resume_state)
     run = Run(
         train=p.train,
@@ -334,6 +343,7 @@ def build_run(
         ema=ema,
         validation=p.validation,
         lora=lora_export(p.train, lora, models, base_model),
+        fsdp=fsdp,
     )
     if p.resume_state is not None:
         check_fingerprint(p.resume_state, run.fingerprint(), Path(c.resume_ckpt).expanduser())
@@ -371,7 +381,8 @@ def build_from_command_line(command_line: CommandLine) -> tuple[Run, Accelerator
     """Load and check the configuration, then build the run, as ``train.py`` does."""
     train = load_train_config(command_line)
     optim = load_optimizer_config(train)
-    accelerator = make_accelerator()
+    accelerator, fsdp = make_accelerator()
     device = training_device(accelerator, train.config.gpuid)
-    run = build_run(train, optim, device, accelerator.process_index, accelerator.num_processes)
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    run = build_run(train, optim, device, rank, world_size, fsdp)
     return run, accelerator

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from training.fsdp import Sharding
 from training.metrics import Metrics
 from training.precision import Precision
 from training.sources import BatchSource
@@ -20,6 +21,8 @@ class Environment:
 
     ``run_folder`` and ``metrics`` exist in the main process only (None elsewhere).
     ``run_id`` (the run folder's name and a random part) is written in every checkpoint.
+    ``sharding``: the trained models are sharded over the processes (FSDP): every process takes
+    part in each forward pass (samples too) and in each checkpoint's gathering.
     """
 
     device: torch.device
@@ -32,3 +35,4 @@ class Environment:
     checkpoint_dir: Path
     metrics: Metrics | None
     barrier: Callable[[], None]
+    sharding: Sharding | None = None

@@ -15,6 +15,7 @@ from optimizer.config import OptimizerConfig
 from plugins.plugins import BasePlugin
 from training.checkpointing.options import LoraExport
 from training.checkpointing.state import TrainingState
+from training.distributed import FsdpOptions
 from training.ema import EmaSettings
 from training.length import RunLength
 from training.samples import SampleSettings
@@ -42,6 +43,7 @@ class Run:
     ema: EmaSettings | None = None  # the EMA of the trained weights; None: off
     validation: ValidationData | None = None  # the validation_config's sets
     lora: LoraExport | None = None  # LoRA adapters train instead of the weights; None: full
+    fsdp: FsdpOptions | None = None  # the trained models are sharded (training.fsdp); None: not
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint's training state must match to be resumed by this run."""

@@ -18,6 +18,7 @@ from training.checkpointing.names import checkpoint_dir
 from training.components import Component, build_components
 from training.disk_cache import latent_cache_for
 from training.environment import Environment
+from training.fsdp import Sharding
 from training.interrupt import stop_on_signals
 from training.logfile import FILE_ONLY, log_file
 from training.loop import StopTraining, Trainer, TrainingDivergedError
@@ -72,7 +73,7 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
         if c.text_encoder_offload:
             offload_text_encoders(bundle.text_encoders)
 
-    if accelerator.num_processes > 1:
+    if accelerator.num_processes > 1 and run.fsdp is None:
         if train_unet:
             unet = accelerator.prepare_model(unet, device_placement=False)
         if train_text_encoder:
@@ -85,6 +86,19 @@ def prepare_models(run: Run, accelerator: Accelerator) -> StepModels:
         train_text_encoder=train_text_encoder,
         tokens=CaptionTokenizer.of(bundle),
     )
+
+
+def shard_models(run: Run, accelerator: Accelerator) -> Sharding | None:
+    """Under FSDP, the trained models sharded in place over the process group (one GPU
+    included: that process holds every shard); None otherwise."""
+    if run.fsdp is None:
+        return None
+    if not torch.distributed.is_initialized():  # one process on a CPU: no process group
+        logger.info("FSDP without a process group: nothing to shard, the models stay whole")
+        return None
+    sharding = Sharding(run.models, run.trainings)
+    sharding.shard(run.device, run.fsdp)
+    return sharding
 
 
 def log_summary(run: Run, precision_name: str, world_size: int) -> None:
@@ -216,6 +230,8 @@ def run_training(
             log_summary(run, precision.describe(), accelerator.num_processes)
             metrics = make_metrics(run, folder, report)
             stack.callback(metrics.close)
+        # after the report: its activation forecast runs the models on fake tensors
+        sharding = shard_models(run, accelerator)
         run_folder = folder if folder is not None else Path(c.logdir)  # not written elsewhere
         env = Environment(
             device=run.device,
@@ -228,6 +244,7 @@ def run_training(
             checkpoint_dir=checkpoint_dir(c.save_ckpt_dir, run_folder),
             metrics=metrics,
             barrier=accelerator.wait_for_everyone,
+            sharding=sharding,
         )
         trainer = Trainer(run, models, env, build_components(run, extra_components))
         if run.resume_state is not None:

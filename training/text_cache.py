@@ -100,8 +100,8 @@ def text_encoder_on(text_encoder: torch.nn.Module, device: torch.device) -> Iter
     """The text encoder on ``device`` for a pass, then back where it was (the CPU when it is
     offloaded; nothing moves otherwise)."""
     home = next(text_encoder.parameters()).device
-    if home == device:
-        yield
+    if home.type == device.type and (home.type == "cpu" or home.index == device.index):
+        yield  # (an FSDP shard on the CPU says cpu:0, the training device cpu)
         return
     text_encoder.to(device)
     try:

@@ -29,6 +29,7 @@ from training.checkpointing.writer import (
 )
 from training.context import Counters, LoopState, SettingChange
 from training.environment import Environment
+from training.fsdp import Gathered
 from training.run import Run
 
 logger = logging.getLogger(__name__)
@@ -76,16 +77,24 @@ class Checkpointer:
     def trained_names(self) -> tuple[str, ...]:
         return tuple(t.model_name for t in self.run.trainings if t.model_name in TRAINABLE)
 
-    def state(self, point: ResumePoint, full_precision: bool) -> TrainingState:
-        """Everything needed to continue exactly from ``point``."""
+    def state(
+        self,
+        point: ResumePoint,
+        full_precision: bool,
+        optimizers: dict[str, dict[str, Any]] | None = None,
+    ) -> TrainingState:
+        """Everything needed to continue exactly from ``point`` (``optimizers``: their states
+        gathered whole, for sharded models)."""
         run, c = self.run, point.counters
         scaler = self.resumables.scaler
+        if optimizers is None:
+            optimizers = {m.model_name: m.optimizer.state_dict() for m in run.trainings}
         return TrainingState(
             epoch=c.epoch,
             batch_in_epoch=c.batch_in_epoch,
             global_step=c.global_step,
             seed=run.seed,
-            optimizers={m.model_name: m.optimizer.state_dict() for m in run.trainings},
+            optimizers=optimizers,
             schedulers={m.model_name: m.scheduler.state_dict() for m in run.trainings},
             grad_scaler=scaler.state_dict() if scaler.is_enabled() else None,
             rng=point.rng,
@@ -108,8 +117,13 @@ class Checkpointer:
     def restore(self, state: TrainingState) -> Counters:
         """Optimizers, schedulers, grad scaler and RNG states as ``state`` says; returns its
         counters (weights are restored by the caller, live settings by `training.live`)."""
+        sharding = self.env.sharding
         for training in self.run.trainings:
-            training.optimizer.load_state_dict(state.optimizers[training.model_name])
+            saved = state.optimizers[training.model_name]
+            if sharding is None:
+                training.optimizer.load_state_dict(saved)
+            else:
+                sharding.load_optimizer_state(training, saved)
             training.scheduler.load_state_dict(state.schedulers[training.model_name])
         scaler = self.resumables.scaler
         if state.grad_scaler is not None and scaler.is_enabled():
@@ -166,13 +180,27 @@ class Checkpointer:
         if sync:
             self.env.barrier()
         path = None
+        gathered = self._gather(with_state)
         if self.env.is_main_process:
-            path = self._write(kind, point, with_state)
+            path = self._write(kind, point, with_state, gathered)
         if sync:
             self.env.barrier()
         return path
 
-    def _write(self, kind: str, point: ResumePoint, with_state: bool) -> Path:
+    def _gather(self, with_state: bool) -> Gathered | None:
+        """Sharded models gathered whole (every process takes part; None: not sharded): the
+        optimizer states as they train, the weights as they are saved (evaluation weights)."""
+        sharding = self.env.sharding
+        if sharding is None:
+            return None
+        optimizers = sharding.gather_optimizers() if with_state else {}
+        with evaluation_weights(t.optimizer for t in self.run.trainings):
+            bundle = sharding.gather_models(self.env.is_main_process)
+        return Gathered(bundle, optimizers)
+
+    def _write(
+        self, kind: str, point: ResumePoint, with_state: bool, gathered: Gathered | None
+    ) -> Path:
         config, position = self.run.train.config, point.counters
         settings = point.settings
         name = checkpoint_name(
@@ -183,7 +211,8 @@ class Checkpointer:
             config.no_prepend_last,
         )
         path = claim_path(self.env.checkpoint_dir, name, self.env.run_id, self._is_ours)
-        state = self.state(point, settings.save_full_precision) if with_state else None
+        optimizers = None if gathered is None else gathered.optimizers
+        state = self.state(point, settings.save_full_precision, optimizers) if with_state else None
         note = {
             "run": self.env.run_id,
             "kind": kind,
@@ -196,6 +225,9 @@ class Checkpointer:
             note=note,
             lora=self.run.lora,
         )
+        if gathered is not None:
+            assert gathered.bundle is not None, "the main process holds the gathered models"
+            return save_checkpoint(path, gathered.bundle, state, options)
         with evaluation_weights(t.optimizer for t in self.run.trainings):
             return save_checkpoint(path, self.run.models, state, options)
 
@@ -210,6 +242,13 @@ class Checkpointer:
         when the weights are finite; resumable unless the crash came inside an optimizer step
         (``stepping``: the models may be half-stepped)."""
         if not self.env.is_main_process:
+            return None
+        if self.env.sharding is not None:
+            logger.error(
+                "training crashed; under FSDP no crashed- checkpoint is written (the other "
+                "processes' shards cannot be gathered after a crash): resume from the last "
+                "checkpoint"
+            )
             return None
         if not all(torch.isfinite(p).all() for m in self.run.trainings for p in m.parameters):
             logger.error("the weights are not finite: no crashed- checkpoint is written")

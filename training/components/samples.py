@@ -42,10 +42,12 @@ class Samples(Component):
             self.make(ctx)
 
     def make(self, ctx: TrainingContext) -> list[Path]:
-        """Sample images with the model as it is now (main process; the others wait)."""
+        """Sample images with the model as it is now (main process; the others wait, or with
+        sharded models draw the same passes without writing)."""
         paths: list[Path] = []
         env = ctx.env
-        if env.is_main_process and env.run_folder is not None:
+        writes = env.is_main_process and env.run_folder is not None
+        if writes or env.sharding is not None:
             model = SamplingModel(
                 bundle=ctx.models.bundle,
                 device=env.device,
@@ -57,7 +59,7 @@ class Samples(Component):
             for suffix, weights in self._weights():
                 batch = SampleBatch(
                     requests=list(self.settings.requests),
-                    out_dir=env.run_folder / "samples",
+                    out_dir=None if env.run_folder is None else env.run_folder / "samples",
                     step=ctx.progress.global_step,
                     scheduler_name=self.settings.scheduler,
                     captions=ctx.last_captions,

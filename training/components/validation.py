@@ -53,6 +53,7 @@ class Validation(Component):
             env.shard,
             show_progress=env.is_main_process,
             masks=MaskLoader() if ctx.config.masked_loss else None,
+            equal_passes=env.sharding is not None,
         )
         if ctx.config.cache_latents:
             self._evaluator.cache_latents(self.data.sets, ctx.config.latent_cache_dir)

@@ -214,7 +214,7 @@ class SampleBatch:
     ``captions``."""
 
     requests: Sequence[SampleRequest]
-    out_dir: Path
+    out_dir: Path | None  # None: drawn, not written (a sharded model's other processes)
     step: int
     scheduler_name: str = DEFAULT_SCHEDULER
     captions: Sequence[str] = ()
@@ -237,23 +237,26 @@ def generate_samples(
         return []
     drawing = _drawing(model, batch.scheduler_name)
     drawing.pipe.set_progress_bar_config(disable=not batch.show_progress_bars, leave=False)
-    batch.out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = batch.name_suffix
-    logger.info(
-        "making %d sample images%s at step %d in %s",
-        len(batch.requests),
-        f" ({suffix})" if suffix else "",
-        batch.step,
-        batch.out_dir,
-    )
+    suffix, out_dir = batch.name_suffix, batch.out_dir
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        logger.info(
+            "making %d sample images%s at step %d in %s",
+            len(batch.requests),
+            f" ({suffix})" if suffix else "",
+            batch.step,
+            out_dir,
+        )
     paths: list[Path] = []
     with _sampling_context(model):
         for index, request in enumerate(batch.requests):
-            path = batch.out_dir / f"step-{batch.step:06d}-{index:02d}{suffix}.png"
+            name = f"step-{batch.step:06d}-{index:02d}{suffix}.png"
+            path = None if out_dir is None else out_dir / name
             image = _save_image(drawing, request, batch.captions, path)
             if on_image is not None:
                 on_image(f"samples/{index}{suffix}", np.asarray(image), batch.step)
-            paths.append(path)
+            if path is not None:
+                paths.append(path)
     return paths
 
 
@@ -288,12 +291,15 @@ def _sampling_context(model: SamplingModel) -> Iterator[None]:
 
 
 def _save_image(
-    drawing: _Drawing, request: SampleRequest, captions: Sequence[str], path: Path
+    drawing: _Drawing, request: SampleRequest, captions: Sequence[str], path: Path | None
 ) -> Image:
-    """Draw one request and write its PNG and the ``.txt`` that describes it."""
+    """Draw one request and write its PNG and the ``.txt`` that describes it (``path`` None:
+    drawn, not written)."""
     prompt = _prompt_for(request, captions)
     seed = _seed_for(request)
     image = _make_image(drawing, request, prompt, seed)
+    if path is None:
+        return image
     image.save(path)
     path.with_suffix(".txt").write_text(
         _describe(drawing, request, prompt, seed, image), encoding="utf-8"

@@ -109,9 +109,13 @@ class Evaluator:
         shard: Shard,
         show_progress: bool,
         masks: MaskLoader | None = None,
+        equal_passes: bool = False,
     ) -> None:
-        """``masks``: weight the loss by each image's mask (``masked_loss``)."""
+        """``masks``: weight the loss by each image's mask (``masked_loss``); ``equal_passes``:
+        every process runs as many forward passes (sharded models gather their weights in each
+        one), the extra ones not counted."""
         self.models = evaluation_models(models, clip_skip)
+        self.equal_passes = equal_passes
         self.masks = masks
         self.precision = precision
         self.device = device
@@ -137,6 +141,10 @@ class Evaluator:
         step settings in force (see `evaluation_settings`)."""
         settings = evaluation_settings(settings)
         mine = eval_set.plans[self.shard.rank :: self.shard.world_size]
+        counted = len(mine)
+        if self.equal_passes:
+            passes = -(-len(eval_set.plans) // self.shard.world_size)
+            mine += eval_set.plans[: passes - counted]
         encoders = self.bundle.text_encoders
         modules = [self.bundle.unet, *encoders, self.bundle.vae]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -153,7 +161,7 @@ class Evaluator:
         )
         on = text_encoders_on(encoders, self.device)
         with bar, evaluation_mode(modules, self.device), on:
-            for batch, latents in self._batches(eval_set, mine):
+            for index, (batch, latents) in enumerate(self._batches(eval_set, mine)):
                 if self.masks is not None:
                     latents = with_masks(latents, batch, self.masks)
                 seed = batch_seed(eval_set.dataset.settings.seed, eval_set.name, batch.index)
@@ -161,9 +169,11 @@ class Evaluator:
                 loss = batch_loss(
                     self.models, latents, batch, settings, generator, self.precision, Shard()
                 )
+                bar.update(1)
+                if index >= counted:
+                    continue
                 total += loss.double() * len(batch)
                 images += len(batch)
-                bar.update(1)
         sums = sum_over_processes(torch.stack([total, total.new_tensor(float(images))]))
         return float(sums[0] / sums[1])
 
