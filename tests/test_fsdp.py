@@ -27,6 +27,7 @@ from tests.e2e import (
 )
 from tests.test_multiprocess import relative_difference
 from training.distributed import FsdpOptions, check_engine
+from training.session import uses_channels_last
 
 PROMPTS = {"seed": 5, "cfgs": [3], "num_inference_steps": 2, "samples": [{"prompt": "a cat"}]}
 
@@ -248,3 +249,11 @@ def test_settings_fsdp_does_not_run_are_refused_in_one_message_before_training(
     ):
         assert refused in line
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_the_unet_is_channels_last_on_cuda_except_when_sharded():
+    """FSDP2 refuses non-contiguous parameters (a channels-last convolution weight), measured:
+    "FSDP does not support non-contiguous parameters yet"."""
+    assert uses_channels_last(torch.device("cuda", 0), sharded=False)
+    assert not uses_channels_last(torch.device("cuda", 0), sharded=True)
+    assert not uses_channels_last(torch.device("cpu"), sharded=False)
