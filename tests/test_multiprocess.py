@@ -321,15 +321,24 @@ def sdxl_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     }
 
 
+SDXL_KEYS = {"resume_ckpt": "tiny-sdxl", "max_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def sdxl_one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """SDXL trained by one process of batch 2: what 2 processes of batch 1 must match."""
+    folder = tmp_path_factory.mktemp("sdxl_one")
+    assert run(write_config(folder, ADAMW, batch_size=2, **SDXL_KEYS)) == 0
+    return sdxl_state(own(folder, "last-"))
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
-def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine):
+def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine, sdxl_one_process):
     """SDXL with both text encoders training under DDP (every trained parameter gets a
     gradient in every step: the first encoder's unused final layer and norm are frozen) or
     sharded by FSDP2: 2 processes of batch 1 train as one process of batch 2, to float
     rounding, and save both encoders whole."""
-    keys = {"resume_ckpt": "tiny-sdxl", "max_epochs": 1}
-    two = write_config(tmp_path / "two", ADAMW, batch_size=1, **keys)
-    one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
+    two = write_config(tmp_path / "two", ADAMW, batch_size=1, **SDXL_KEYS)
     if engine == "ddp":
         result = launch(two, 2)
     else:
@@ -337,8 +346,7 @@ def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
         assert "FSDP: text_encoder_2 sharded" in result.stderr
     assert result.returncode == 0, result.stderr[-4000:]
-    assert run(one) == 0
-    a, b = sdxl_state(own(tmp_path / "two", "last-")), sdxl_state(own(tmp_path / "one", "last-"))
+    a, b = sdxl_state(own(tmp_path / "two", "last-")), sdxl_one_process
     start = load_models("tiny-sdxl")
     w0 = {
         f"{name}.{key}": value
