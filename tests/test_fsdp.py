@@ -70,6 +70,7 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
     sharded = write_config(tmp_path / "fsdp", ADAMW, batch_size=2, **keys)
     log = launched(fsdp_launch(train_py, 2, "--config", str(sharded))).stderr
     assert "FSDP: unet sharded in 13 units over 2 processes" in log
+    assert "FSDP: the forecast is of one unsharded process; each of the 2 processes" in log
     assert "FSDP: text_encoder sharded" in log
     assert run(write_config(tmp_path / "one", ADAMW, batch_size=4, **keys)) == 0
 

@@ -149,6 +149,13 @@ def log_memory(run: Run) -> None:
         memory["vae"]["total_gib"],
         memory["activations"]["total_bytes"] / 2**30,
     )
+    if run.fsdp is not None:
+        logger.info(
+            "FSDP: the forecast is of one unsharded process; each of the %d processes keeps "
+            "1/%d of the trained models' weights, gradients and optimizer state",
+            run.dataset.settings.world_size,
+            run.dataset.settings.world_size,
+        )
     if "ema" in memory:
         ema = memory["ema"]
         logger.info(
