@@ -10,8 +10,10 @@ weights are fp16 unless full precision; the text encoders' files use the standar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -42,27 +44,42 @@ def write_pipeline_folder(folder: Path, bundle: ModelBundle, full_precision: boo
             _default_load_dtype_float32(Path(folder) / name / "config.json")
 
 
-def _pipeline(bundle: ModelBundle, dtype: torch.dtype) -> DiffusionPipeline:
-    """The family's pipeline of the bundle's models in ``dtype`` (copies where they differ)."""
+def pipeline_of(bundle: ModelBundle, scheduler: Any) -> DiffusionPipeline:
+    """The family's diffusers pipeline around the bundle's own modules (no copies):
+    ``StableDiffusionXLPipeline`` for SDXL (no watermarker), else ``StableDiffusionPipeline``
+    (no safety checker)."""
     common = {
-        "vae": _in_dtype(bundle.vae, dtype),
-        "text_encoder": _in_dtype(bundle.text_encoder, dtype),
+        "vae": bundle.vae,
+        "text_encoder": bundle.text_encoder,
         "tokenizer": bundle.tokenizer,
-        "unet": _in_dtype(bundle.unet, dtype),
-        # A copy: the pipeline's constructor may rewrite an old-style scheduler config in place.
-        "scheduler": type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config),
+        "unet": bundle.unet,
+        "scheduler": scheduler,
     }
     if bundle.family == SDXL:
-        assert bundle.text_encoder_2 is not None
         return StableDiffusionXLPipeline(
             **common,
-            text_encoder_2=_in_dtype(bundle.text_encoder_2, dtype),
+            text_encoder_2=bundle.text_encoder_2,
             tokenizer_2=bundle.tokenizer_2,
             add_watermarker=False,
         )
     return StableDiffusionPipeline(
         **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+
+
+def _pipeline(bundle: ModelBundle, dtype: torch.dtype) -> DiffusionPipeline:
+    """The family's pipeline of the bundle's models in ``dtype`` (copies where they differ)."""
+    te2 = bundle.text_encoder_2
+    in_dtype = dataclasses.replace(
+        bundle,
+        vae=_in_dtype(bundle.vae, dtype),
+        text_encoder=_in_dtype(bundle.text_encoder, dtype),
+        unet=_in_dtype(bundle.unet, dtype),
+        text_encoder_2=None if te2 is None else _in_dtype(te2, dtype),
+    )
+    # A copy: the pipeline's constructor may rewrite an old-style scheduler config in place.
+    scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
+    return pipeline_of(in_dtype, scheduler)
 
 
 def _default_load_dtype_float32(config_file: Path) -> None:

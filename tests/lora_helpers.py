@@ -15,6 +15,7 @@ from lora.settings import LoraSettings
 from models import ModelBundle
 from models.builtin import build_builtin
 from models.ldm_layout import uses_open_clip
+from models.pipeline_folder import pipeline_of
 
 RANK4 = LoraSettings.of(4, alpha=2.0)
 LOCON = LoraSettings.of(4, alpha=2.0, conv_rank=2, conv_alpha=1.0)
@@ -63,27 +64,7 @@ def info_of(bundle: ModelBundle, name: str = "run") -> KohyaInfo:
 def base_pipeline(name: str) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """A fresh pipeline of built-in ``name``, as a user would load the base model."""
     bundle = build_builtin(name)
-    if bundle.text_encoder_2 is not None:
-        return StableDiffusionXLPipeline(
-            vae=bundle.vae,
-            text_encoder=bundle.text_encoder,
-            text_encoder_2=bundle.text_encoder_2,
-            tokenizer=bundle.tokenizer,
-            tokenizer_2=bundle.tokenizer_2,
-            unet=bundle.unet,
-            scheduler=bundle.noise_scheduler,
-            add_watermarker=False,
-        )
-    return StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=bundle.noise_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return pipeline_of(bundle, bundle.noise_scheduler)
 
 
 def outputs(

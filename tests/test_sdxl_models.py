@@ -26,6 +26,7 @@ from models.builtin import (
     builtin_tokenizer_2,
 )
 from models.bundle import SD1, SD2, SDXL
+from models.pipeline_folder import pipeline_of
 from models.text import sdxl_hidden_state_index, sdxl_unused_final_layers
 
 CAPTIONS = ["a photo of ted, smiling", "a dog on the beach"]
@@ -38,16 +39,9 @@ def tiny() -> ModelBundle:
 
 def pipeline(bundle: ModelBundle) -> StableDiffusionXLPipeline:
     assert bundle.text_encoder_2 is not None
-    return StableDiffusionXLPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        text_encoder_2=bundle.text_encoder_2,
-        tokenizer=bundle.tokenizer,
-        tokenizer_2=bundle.tokenizer_2,
-        unet=bundle.unet,
-        scheduler=bundle.noise_scheduler,
-        add_watermarker=False,
-    )
+    made = pipeline_of(bundle, bundle.noise_scheduler)
+    assert isinstance(made, StableDiffusionXLPipeline)
+    return made
 
 
 def encode(bundle: ModelBundle, captions: list[str], clip_skip: int):

@@ -77,7 +77,10 @@ class Sharding:
             for name in ROLE_MODELS[training.model_name]
             if name in bundle.named_models()
         ]
-        self._blueprints = {name: _blueprint(bundle.named_models()[name]) for name in self.names}
+        models = bundle.named_models()
+        self._blueprints = {
+            name: _Blueprint(type(models[name]), models[name].config) for name in self.names
+        }
 
     def shard(self, device: torch.device, options: FsdpOptions) -> None:
         """Shard the trained models in place; the optimizers then step the shards."""
@@ -170,10 +173,6 @@ class _Blueprint:
 
     cls: type[nn.Module]
     config: Any
-
-
-def _blueprint(model: nn.Module) -> _Blueprint:
-    return _Blueprint(type(model), model.config)
 
 
 def _whole_copy(

@@ -94,32 +94,11 @@ class _Drawing:
 def _build_pipeline(
     bundle: ModelBundle, scheduler_name: str, noise_scheduler_config: Mapping[str, Any]
 ) -> DiffusionPipeline:
-    """A pipeline around the bundle's own modules (no copy of their weights): diffusers'
-    ``StableDiffusionXLPipeline`` for SDXL (no watermark), else ``StableDiffusionPipeline``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A pipeline around the bundle's own modules (no copy of their weights), with the
+    inference scheduler ``scheduler_name`` (`models.pipeline_folder.pipeline_of`)."""
+    from models.pipeline_folder import pipeline_of
 
-    scheduler = make_inference_scheduler(scheduler_name, noise_scheduler_config)
-    if bundle.text_encoder_2 is not None:
-        return StableDiffusionXLPipeline(
-            vae=bundle.vae,
-            text_encoder=bundle.text_encoder,
-            text_encoder_2=bundle.text_encoder_2,
-            tokenizer=bundle.tokenizer,
-            tokenizer_2=bundle.tokenizer_2,
-            unet=bundle.unet,
-            scheduler=scheduler,
-            add_watermarker=False,
-        )
-    return StableDiffusionPipeline(
-        vae=bundle.vae,
-        text_encoder=bundle.text_encoder,
-        tokenizer=bundle.tokenizer,
-        unet=bundle.unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return pipeline_of(bundle, make_inference_scheduler(scheduler_name, noise_scheduler_config))
 
 
 def _prompt_kwargs(drawing: _Drawing, prompt: str, negative_prompt: str) -> dict[str, Any]:
