@@ -74,48 +74,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def accelerate_launch(script: Path, processes: int, *args: str) -> list[str]:
-    """The command that launches ``script`` in ``processes`` gloo processes on this machine, on a
-    free port (test workers run side by side: accelerate's default port would collide)."""
-    port = free_port()
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--main_process_port",
-        str(port),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(script),
-        *args,
-    ]
-
-
-def fsdp_launch(script: Path, processes: int, *args: str) -> list[str]:
-    """The command that launches ``script`` with the shipped FSDP2 accelerate config, in
-    ``processes`` processes (gloo on this machine), on a free port."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "examples" / "accelerate_fsdp2.yaml"),
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
-
-
 def run_folders(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / "logs").iterdir() if p.is_dir())
 

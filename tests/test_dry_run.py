@@ -10,6 +10,7 @@ import pytest
 import models
 import training.build
 from tests.e2e import REPO, run, run_subprocess, write_config
+from tests.group import run_forked
 
 PRESETS = ["optimizer.json", "optimizerSD21.json", "optimizer_dadapt.json"]
 MODEL_KEYS = {
@@ -155,7 +156,7 @@ def test_bad_input_exits_2_before_any_model_is_built(
 @pytest.mark.slow
 def test_user_error_shows_no_traceback(tmp_path):
     config = write_config(tmp_path, {"base": {"lr": "fast"}}, batch_size=0)
-    result = run_subprocess(config, "--dry_run")
+    result = run_forked(config, "--dry_run")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "batch_size: must be >= 1" in result.stderr

@@ -17,14 +17,13 @@ from tests.e2e import (
     EXAMPLE_DATA,
     REPO,
     checkpoints,
-    fsdp_launch,
     run,
     run_folders,
-    run_subprocess,
     scalars,
     trained_weights,
     write_config,
 )
+from tests.group import FSDP, launch_group, run_forked
 from tests.test_multiprocess import relative_difference
 from training.distributed import FsdpOptions, check_engine
 from training.session import uses_channels_last
@@ -32,8 +31,9 @@ from training.session import uses_channels_last
 PROMPTS = {"seed": 5, "cfgs": [3], "num_inference_steps": 2, "samples": [{"prompt": "a cat"}]}
 
 
-def launched(command: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+def launched(script: Path, *args: str) -> subprocess.CompletedProcess:
+    """``script`` in two processes, launched with the shipped FSDP2 config."""
+    result = launch_group(script, 2, *args, flags=FSDP)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -68,7 +68,7 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
     }
     train_py = REPO / "train.py"
     sharded = write_config(tmp_path / "fsdp", ADAMW, batch_size=2, **keys)
-    log = launched(fsdp_launch(train_py, 2, "--config", str(sharded))).stderr
+    log = launched(train_py, "--config", str(sharded)).stderr
     assert "FSDP: unet sharded in 13 units over 2 processes" in log
     assert "FSDP: the forecast is of one unsharded process; each of the 2 processes" in log
     assert "FSDP: text_encoder sharded" in log
@@ -92,7 +92,7 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
     resumed = write_config(
         tmp_path / "resumed", ADAMW, batch_size=2, **keys, resume_ckpt=str(middle)
     )
-    launched(fsdp_launch(train_py, 2, "--config", str(resumed)))
+    launched(train_py, "--config", str(resumed))
     again = trained_weights(own(tmp_path / "resumed", "last-"))
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
@@ -157,7 +157,7 @@ def test_the_optimizers_marked_shardable_step_shards_as_they_step_whole_weights(
     FSDP refuses them."""
     script = tmp_path / "optimizers.py"
     script.write_text(OPTIMIZER_SCRIPT.format(repo=str(REPO)))
-    log = launched(fsdp_launch(script, 2)).stderr
+    log = launched(script).stderr
     outcomes = dict(
         (line.split()[1], tuple(line.split()[2:4]))
         for line in log.splitlines()
@@ -238,7 +238,7 @@ def test_settings_fsdp_does_not_run_are_refused_in_one_message_before_training(
     )
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    result = run_subprocess(config)
+    result = run_forked(config)
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [line for line in result.stderr.splitlines() if "FSDP (accelerate launch" in line]
     for refused in (

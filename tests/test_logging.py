@@ -8,7 +8,8 @@ import re
 import pytest
 from tqdm import tqdm
 
-from tests.e2e import ADAMW, run, run_folders, run_subprocess, scalars, write_config
+from tests.e2e import ADAMW, run, run_folders, scalars, write_config
+from tests.group import run_forked
 from training.components.progress import BAR_FORMAT, WIDTH, postfix_text, rate_text
 
 
@@ -75,7 +76,7 @@ def test_the_log_file_holds_the_run_log(logged_run):
 
 @pytest.mark.slow
 def test_log_lines_never_glue_onto_the_progress_bar(tmp_path):
-    result = run_subprocess(write_config(tmp_path, ADAMW, max_epochs=1, save_every_n_epochs=1))
+    result = run_forked(write_config(tmp_path, ADAMW, max_epochs=1, save_every_n_epochs=1))
     assert result.returncode == 0
     segments = re.split(r"[\r\n]", result.stderr)
     logged = [s for s in segments if re.search(r"\b(INFO|WARNING|ERROR) [a-z_.]+:", s)]

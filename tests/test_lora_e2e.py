@@ -23,10 +23,10 @@ from tests.e2e import (
     checkpoints,
     run,
     run_folders,
-    run_subprocess,
     scalars,
     write_config,
 )
+from tests.group import run_forked
 from tests.lora_helpers import base_pipeline, outputs
 
 pytestmark = pytest.mark.slow
@@ -173,7 +173,7 @@ def test_resuming_a_lora_checkpoint_without_lora_rank_is_an_error(runs, tmp_path
     _model, straight, _ = runs
     (last,) = lora_checkpoints(straight, "last-")
     config = write_config(tmp_path, ADAMW, resume_ckpt=str(last))
-    result = run_subprocess(config)
+    result = run_forked(config)
     assert result.returncode == 2
     assert "set lora_rank" in result.stderr
     assert "Traceback" not in result.stderr

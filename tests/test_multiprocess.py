@@ -1,4 +1,5 @@
-"""Several processes through `accelerate launch` (gloo on the CPU): same training, same resume."""
+"""Several processes (gloo on the CPU): same training, same resume. The launcher's own tests run
+`accelerate launch` for real; the others fork their group from `tests.group`."""
 
 from __future__ import annotations
 
@@ -19,24 +20,22 @@ from tests.e2e import (
     ADAMW,
     EXAMPLE_DATA,
     REPO,
-    accelerate_launch,
     checkpoints,
     free_port,
-    fsdp_launch,
     run,
     run_folders,
     scalars,
     trained_weights,
     write_config,
 )
+from tests.group import FSDP, launch_group
 from training.distributed import check_process_group
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-def launch(config: Path, processes: int, *flags: str) -> subprocess.CompletedProcess:
-    command = accelerate_launch(REPO / "train.py", processes, "--config", str(config), *flags)
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+def launch(config: Path, processes: int) -> subprocess.CompletedProcess:
+    return launch_group(REPO / "train.py", processes, "--config", str(config))
 
 
 def relative_difference(a: dict, b: dict) -> float:
@@ -188,23 +187,21 @@ def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_p
     script = tmp_path / "patched_train.py"
     script.write_text(PATCHED_TRAIN.format(repo=str(REPO)))
     config = write_config(tmp_path, ADAMW, max_epochs=1, grad_accum=2)
-    command = accelerate_launch(script, 2, "--config", str(config))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = launch_group(script, 2, "--config", str(config))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "non-finite loss at epoch 1 batch 3" in result.stderr
-    # (the main process's progress bar may share a line with the other process's print)
     digests = dict(re.findall(r"RANK (\d) UNET ([0-9a-f]{64})", result.stderr))
     assert set(digests) == {"0", "1"}
     assert digests["0"] == digests["1"], "the processes' weights drifted apart"
 
 
-def machine_launch(config: Path, rank: int, port: int, multi_gpu: bool = True) -> list[str]:
+def machine_launch(config: Path, rank: int, port: int) -> list[str]:
     """One of two machines' launch commands (both on this one, as localhost)."""
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        *(["--multi_gpu"] if multi_gpu else []),
+        "--multi_gpu",
         "--num_machines",
         "2",
         "--num_processes",
@@ -280,13 +277,8 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
 def test_machines_launched_without_multi_gpu_are_refused(tmp_path):
     """Without --multi_gpu each command would start a lone run over the whole dataset."""
     config = write_config(tmp_path, ADAMW, max_epochs=1)
-    result = subprocess.run(
-        machine_launch(config, 0, free_port(), multi_gpu=False),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    flags = ("--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1")
+    result = launch_group(REPO / "train.py", 2, "--config", str(config), flags=flags)
     assert result.returncode != 0
     assert "did not form a process group" in result.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
@@ -342,8 +334,7 @@ def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine
     if engine == "ddp":
         result = launch(two, 2)
     else:
-        command = fsdp_launch(REPO / "train.py", 2, "--config", str(two))
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+        result = launch_group(REPO / "train.py", 2, "--config", str(two), flags=FSDP)
         assert "FSDP: text_encoder_2 sharded" in result.stderr
     assert result.returncode == 0, result.stderr[-4000:]
     a, b = sdxl_state(own(tmp_path / "two", "last-")), sdxl_one_process
@@ -363,9 +354,8 @@ def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine
 
 def test_an_fsdp1_launch_is_refused_before_anything_is_written(tmp_path):
     config = write_config(tmp_path, ADAMW, max_epochs=1)
-    command = accelerate_launch(REPO / "train.py", 2, "--config", str(config))
-    command[command.index("--multi_gpu")] = "--use_fsdp"
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    flags = ("--use_fsdp", "--num_machines", "1", "--mixed_precision", "no")
+    result = launch_group(REPO / "train.py", 2, "--config", str(config), flags=flags)
     assert result.returncode != 0
     assert "fsdp_version 1: the trainer runs FSDP2 only" in result.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

@@ -16,10 +16,10 @@ from tests.e2e import (
     checkpoints,
     run,
     run_folders,
-    run_subprocess,
     trained_weights,
     write_config,
 )
+from tests.group import run_forked
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +125,7 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
                     os.kill(os.getpid(), signal.SIGINT)
     """,
     )
-    result = run_subprocess(write_config(tmp_path, ADAMW, plugins=[entry]))
+    result = run_forked(write_config(tmp_path, ADAMW, plugins=[entry]))
     assert result.returncode == 130
     assert "Traceback" not in result.stderr
     assert "stopped by a second Ctrl-C: no checkpoint was saved" in result.stderr
