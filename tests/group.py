@@ -6,8 +6,9 @@ imports them once per test worker, and each test forks its processes from it: ``
 ``python train.py`` (its own stdout, stderr, exit status and signals), ``launch_group`` is
 ``accelerate launch``, whose processes get what a real launch gives them: accelerate's own
 parser and checks turn the same flags (``--multi_gpu``, ``--config_file``, ``--use_fsdp``) into
-accelerate's variables, and each rank gets torchrun's. Real launches and real interpreters stay
-where they are the subject: two machines launched by ``accelerate launch``, a dry run's clean
+accelerate's variables (``--machine_rank`` too: several machines run as localhost), and each
+rank gets torchrun's. Real launches and real interpreters stay where they are the subject:
+``accelerate launch`` refusing machines launched without ``--multi_gpu``, a dry run's clean
 standard output from the first import on, and ``--help`` without the heavy imports.
 """
 
@@ -17,46 +18,65 @@ import atexit
 import multiprocessing
 import os
 import runpy
-import subprocess
 import sys
 import tempfile
 import traceback
 from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.e2e import REPO, free_port
 
 # What every launched process imports before its first line: imported once in the forkserver.
 PRELOAD = ["torch", "accelerate", "diffusers", "transformers", "train", "training.session"]
-# The flags of a one-machine DDP launch, and of a launch with the shipped FSDP2 config.
-DDP = ("--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+# The flags of a DDP launch, and of a launch with the shipped FSDP2 config.
+DDP = ("--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no")
 FSDP = ("--config_file", str(REPO / "examples" / "accelerate_fsdp2.yaml"))
 _CONTEXT = multiprocessing.get_context("forkserver")
+
+
+@dataclass
+class Outcome:
+    """How the processes ended, as ``subprocess.run`` tells it: ``stdout`` and ``stderr`` hold
+    every process's, the first one's first; ``stderrs`` each process's."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    stderrs: list[str]
+
+
 _CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 def launch_group(
-    script: Path, processes: int, *args: str, flags: tuple[str, ...] = DDP
-) -> subprocess.CompletedProcess:
-    """``accelerate launch <flags> --num_processes N script args`` on a free port, forked from
-    the preloaded server. Flags without ``--multi_gpu`` or FSDP start one process, as
-    accelerate's simple launcher does."""
-    port = free_port()
-    launch = [*flags, "--num_processes", str(processes), "--main_process_port", str(port)]
-    parsed = _validated(launch, script, args)
-    if parsed.multi_gpu or parsed.use_fsdp:
-        from accelerate.utils.launch import prepare_multi_gpu_env
+    script: Path,
+    processes: int,
+    *args: str,
+    flags: tuple[str, ...] = DDP,
+    machines: int = 1,
+) -> Outcome:
+    """``accelerate launch <flags> --num_processes N script args`` on each of ``machines``
+    machines (as localhost, ``--machine_rank`` 0, 1, ...), forked from the preloaded server:
+    ``processes`` in all, as accelerate counts them."""
+    from accelerate.utils.launch import prepare_multi_gpu_env
 
-        launched = _strings(prepare_multi_gpu_env(parsed))
-        envs = [launched | rank_env(rank, processes, port) for rank in range(processes)]
-    else:
-        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
-
-        envs = [_strings(prepare_simple_launcher_cmd_env(parsed)[1])]
+    port, local = free_port(), processes // machines
+    envs = []
+    for machine in range(machines):
+        launch = [
+            *flags,
+            *("--num_processes", str(processes), "--num_machines", str(machines)),
+            *("--machine_rank", str(machine), "--main_process_ip", "127.0.0.1"),
+            *("--main_process_port", str(port)),
+        ]
+        launched = _strings(prepare_multi_gpu_env(_validated(launch, script, args)))
+        for rank in range(machine * local, (machine + 1) * local):
+            envs.append(launched | rank_env(rank, processes, local, machines, port))
     return run_processes(script, args, envs)
 
 
-def run_forked(config: Path, *flags: str) -> subprocess.CompletedProcess:
+def run_forked(config: Path, *flags: str) -> Outcome:
     """``python train.py --config config flags`` as one process forked from the preloaded
     server, in this process's environment: `tests.e2e.run_subprocess` without the imports."""
     return run_processes(REPO / "train.py", ("--config", str(config), *flags), [{}])
@@ -64,10 +84,9 @@ def run_forked(config: Path, *flags: str) -> subprocess.CompletedProcess:
 
 def run_processes(
     script: Path, args: tuple[str, ...], envs: list[dict[str, str]], timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """One process per entry of ``envs`` (added to this process's environment), side by side.
-    ``stdout`` and ``stderr`` hold every process's, the first one's first; ``returncode`` is
-    the first non-zero exit status, or 0."""
+) -> Outcome:
+    """One process per entry of ``envs`` (added to this process's environment), side by side;
+    the outcome's ``returncode`` is the first non-zero exit status, or 0."""
     with tempfile.TemporaryDirectory() as folder:
         outputs = [Path(folder) / str(index) for index in range(len(envs))]
         processes = [
@@ -86,11 +105,9 @@ def run_processes(
                 process.kill()
                 process.join()
         stdout = "".join(_read(output.with_suffix(".out")) for output in outputs)
-        stderr = "".join(_read(output.with_suffix(".err")) for output in outputs)
+        stderrs = [_read(output.with_suffix(".err")) for output in outputs]
     failed = [process.exitcode for process in processes if process.exitcode != 0]
-    return subprocess.CompletedProcess(
-        [str(script), *args], failed[0] if failed else 0, stdout, stderr
-    )
+    return Outcome(failed[0] if failed else 0, stdout, "".join(stderrs), stderrs)
 
 
 def _read(path: Path) -> str:
@@ -109,15 +126,15 @@ def _validated(launch: list[str], script: Path, args: tuple[str, ...]) -> Namesp
     return _validate_launch_command(parsed)[0]
 
 
-def rank_env(rank: int, processes: int, port: int) -> dict[str, str]:
-    """What torchrun gives process ``rank`` of a one-machine group."""
+def rank_env(rank: int, processes: int, local: int, machines: int, port: int) -> dict[str, str]:
+    """What torchrun gives process ``rank`` of a group of ``local`` processes on each machine."""
     return {
         "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
+        "LOCAL_RANK": str(rank % local),
         "WORLD_SIZE": str(processes),
-        "LOCAL_WORLD_SIZE": str(processes),
-        "GROUP_RANK": "0",
-        "GROUP_WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": str(local),
+        "GROUP_RANK": str(rank // local),
+        "GROUP_WORLD_SIZE": str(machines),
         "ROLE_NAME": "default",
         "ROLE_RANK": str(rank),
         "ROLE_WORLD_SIZE": str(processes),

@@ -4,7 +4,6 @@ and resume exactly, and what FSDP does not run is refused with one message."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from tests.e2e import (
     trained_weights,
     write_config,
 )
-from tests.group import FSDP, launch_group, run_forked
+from tests.group import FSDP, Outcome, launch_group, run_forked
 from tests.test_multiprocess import relative_difference
 from training.distributed import FsdpOptions, check_engine
 from training.session import uses_channels_last
@@ -31,7 +30,7 @@ from training.session import uses_channels_last
 PROMPTS = {"seed": 5, "cfgs": [3], "num_inference_steps": 2, "samples": [{"prompt": "a cat"}]}
 
 
-def launched(script: Path, *args: str) -> subprocess.CompletedProcess:
+def launched(script: Path, *args: str) -> Outcome:
     """``script`` in two processes, launched with the shipped FSDP2 config."""
     result = launch_group(script, 2, *args, flags=FSDP)
     assert result.returncode == 0, result.stderr[-4000:]

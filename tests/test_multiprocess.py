@@ -28,13 +28,13 @@ from tests.e2e import (
     trained_weights,
     write_config,
 )
-from tests.group import FSDP, launch_group
+from tests.group import FSDP, Outcome, launch_group
 from training.distributed import check_process_group
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-def launch(config: Path, processes: int) -> subprocess.CompletedProcess:
+def launch(config: Path, processes: int) -> Outcome:
     return launch_group(REPO / "train.py", processes, "--config", str(config))
 
 
@@ -196,34 +196,22 @@ def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_p
 
 
 def machine_launch(config: Path, rank: int, port: int) -> list[str]:
-    """One of two machines' launch commands (both on this one, as localhost)."""
+    """One of two machines' ``accelerate launch`` commands without ``--multi_gpu`` (both on
+    this one, as localhost)."""
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "2",
-        "--num_processes",
-        "2",
-        "--machine_rank",
-        str(rank),
-        "--main_process_ip",
-        "127.0.0.1",
-        "--main_process_port",
-        str(port),
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank)),
+        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(port)),
+        *("--mixed_precision", "no", "--dynamo_backend", "no"),
         str(REPO / "train.py"),
-        "--config",
-        str(config),
+        *("--config", str(config)),
     ]
 
 
 def test_two_machines_train_a_lora_as_one_group_of_the_whole_batch(tmp_path):
-    """Two launch commands on localhost (machine ranks 0 and 1) form one group of 2 processes,
+    """Two machines' launches on localhost (machine ranks 0 and 1) form one group of 2 processes,
     whose LoRA adapters are one process's with twice the batch, to float rounding (the
     adapters' gradients are all-reduced as weights' are). Both runs share a latent cache on
     disk: the two processes encode it together, the lone one finds every entry."""
@@ -231,19 +219,9 @@ def test_two_machines_train_a_lora_as_one_group_of_the_whole_batch(tmp_path):
     keys["latent_cache_dir"] = str(tmp_path / "cache")
     two = write_config(tmp_path / "two", ADAMW, batch_size=1, **keys)
     one = write_config(tmp_path / "one", ADAMW, batch_size=2, **keys)
-    port = free_port()
-    machines = [
-        subprocess.Popen(
-            machine_launch(two, rank, port),
-            cwd=REPO,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [machine.communicate(timeout=600)[1] for machine in machines]
-    assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    result = launch_group(REPO / "train.py", 2, "--config", str(two), machines=2)
+    outputs = result.stderrs
+    assert result.returncode == 0, outputs[0][-3000:] + outputs[1][-3000:]
     assert "1 per process x 2 process(es)" in outputs[0]
     assert len(run_folders(tmp_path / "two")) == 1  # one group, one run folder
     pattern = r"(\d+) entries, 0 found, \1 encoded \((\d+) here"
@@ -275,10 +253,16 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_machines_launched_without_multi_gpu_are_refused(tmp_path):
-    """Without --multi_gpu each command would start a lone run over the whole dataset."""
+    """Without --multi_gpu each command would start a lone run over the whole dataset. (The
+    launcher itself, for real: `accelerate launch` in a fresh interpreter.)"""
     config = write_config(tmp_path, ADAMW, max_epochs=1)
-    flags = ("--num_machines", "2", "--machine_rank", "0", "--main_process_ip", "127.0.0.1")
-    result = launch_group(REPO / "train.py", 2, "--config", str(config), flags=flags)
+    result = subprocess.run(
+        machine_launch(config, 0, free_port()),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "did not form a process group" in result.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
