@@ -5,7 +5,7 @@ The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml), one tes
 a time. Each worker, and every process a test starts, gets an equal share of the CPU's cores as
 its torch threads: two workers of two OpenMP threads each on a 2-core machine stall each other.
 
-The tests write checkpoints (4 GB for the full-size single-file test, 7.5 GB in all): on a
+The tests write checkpoints (2 GB for the full-size single-file test, 6 GB in all): on a
 machine with a RAM disk (``/dev/shm`` with room to spare) their temporary folders live there,
 about seven times faster to write than this machine's disk. A passing test's folder is removed
 when it ends (``tmp_path_retention_policy = "failed"`` in pyproject.toml), so the RAM disk holds

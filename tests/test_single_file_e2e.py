@@ -13,6 +13,9 @@ from safetensors import safe_open
 
 from config.errors import UserError
 from models import load_models
+from models.builtin import build_builtin
+from models.bundle import ModelBundle
+from models.pipeline_folder import pipeline_of
 from models.single_file import write_single_file
 from tests.e2e import (
     ADAMW,
@@ -24,7 +27,6 @@ from tests.e2e import (
     write_config,
 )
 from training.checkpointing.find_last import find_last_checkpoint
-from training.checkpointing.writer import SaveOptions, save_checkpoint
 
 
 def single_files(folder: Path) -> list[str]:
@@ -155,18 +157,54 @@ def test_findlast_picks_by_time_then_step(tmp_path: Path) -> None:
 # --- the real SD1.5 layout, full size --------------------------------------------------------
 
 
+def full_size(name: str) -> ModelBundle:
+    """Built-in model ``name`` at full size in fp16, each weight a run of a pool of random values
+    from a random start: build_builtin's modules, names and shapes in seconds, without drawing a
+    billion values for the kaiming initialization or holding fp32 copies (this machine pays
+    seconds for each GB of memory it first touches)."""
+    with torch.device("meta"):
+        bundle = build_builtin(name)
+    bundle.noise_scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    pool = (torch.rand(2**22, generator=generator) * 0.2 - 0.1).half()
+    for model in (bundle.unet, bundle.vae, bundle.text_encoder):
+        model.to(torch.float16).to_empty(device="cpu")
+        for tensor in model.state_dict().values():  # shares the parameters' and buffers' storage
+            flat, done = tensor.view(-1), 0
+            start = int(torch.randint(len(pool), (1,), generator=generator))
+            while done < len(flat):
+                piece = pool[start : start + len(flat) - done]
+                flat[done : done + len(piece)] = piece
+                done, start = done + len(piece), 0
+    return bundle
+
+
+def config_folder(bundle: ModelBundle, folder: Path) -> Path:
+    """The diffusers folder of ``bundle`` without its weights: what ``from_single_file`` reads
+    as ``config``."""
+    pipeline = pipeline_of(bundle, bundle.noise_scheduler)
+    pipeline.save_config(folder)
+    for name in ("unet", "vae", "scheduler"):
+        getattr(pipeline, name).save_config(folder / name)
+    bundle.text_encoder.config.save_pretrained(folder / "text_encoder")
+    bundle.tokenizer.save_pretrained(folder / "tokenizer")
+    return folder
+
+
 @pytest.mark.slow
 def test_sd15_random_single_file_loads_in_diffusers_and_alone_as_resume_ckpt(
     capsys, tmp_path: Path
 ) -> None:
-    bundle = load_models("sd15-random")
-    folder = save_checkpoint(tmp_path / "ck", bundle, None, SaveOptions(single_file=True))
-    file = tmp_path / "ck.safetensors"
+    bundle = full_size("sd15-random")
+    file = write_single_file(tmp_path / "ck.safetensors", bundle, full_precision=False)
     from_file = StableDiffusionPipeline.from_single_file(
-        str(file), config=str(folder), local_files_only=True
+        str(file),
+        config=str(config_folder(bundle, tmp_path / "ck")),
+        local_files_only=True,
+        torch_dtype=torch.float16,
     )
-    for component in ("unet", "vae", "text_encoder"):  # the folder's weights: fp16 of these
-        assert_same_weights(getattr(bundle, component), getattr(from_file, component), fp16=True)
+    for component in ("unet", "vae", "text_encoder"):
+        assert_same_weights(getattr(bundle, component), getattr(from_file, component))
     del from_file, bundle
     lone = tmp_path / "downloads" / "v1-5-like.safetensors"  # no folder, no .yaml beside it
     lone.parent.mkdir()
