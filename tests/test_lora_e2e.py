@@ -1,6 +1,6 @@
 """LoRA runs end to end: train.py trains adapters, writes files diffusers loads, resumes exactly.
 
-One straight run per model (4 epochs, a resumable checkpoint after 2, EMA on) and one run
+One straight run per model (2 epochs, a resumable checkpoint after 1, EMA on) and one run
 resumed from that checkpoint are shared by the tests that only read them.
 """
 
@@ -35,8 +35,8 @@ LORA = {"lora_rank": 4, "lora_alpha": 2.0}
 LOCON = {**LORA, "lora_conv_rank": 2, "lora_conv_alpha": 1.0}
 MODELS = {"tiny-sd15": LOCON, "tiny-sd21": LORA}
 RUN = {
-    "max_epochs": 4,
-    "save_every_n_epochs": 2,
+    "max_epochs": 2,
+    "save_every_n_epochs": 1,
     "save_optimizer": True,
     "grad_accum": 2,
     "ema_decay_rate": 0.9,
@@ -181,7 +181,7 @@ def test_resuming_a_lora_checkpoint_without_lora_rank_is_an_error(runs, tmp_path
 
 def test_findlast_finds_a_lora_checkpoint(runs, tmp_path):
     model, straight, _ = runs
-    keys = {**RUN, **MODELS[model], "max_epochs": 5, "logdir": str(straight / "logs")}
+    keys = {**RUN, **MODELS[model], "max_epochs": 3, "logdir": str(straight / "logs")}
     config = write_config(tmp_path, COSINE, resume_ckpt="findlast", **keys)
     assert run(config, "--dry_run") == 0
 

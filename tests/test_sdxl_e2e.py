@@ -1,7 +1,7 @@
 """SDXL end to end: train.py trains ``tiny-sdxl`` (full and LoRA), resumes exactly, writes what
 diffusers loads, and trains on from an SDXL single file in the public layout.
 
-One straight full run (4 epochs, a resumable checkpoint after 2, EMA, validation, samples and
+One straight full run (2 epochs, a resumable checkpoint after 1, EMA, validation, samples and
 the schedule on, the second encoder with its own LR) and its resumed run are shared by the
 tests that only read them.
 """
@@ -31,8 +31,8 @@ COSINE = {
 }
 RUN = {
     "resume_ckpt": "tiny-sdxl",
-    "max_epochs": 4,
-    "save_every_n_epochs": 2,
+    "max_epochs": 2,
+    "save_every_n_epochs": 1,
     "save_optimizer": True,
     "grad_accum": 2,
     "ema_decay_rate": 0.9,
@@ -72,12 +72,12 @@ def state_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory) -> tuple[Path, Path]:
-    """The straight run's folder and the run resumed from its epoch-2 checkpoint."""
+    """The straight run's folder and the run resumed from its epoch-1 checkpoint."""
     root = tmp_path_factory.mktemp("sdxl")
     keys = {**RUN, "validation_config": _validation(root), "sample_prompts": _prompts(root)}
     straight = write_config(root / "straight", COSINE, **keys)
     assert run(straight) == 0
-    middle = next(p for p in checkpoints(root / "straight", "myproj-") if "ep02" in p.name)
+    middle = next(p for p in checkpoints(root / "straight", "myproj-") if "ep01" in p.name)
     resumed = write_config(root / "resumed", COSINE, **{**keys, "resume_ckpt": str(middle)})
     assert run(resumed) == 0
     return root / "straight", root / "resumed"

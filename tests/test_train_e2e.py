@@ -31,7 +31,7 @@ def test_loss_is_finite_and_decreases(tmp_path, model):
         tmp_path,
         optimizer,
         resume_ckpt=model,
-        max_epochs=6,
+        max_epochs=3,
         log_step=7,
         cond_dropout=0.0,
         flip_p=0.0,
@@ -39,7 +39,7 @@ def test_loss_is_finite_and_decreases(tmp_path, model):
     assert run(config) == 0
     (folder,) = run_folders(tmp_path)
     losses = scalars(folder, "loss/train")  # one average per epoch
-    assert len(losses) == 6
+    assert len(losses) == 3
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
 
@@ -146,9 +146,9 @@ def test_two_n_steps_equal_n_plus_resume_plus_n(tmp_path):
     """Exact resume at an epoch boundary, with accumulation and a warm-up/cosine schedule."""
     optimizer = {"base": {"optimizer": "adamw8bit", "lr": 1e-4, "lr_scheduler": "cosine"}}
     keys = {
-        "max_epochs": 4,
+        "max_epochs": 2,
         "grad_accum": 2,
-        "save_every_n_epochs": 2,
+        "save_every_n_epochs": 1,
         "save_optimizer": True,
         "shuffle_tags": True,
         "zero_frequency_noise_ratio": 0.1,
@@ -156,7 +156,7 @@ def test_two_n_steps_equal_n_plus_resume_plus_n(tmp_path):
     straight = write_config(tmp_path / "straight", optimizer, **keys)
     assert run(straight) == 0
     (middle,) = checkpoints(tmp_path / "straight", "myproj-")
-    assert "ep02" in middle.name
+    assert "ep01" in middle.name
     resumed = write_config(tmp_path / "resumed", optimizer, **keys, resume_ckpt=str(middle))
     assert run(resumed) == 0
     (full,) = checkpoints(tmp_path / "straight", "last-")
