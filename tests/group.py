@@ -28,7 +28,11 @@ from pathlib import Path
 from tests.e2e import REPO, free_port
 
 # What every launched process imports before its first line: imported once in the forkserver.
-PRELOAD = ["torch", "accelerate", "diffusers", "transformers", "train", "training.session"]
+PRELOAD = [
+    *("torch", "accelerate", "diffusers", "transformers", "train", "training.session"),
+    *("torch.utils.tensorboard", "diffusers.optimization", "diffusers.guiders"),
+    "tests.warm",
+]
 # The flags of a DDP launch, and of a launch with the shipped FSDP2 config.
 DDP = ("--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no")
 FSDP = ("--config_file", str(REPO / "examples" / "accelerate_fsdp2.yaml"))
