@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from data import Batch
+from optimizer.build import ModelTraining
 from optimizer.fused import FusedBackward
 from training.checkpointing.checkpointer import Checkpointer, Resumables, ResumePoint
 from training.checkpointing.state import TrainingState
@@ -287,7 +288,7 @@ class Trainer:
         norms: dict[str, float] = {}
         for training in self.run.trainings:
             self.scaler.unscale_(training.optimizer)
-            norm = self._clip(training.parameters, measure)
+            norm = self._clip(training, measure)
             if norm is not None:
                 norms[training.model_name] = norm
         for training in self.run.trainings:
@@ -295,11 +296,13 @@ class Trainer:
         self.scaler.update()
         return norms
 
-    def _clip(self, parameters: list[torch.nn.Parameter], measure: bool) -> float | None:
-        with_grad = [p for p in parameters if p.grad is not None]
+    def _clip(self, training: ModelTraining, measure: bool) -> float | None:
+        limit = self.state.settings.clip_grad_norm
+        if limit is None and not measure:
+            return None
+        with_grad = [p for p in training.parameters if p.grad is not None]
         if not with_grad:  # a fused backward pass stepped and freed them already
             return None
-        limit = self.state.settings.clip_grad_norm
         if limit is not None:
             norm = torch.nn.utils.clip_grad_norm_(with_grad, limit)
             return float(norm) if measure else None
