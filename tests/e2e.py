@@ -50,6 +50,17 @@ def write_config(folder: Path, optimizer: dict[str, Any] | None = None, **train_
     return path
 
 
+def manual_validation(folder: Path) -> str:
+    """A validation.json in ``folder`` that validates on the bundled images, batch 2."""
+    path = folder / "validation.json"
+    path.write_text(
+        json.dumps(
+            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(EXAMPLE_DATA)}
+        )
+    )
+    return str(path)
+
+
 def run(config: Path, *flags: str) -> int:
     """train.py in this process."""
     return train.main(["--config", str(config), *flags])

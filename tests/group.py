@@ -37,6 +37,7 @@ PRELOAD = [
 DDP = ("--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no")
 FSDP = ("--config_file", str(REPO / "examples" / "accelerate_fsdp2.yaml"))
 _CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 @dataclass
@@ -48,9 +49,6 @@ class Outcome:
     stdout: str
     stderr: str
     stderrs: list[str]
-
-
-_CONTEXT.set_forkserver_preload(PRELOAD)
 
 
 def launch_group(

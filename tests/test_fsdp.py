@@ -13,9 +13,9 @@ from config.errors import UserError
 from models import load_models
 from tests.e2e import (
     ADAMW,
-    EXAMPLE_DATA,
     REPO,
     checkpoints,
+    manual_validation,
     run,
     run_folders,
     scalars,
@@ -49,19 +49,13 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
     reduce-scatter's sums); the checkpoints are whole (folder and single file) and resume
     exactly on two FSDP processes, and on one process to float rounding."""
     (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
-    validation = tmp_path / "validation.json"
-    validation.write_text(
-        json.dumps(
-            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(EXAMPLE_DATA)}
-        )
-    )
     keys = {
         "max_epochs": 2,
         "grad_accum": 2,
         "save_full_precision": True,
         "save_every_n_epochs": 1,
         "save_optimizer": True,
-        "validation_config": str(validation),
+        "validation_config": manual_validation(tmp_path),
         "sample_prompts": str(tmp_path / "prompts.json"),
         "sample_steps": 3,
     }

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -18,10 +17,10 @@ from models import load_models
 from models.text_keys import standard_text_encoder_state_dict
 from tests.e2e import (
     ADAMW,
-    EXAMPLE_DATA,
     REPO,
     checkpoints,
     free_port,
+    manual_validation,
     run,
     run_folders,
     scalars,
@@ -62,12 +61,6 @@ def ema_of(checkpoint: Path) -> Path:
 def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
     """Training, resume and validation: 2 processes of batch B are 1 process of batch 2B, and
     a checkpoint of either resumes on the other (the same global batch)."""
-    validation = tmp_path / "validation.json"
-    validation.write_text(
-        json.dumps(
-            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(EXAMPLE_DATA)}
-        )
-    )
     keys = {
         "max_epochs": 2,
         "save_full_precision": True,
@@ -75,7 +68,7 @@ def test_two_processes_of_batch_b_train_like_one_of_batch_2b(tmp_path):
         "save_optimizer": True,
         "grad_accum": 2,
         "embedding_perturbation": 0.1,
-        "validation_config": str(validation),
+        "validation_config": manual_validation(tmp_path),
         "ema_decay_rate": 0.9,
         "ema_update_interval": 1,
     }
