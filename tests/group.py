@@ -7,9 +7,9 @@ imports them once per test worker, and each test forks its processes from it: ``
 ``accelerate launch``, whose processes get what a real launch gives them: accelerate's own
 parser and checks turn the same flags (``--multi_gpu``, ``--config_file``, ``--use_fsdp``) into
 accelerate's variables (``--machine_rank`` too: several machines run as localhost), and each
-rank gets torchrun's. Real launches and real interpreters stay where they are the subject:
-``accelerate launch`` refusing machines launched without ``--multi_gpu``, a dry run's clean
-standard output from the first import on, and ``--help`` without the heavy imports.
+rank gets torchrun's; ``launch_alone`` is a launch that accelerate gives its simple launcher.
+Real interpreters stay where they are the subject: a dry run's clean standard output from the
+first import on, and ``--help`` without the heavy imports.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import traceback
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from tests.e2e import REPO, free_port
 
@@ -76,6 +78,16 @@ def launch_group(
         for rank in range(machine * local, (machine + 1) * local):
             envs.append(launched | rank_env(rank, processes, local, machines, port))
     return run_processes(script, args, envs)
+
+
+def launch_alone(script: Path, *args: str, flags: tuple[str, ...]) -> Outcome:
+    """``accelerate launch <flags> script args`` where accelerate runs its simple launcher
+    (one process, no ``--multi_gpu``): forked from the preloaded server with the variables
+    that launcher gives it."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    _, env = prepare_simple_launcher_cmd_env(_validated(list(flags), script, args))
+    return run_processes(script, args, [_strings(env)])
 
 
 def run_forked(config: Path, *flags: str) -> Outcome:
@@ -158,6 +170,7 @@ def _process_main(script: str, args: list[str], env: dict[str, str], output: str
         os.close(descriptor)
     os.environ.clear()
     os.environ.update(env)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     os.chdir(REPO)
     sys.argv = [script, *args]
     sys.path.insert(0, str(REPO))

@@ -60,12 +60,12 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
         "sample_steps": 3,
     }
     train_py = REPO / "train.py"
-    sharded = write_config(tmp_path / "fsdp", ADAMW, batch_size=2, **keys)
+    sharded = write_config(tmp_path / "fsdp", ADAMW, batch_size=3, **keys)
     log = launched(train_py, "--config", str(sharded)).stderr
     assert "FSDP: unet sharded in 13 units over 2 processes" in log
     assert "FSDP: the forecast is of one unsharded process; each of the 2 processes" in log
     assert "FSDP: text_encoder sharded" in log
-    assert run(write_config(tmp_path / "one", ADAMW, batch_size=4, **keys)) == 0
+    assert run(write_config(tmp_path / "one", ADAMW, batch_size=6, **keys)) == 0
 
     (fsdp_folder,) = run_folders(tmp_path / "fsdp")
     (one_folder,) = run_folders(tmp_path / "one")
@@ -83,13 +83,13 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
 
     middle = own(tmp_path / "fsdp", "myproj-ep01")
     resumed = write_config(
-        tmp_path / "resumed", ADAMW, batch_size=2, **keys, resume_ckpt=str(middle)
+        tmp_path / "resumed", ADAMW, batch_size=3, **keys, resume_ckpt=str(middle)
     )
     launched(train_py, "--config", str(resumed))
     again = trained_weights(own(tmp_path / "resumed", "last-"))
     assert all(torch.equal(weights[k], again[k]) for k in weights)
 
-    alone = write_config(tmp_path / "alone", ADAMW, batch_size=4, **keys, resume_ckpt=str(middle))
+    alone = write_config(tmp_path / "alone", ADAMW, batch_size=6, **keys, resume_ckpt=str(middle))
     assert run(alone) == 0
     assert relative_difference(trained_weights(own(tmp_path / "alone", "last-")), weights) < 0.02
 

@@ -1,11 +1,9 @@
-"""Several processes (gloo on the CPU): same training, same resume. The launcher's own tests run
-`accelerate launch` for real; the others fork their group from `tests.group`."""
+"""Several processes (gloo on the CPU): same training, same resume. Each test forks its group
+from `tests.group`, with the variables `accelerate launch` gives it."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ from tests.e2e import (
     trained_weights,
     write_config,
 )
-from tests.group import FSDP, Outcome, launch_group
+from tests.group import FSDP, Outcome, launch_alone, launch_group
 from training.distributed import check_process_group
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -188,21 +186,6 @@ def test_a_nonfinite_loss_in_one_process_skips_the_window_in_every_process(tmp_p
     assert digests["0"] == digests["1"], "the processes' weights drifted apart"
 
 
-def machine_launch(config: Path, rank: int, port: int) -> list[str]:
-    """One of two machines' ``accelerate launch`` commands without ``--multi_gpu`` (both on
-    this one, as localhost)."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank)),
-        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(port)),
-        *("--mixed_precision", "no", "--dynamo_backend", "no"),
-        str(REPO / "train.py"),
-        *("--config", str(config)),
-    ]
-
-
 def test_two_machines_train_a_lora_as_one_group_of_the_whole_batch(tmp_path):
     """Two machines' launches on localhost (machine ranks 0 and 1) form one group of 2 processes,
     whose LoRA adapters are one process's with twice the batch, to float rounding (the
@@ -246,16 +229,15 @@ def lora_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_machines_launched_without_multi_gpu_are_refused(tmp_path):
-    """Without --multi_gpu each command would start a lone run over the whole dataset. (The
-    launcher itself, for real: `accelerate launch` in a fresh interpreter.)"""
+    """Without --multi_gpu each machine's command would start a lone run over the whole
+    dataset: machine 0 of two, as accelerate's simple launcher runs it, is refused."""
     config = write_config(tmp_path, ADAMW, max_epochs=1)
-    result = subprocess.run(
-        machine_launch(config, 0, free_port()),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    flags = (
+        *("--num_machines", "2", "--num_processes", "2", "--machine_rank", "0"),
+        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())),
+        *("--mixed_precision", "no", "--dynamo_backend", "no"),
     )
+    result = launch_alone(REPO / "train.py", "--config", str(config), flags=flags)
     assert result.returncode != 0
     assert "did not form a process group" in result.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
@@ -297,7 +279,7 @@ SDXL_KEYS = {"resume_ckpt": "tiny-sdxl", "max_epochs": 1}
 def sdxl_one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
     """SDXL trained by one process of batch 2: what 2 processes of batch 1 must match."""
     folder = tmp_path_factory.mktemp("sdxl_one")
-    assert run(write_config(folder, ADAMW, batch_size=2, **SDXL_KEYS)) == 0
+    assert run(write_config(folder, ADAMW, batch_size=4, **SDXL_KEYS)) == 0
     return sdxl_state(own(folder, "last-"))
 
 
@@ -307,7 +289,7 @@ def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine
     gradient in every step: the first encoder's unused final layer and norm are frozen) or
     sharded by FSDP2: 2 processes of batch 1 train as one process of batch 2, to float
     rounding, and save both encoders whole."""
-    two = write_config(tmp_path / "two", ADAMW, batch_size=1, **SDXL_KEYS)
+    two = write_config(tmp_path / "two", ADAMW, batch_size=2, **SDXL_KEYS)
     if engine == "ddp":
         result = launch(two, 2)
     else:

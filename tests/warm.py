@@ -1,7 +1,11 @@
 """Imported by `tests.group`'s forkserver only: one step's work on ``tiny-sd15`` before any
 process forks, so each forked process starts with torch's and diffusers' first-call costs paid
 (kernel and dispatch set-up, the memory forecast's fake tensors). It makes no process group, no
-accelerate state, no threads and no log handlers."""
+accelerate state, no threads and no log handlers.
+
+It runs on one torch thread: a process forked from one whose OpenMP (libgomp) ran a team of
+threads hangs at its first parallel operation. Each forked process sets its own count
+(`tests.group`)."""
 
 from __future__ import annotations
 
@@ -22,4 +26,5 @@ def _warm() -> None:
     torch.optim.AdamW(bundle.unet.parameters()).step()
 
 
+torch.set_num_threads(1)
 _warm()
