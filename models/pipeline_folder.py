@@ -10,8 +10,10 @@ weights are fp16 unless full precision; the text encoders' files use the standar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from models.bundle import SDXL, ModelBundle
-from models.copies import empty_copy
+from models.copies import converted_copy
 from models.text_keys import standardize_text_encoder_file
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -33,15 +35,15 @@ def write_pipeline_folder(folder: Path, bundle: ModelBundle, full_precision: boo
     checkpoint is the caller's business.
     """
     dtype = torch.float32 if full_precision else torch.float16
-    pipeline = _pipeline(bundle, dtype)
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    for name in TEXT_ENCODERS:
-        text_encoder = getattr(pipeline, name, None)
-        if text_encoder is None:
-            continue
-        standardize_text_encoder_file(text_encoder, Path(folder) / name)
-        if dtype != torch.float32:
-            _default_load_dtype_float32(Path(folder) / name / "config.json")
+    with _pipeline(bundle, dtype) as pipeline:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+        for name in TEXT_ENCODERS:
+            text_encoder = getattr(pipeline, name, None)
+            if text_encoder is None:
+                continue
+            standardize_text_encoder_file(text_encoder, Path(folder) / name)
+            if dtype != torch.float32:
+                _default_load_dtype_float32(Path(folder) / name / "config.json")
 
 
 def pipeline_of(bundle: ModelBundle, scheduler: Any) -> DiffusionPipeline:
@@ -67,19 +69,24 @@ def pipeline_of(bundle: ModelBundle, scheduler: Any) -> DiffusionPipeline:
     )
 
 
-def _pipeline(bundle: ModelBundle, dtype: torch.dtype) -> DiffusionPipeline:
-    """The family's pipeline of the bundle's models in ``dtype`` (copies where they differ)."""
-    te2 = bundle.text_encoder_2
-    in_dtype = dataclasses.replace(
-        bundle,
-        vae=_in_dtype(bundle.vae, dtype),
-        text_encoder=_in_dtype(bundle.text_encoder, dtype),
-        unet=_in_dtype(bundle.unet, dtype),
-        text_encoder_2=None if te2 is None else _in_dtype(te2, dtype),
-    )
-    # A copy: the pipeline's constructor may rewrite an old-style scheduler config in place.
-    scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
-    return pipeline_of(in_dtype, scheduler)
+@contextlib.contextmanager
+def _pipeline(bundle: ModelBundle, dtype: torch.dtype) -> Iterator[DiffusionPipeline]:
+    """The family's pipeline of the bundle's models in ``dtype`` (copies where they differ),
+    for the ``with`` block."""
+    with contextlib.ExitStack() as copies:
+        in_dtype = {
+            name: _in_dtype(model, dtype, copies)
+            for name, model in (
+                ("vae", bundle.vae),
+                ("text_encoder", bundle.text_encoder),
+                ("unet", bundle.unet),
+                ("text_encoder_2", bundle.text_encoder_2),
+            )
+            if model is not None
+        }
+        # A copy: the pipeline's constructor may rewrite an old-style scheduler config in place.
+        scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
+        yield pipeline_of(dataclasses.replace(bundle, **in_dtype), scheduler)
 
 
 def _default_load_dtype_float32(config_file: Path) -> None:
@@ -97,18 +104,11 @@ def _floating_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
     return {t.dtype for t in model.state_dict().values() if t.is_floating_point()}
 
 
-def _in_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """``model`` itself when already all ``dtype``, else a CPU copy in ``dtype``.
-
-    The copy is built on the meta device and takes CPU tensors converted one by one, so no
-    second full-precision copy and no device memory are needed.
-    """
+def _in_dtype(
+    model: torch.nn.Module, dtype: torch.dtype, copies: contextlib.ExitStack
+) -> torch.nn.Module:
+    """``model`` itself when already all ``dtype``, else a CPU copy in ``dtype`` that lives
+    until ``copies`` closes (`models.copies.converted_copy`)."""
     if _floating_dtypes(model) <= {dtype}:
         return model
-    clone = empty_copy(model)
-    weights = {
-        name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype)
-        for name, tensor in model.state_dict().items()
-    }
-    clone.load_state_dict(weights, strict=True, assign=True)
-    return clone.eval()
+    return copies.enter_context(converted_copy(model, dtype))

@@ -19,10 +19,12 @@ from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
+import models.copies as copies
 import storage.atomic as atomic
 import training.checkpointing.writer as checkpoint
 from config.errors import UserError
 from models import ModelBundle, load_models
+from tests.e2e import assert_same_weights
 from training.checkpointing.state import (
     STATE_DIR,
     TrainingState,
@@ -191,6 +193,22 @@ def test_pipeline_folder_loads_and_makes_an_image(request, tmp_path, model, full
             value = getattr(loaded, name).state_dict()[key]
             assert value.dtype == torch.float32
             assert torch.equal(value, original.to(dtype).float()), f"{name}.{key}"
+
+
+def test_fp16_writes_of_two_models_of_one_configuration_hold_each_ones_weights(tmp_path):
+    """The fp16 copies' empty modules are reused from write to write; their tensors are not:
+    each file holds its own model's weights, and no copy keeps tensors after its write."""
+    first, second = load_models("tiny-sd15"), load_models("tiny-sd15")
+    with torch.no_grad():
+        for p in second.unet.parameters():
+            p.add_(1.0)
+    for index, bundle in enumerate((first, second, first)):
+        path = save_checkpoint(tmp_path / str(index), bundle, None)
+        loaded = load_models(str(path))
+        for name in COMPONENTS:
+            assert_same_weights(getattr(bundle, name), getattr(loaded, name), fp16=True)
+    for spare in copies._SPARES.values():
+        assert all(t.is_meta for t in spare.state_dict().values())
 
 
 def test_saving_leaves_the_models_as_they_were(sd15, tmp_path):
