@@ -74,16 +74,8 @@ def _pipeline(bundle: ModelBundle, dtype: torch.dtype) -> Iterator[DiffusionPipe
     """The family's pipeline of the bundle's models in ``dtype`` (copies where they differ),
     for the ``with`` block."""
     with contextlib.ExitStack() as copies:
-        in_dtype = {
-            name: _in_dtype(model, dtype, copies)
-            for name, model in (
-                ("vae", bundle.vae),
-                ("text_encoder", bundle.text_encoder),
-                ("unet", bundle.unet),
-                ("text_encoder_2", bundle.text_encoder_2),
-            )
-            if model is not None
-        }
+        models = {"vae": bundle.vae, **bundle.named_models()}
+        in_dtype = {name: _in_dtype(model, dtype, copies) for name, model in models.items()}
         # A copy: the pipeline's constructor may rewrite an old-style scheduler config in place.
         scheduler = type(bundle.noise_scheduler).from_config(bundle.noise_scheduler.config)
         yield pipeline_of(dataclasses.replace(bundle, **in_dtype), scheduler)

@@ -50,12 +50,13 @@ def write_config(folder: Path, optimizer: dict[str, Any] | None = None, **train_
     return path
 
 
-def manual_validation(folder: Path) -> str:
-    """A validation.json in ``folder`` that validates on the bundled images, batch 2."""
+def manual_validation(folder: Path, data_root: Path = EXAMPLE_DATA) -> str:
+    """A validation.json in ``folder`` that validates on ``data_root`` (the bundled images),
+    batch 2."""
     path = folder / "validation.json"
     path.write_text(
         json.dumps(
-            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(EXAMPLE_DATA)}
+            {"val_split_mode": "manual", "batch_size": 2, "manual_data_root": str(data_root)}
         )
     )
     return str(path)

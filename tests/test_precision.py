@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from tests.e2e import (
     EXAMPLE_DATA,
     checkpoints,
+    manual_validation,
     run,
     run_folders,
     scalars,
@@ -68,21 +66,6 @@ KEYS = {
 OPTIMIZER = {"base": {"optimizer": "adamw", "lr": 1e-3}}
 
 
-def striped_validation(folder: Path) -> str:
-    """A validation.json in ``folder`` that validates on the bundled stripes (3 images)."""
-    path = folder / "validation.json"
-    path.write_text(
-        json.dumps(
-            {
-                "val_split_mode": "manual",
-                "batch_size": 2,
-                "manual_data_root": str(EXAMPLE_DATA / "stripes"),
-            }
-        )
-    )
-    return str(path)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mixed_precision", sorted(PATHS))
 def test_every_mixed_precision_path_trains_saves_and_resumes_exactly(tmp_path, mixed_precision):
@@ -90,7 +73,7 @@ def test_every_mixed_precision_path_trains_saves_and_resumes_exactly(tmp_path, m
     fixed: the training loss over a few steps is mostly their chance); a loadable checkpoint;
     2 epochs = 1 + resume + 1, bit for bit."""
     keys = {**KEYS, "mixed_precision": mixed_precision}
-    keys["validation_config"] = striped_validation(tmp_path)
+    keys["validation_config"] = manual_validation(tmp_path, EXAMPLE_DATA / "stripes")
     straight = write_config(tmp_path / "straight", OPTIMIZER, **keys)
     assert run(straight) == 0
     (folder,) = run_folders(tmp_path / "straight")
