@@ -30,7 +30,12 @@ logger = logging.getLogger("train")
 
 
 def quiet_libraries() -> None:
-    """Only warnings from diffusers/transformers, and no progress bars of theirs under ours."""
+    """Only warnings from diffusers/transformers, and no progress bars of theirs under ours.
+
+    bitsandbytes' CPU backend warns at import when it cannot fetch its 4-bit matmul kernel from
+    the hub; the trainer uses no 4-bit kernel, so only its errors are shown.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import diffusers
     import transformers
 
