@@ -127,15 +127,25 @@ def _measure(
     autocast_dtype: torch.dtype | None,
 ) -> Activations:
     mode = FakeTensorMode()
-    tensors = {name: mode.from_tensor(t) for name, t in model.named_parameters()}
-    for name, parameter in model.named_parameters():
-        tensors[name].requires_grad_(parameter.requires_grad)
-    tensors |= {name: mode.from_tensor(t) for name, t in model.named_buffers()}
+    with mode:  # fake tensors of the same shape, strides, dtype and device; no data
+        tensors = {
+            name: _empty_like(t).requires_grad_(t.requires_grad)
+            for name, t in model.named_parameters()
+        }
+        tensors |= {name: _empty_like(t) for name, t in model.named_buffers()}
     plain = _count(model, tensors, inputs, mode, autocast_dtype, checkpoint=False)
     if not checkpointing:
         return Activations(plain.total, 0)
     checkpointed = _count(model, tensors, inputs, mode, autocast_dtype, checkpoint=True)
     return Activations(checkpointed.total, plain.largest_block)
+
+
+def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    """Under a `FakeTensorMode`: about twice as fast as ``mode.from_tensor``, which describes
+    the real tensor's storage and views."""
+    return torch.empty_strided(
+        tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
+    )
 
 
 def _count(
