@@ -50,6 +50,20 @@ def write_config(folder: Path, optimizer: dict[str, Any] | None = None, **train_
     return path
 
 
+# One sample image per sampling point, drawn in two steps: for tests about when and with which
+# weights samples are made (EveryDream2's defaults draw each prompt at three guidance scales
+# in 30 steps each).
+QUICK_PROMPTS = {"seed": 5, "cfgs": [3], "num_inference_steps": 2, "samples": [{"prompt": "a cat"}]}
+
+
+def quick_prompts(folder: Path) -> str:
+    """A sample_prompts.json of `QUICK_PROMPTS` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sample_prompts.json"
+    path.write_text(json.dumps(QUICK_PROMPTS))
+    return str(path)
+
+
 def manual_validation(folder: Path, data_root: Path = EXAMPLE_DATA) -> str:
     """A validation.json in ``folder`` that validates on ``data_root`` (the bundled images),
     batch 2."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from tests.e2e import checkpoints, run, run_folders, trained_weights, write_config
+from tests.e2e import checkpoints, quick_prompts, run, run_folders, trained_weights, write_config
 from training.checkpointing.state import load_training_state
 
 pytestmark = pytest.mark.slow
@@ -27,14 +26,6 @@ KEYS = {
     "save_optimizer": True,
     "sample_steps": 7,
 }
-PROMPTS = {"seed": 5, "cfgs": [3], "num_inference_steps": 2, "samples": [{"prompt": "a cat"}]}
-
-
-def sample_prompts(folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "sample_prompts.json"
-    path.write_text(json.dumps(PROMPTS))
-    return str(path)
 
 
 def ema_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -64,7 +55,7 @@ def straight(tmp_path_factory) -> Path:
         folder,
         ADAMW,
         **KEYS,
-        sample_prompts=sample_prompts(folder),
+        sample_prompts=quick_prompts(folder),
         ema_device="cpu",
         ema_sample_nonema_model=True,
         ema_sample_ema_model=True,
@@ -159,7 +150,7 @@ def started_from_another_model(straight, tmp_path_factory) -> Path:
         ema_resume_model="findlast",
         disable_textenc_training=True,
         no_save_ckpt=True,
-        sample_prompts=sample_prompts(folder),
+        sample_prompts=quick_prompts(folder),
         sample_steps=7,
     )
     assert run(config) == 0

@@ -3,7 +3,6 @@ and resume exactly, and what FSDP does not run is refused with one message."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from tests.e2e import (
     REPO,
     checkpoints,
     manual_validation,
+    quick_prompts,
     run,
     run_folders,
     scalars,
@@ -26,8 +26,6 @@ from tests.group import FSDP, Outcome, launch_group, run_forked
 from tests.test_multiprocess import relative_difference
 from training.distributed import FsdpOptions, check_engine
 from training.session import uses_channels_last
-
-PROMPTS = {"seed": 5, "cfgs": [3], "num_inference_steps": 2, "samples": [{"prompt": "a cat"}]}
 
 
 def launched(script: Path, *args: str) -> Outcome:
@@ -48,7 +46,6 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
     """Two FSDP processes of batch B train as one process of batch 2B (to float rounding: the
     reduce-scatter's sums); the checkpoints are whole (folder and single file) and resume
     exactly on two FSDP processes, and on one process to float rounding."""
-    (tmp_path / "prompts.json").write_text(json.dumps(PROMPTS))
     keys = {
         "max_epochs": 2,
         "grad_accum": 2,
@@ -56,7 +53,7 @@ def test_fsdp_trains_like_ddp_saves_whole_checkpoints_and_resumes_exactly(tmp_pa
         "save_every_n_epochs": 1,
         "save_optimizer": True,
         "validation_config": manual_validation(tmp_path),
-        "sample_prompts": str(tmp_path / "prompts.json"),
+        "sample_prompts": quick_prompts(tmp_path),
         "sample_steps": 3,
     }
     train_py = REPO / "train.py"

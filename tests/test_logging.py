@@ -8,7 +8,7 @@ import re
 import pytest
 from tqdm import tqdm
 
-from tests.e2e import ADAMW, run, run_folders, scalars, write_config
+from tests.e2e import ADAMW, quick_prompts, run, run_folders, scalars, write_config
 from tests.group import run_forked
 from training.components.progress import BAR_FORMAT, WIDTH, postfix_text, rate_text
 
@@ -41,10 +41,13 @@ def test_images_per_second_is_never_shown_as_zero():
 def logged_run(tmp_path_factory):
     """One epoch logging every step, with samples, shared by the tests that read it."""
     folder = tmp_path_factory.mktemp("logged")
-    prompts = folder / "prompts.txt"
-    prompts.write_text("a red circle\n")
     config = write_config(
-        folder, ADAMW, max_epochs=1, log_step=1, sample_prompts=str(prompts), sample_steps=7
+        folder,
+        ADAMW,
+        max_epochs=1,
+        log_step=1,
+        sample_prompts=quick_prompts(folder),
+        sample_steps=7,
     )
     assert run(config) == 0
     (run_folder,) = run_folders(folder)
@@ -99,15 +102,13 @@ def test_wandb_logs_the_same_scalars_and_samples_offline(tmp_path, monkeypatch):
         return real_log(self, data, step=step, **kwargs)
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
     config = write_config(
         tmp_path,
         ADAMW,
         max_epochs=1,
         log_step=1,
         wandb=True,
-        sample_prompts=str(prompts),
+        sample_prompts=quick_prompts(tmp_path),
         sample_steps=7,
     )
     assert run(config) == 0

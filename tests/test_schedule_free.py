@@ -9,7 +9,7 @@ import torch
 
 from models import load_models
 from optimizer.schedule_free import evaluation_weights
-from tests.e2e import checkpoints, run, run_folders, trained_weights, write_config
+from tests.e2e import checkpoints, quick_prompts, run, run_folders, trained_weights, write_config
 from training.checkpointing.state import load_training_state
 
 SCHEDULE_FREE = {"base": {"optimizer": "adamw_schedulefree", "lr": 1e-3}}
@@ -55,14 +55,12 @@ def test_other_optimizers_are_left_alone():
 
 @pytest.mark.slow
 def test_saves_samples_and_validation_use_the_evaluation_weights_and_resume_is_exact(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\n")
     keys = {
         "max_epochs": 2,
         "save_every_n_epochs": 1,
         "save_optimizer": True,
         "save_full_precision": True,
-        "sample_prompts": str(prompts),
+        "sample_prompts": quick_prompts(tmp_path),
         "sample_steps": 5,
     }
     straight = write_config(tmp_path / "straight", SCHEDULE_FREE, **keys)

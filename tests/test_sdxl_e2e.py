@@ -21,7 +21,15 @@ from data.buckets import crop_offset
 from models import load_models
 from models.builtin import build_builtin
 from models.single_file import write_single_file
-from tests.e2e import REPO, assert_same_weights, checkpoints, run, run_folders, write_config
+from tests.e2e import (
+    REPO,
+    assert_same_weights,
+    checkpoints,
+    quick_prompts,
+    run,
+    run_folders,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +56,6 @@ def _validation(folder: Path) -> str:
     return str(path)
 
 
-def _prompts(folder: Path) -> str:
-    path = folder / "prompts.txt"
-    path.write_text("a red circle\n")
-    return str(path)
-
-
 def last(folder: Path) -> Path:
     """The run's own last checkpoint (not the ``_ema`` one beside it)."""
     (found,) = [p for p in checkpoints(folder, "last-") if not p.name.endswith("_ema")]
@@ -74,7 +76,7 @@ def state_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def full_runs(tmp_path_factory) -> tuple[Path, Path]:
     """The straight run's folder and the run resumed from its epoch-1 checkpoint."""
     root = tmp_path_factory.mktemp("sdxl")
-    keys = {**RUN, "validation_config": _validation(root), "sample_prompts": _prompts(root)}
+    keys = {**RUN, "validation_config": _validation(root), "sample_prompts": quick_prompts(root)}
     straight = write_config(root / "straight", COSINE, **keys)
     assert run(straight) == 0
     middle = next(p for p in checkpoints(root / "straight", "myproj-") if "ep01" in p.name)
