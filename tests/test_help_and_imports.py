@@ -110,3 +110,51 @@ def test_importing_the_config_package_loads_no_optimizer() -> None:
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
     )
     assert run_python(code).stdout.strip() == "[]"
+
+
+PACKAGES = ("config", "data", "lora", "models", "optimizer", "plugins", "storage", "training")
+
+
+def _module_imports(path: Path) -> set[str]:
+    """The modules ``path`` imports at module level, in full (``from a.b import c``: a.b, a.b.c)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def _trainer_modules() -> dict[str, Path]:
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def test_no_package_init_imports_a_module_that_imports_the_package_back() -> None:
+    """Such a module could not be imported first: importing it runs the package's
+    ``__init__``, which imports the module half-way through its own first lines."""
+    modules = _trainer_modules()
+    imports = {name: _module_imports(path) & modules.keys() for name, path in modules.items()}
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for name in imports[todo.pop()] - seen:
+                seen.add(name)
+                todo.append(name)
+        return seen
+
+    circles = [
+        f"{package} imports {outside}, which imports {package} back"
+        for package, path in modules.items()
+        if path.name == "__init__.py"
+        for outside in imports[package]
+        if not outside.startswith(package + ".")
+        and any(name == package or name.startswith(package + ".") for name in reaches(outside))
+    ]
+    assert circles == []

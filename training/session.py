@@ -15,7 +15,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config.errors import UserError
 from training.checkpointing.names import checkpoint_dir
-from training.components import Component, build_components
+from training.components import Component
+from training.components.build import build_components
 from training.disk_cache import latent_cache_for
 from training.environment import Environment
 from training.fsdp import Sharding
