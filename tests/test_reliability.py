@@ -20,6 +20,7 @@ from tests.e2e import (
     write_config,
 )
 from tests.group import run_forked
+from training.checkpointing import periodic
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +41,27 @@ def same_weights(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+class MinuteClock:
+    """``time`` for the periodic checkpoints: each reading of ``monotonic`` a minute later."""
+
+    def __init__(self) -> None:
+        self.readings = 0
+
+    def monotonic(self) -> float:
+        self.readings += 1
+        return 60.0 * self.readings
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
-    """A 2-epoch run with a resumable checkpoint at every optimizer step (shared, read-only)."""
+    """A 2-epoch run with a resumable time checkpoint at the end of its first epoch (shared,
+    read-only). The clock is read at the start and after each optimizer step (and twice at a
+    checkpoint), so every 7 minutes is due at the 7th step, the first epoch's last."""
     folder = tmp_path_factory.mktemp("straight")
-    config = write_config(folder, ADAMW, ckpt_every_n_minutes=1e-9, save_optimizer=True)
-    assert run(config) == 0
+    config = write_config(folder, ADAMW, ckpt_every_n_minutes=7, save_optimizer=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(periodic, "time", MinuteClock())
+        assert run(config) == 0
     return folder
 
 
