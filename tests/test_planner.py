@@ -67,6 +67,21 @@ def test_activations_grow_with_the_batch_and_shrink_with_checkpointing(bundle):
     assert "text_encoder" not in frozen_text
 
 
+def test_the_forecast_runs_on_the_training_device_wherever_the_weights_are(bundle):
+    """The meta device stands in for CUDA: the fake weights and inputs are made on the device
+    the step runs on (weights on CUDA with inputs on the CPU failed there), and that device's
+    kernels decide what is saved (its attention keeps more than the CPU's here)."""
+    away = load_models("tiny-sd15")
+    away.unet.to("meta")
+    away.text_encoder.to("meta")
+    on_meta = step_activations(away.unet, (away.text_encoder,), 1, (64, 64), True, None)
+    meta = torch.device("meta")
+    for_meta = step_activations(bundle.unet, (bundle.text_encoder,), 1, (64, 64), True, None, meta)
+    on_cpu = step_activations(bundle.unet, (bundle.text_encoder,), 1, (64, 64), True, None)
+    assert on_meta == for_meta != on_cpu
+    assert for_meta["unet"].recompute_bytes > on_cpu["unet"].recompute_bytes > 0
+
+
 def settings(**changes) -> Settings:
     given = {
         "text_encoder_offload": False,
@@ -83,6 +98,7 @@ def setting(bundle, **changes) -> Setting:
     given = {
         "models": bundle,
         "bucket": (64, 64),
+        "device": torch.device("cpu"),
         "autocast_dtype": None,
         "slice_p": {},
         "ema_bytes": 0,

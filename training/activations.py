@@ -86,13 +86,18 @@ def forward_activations(
     inputs: dict[str, torch.Tensor],
     checkpointing: bool,
     autocast_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> Activations:
     """What ``model(**inputs)`` in training mode saves for backward, measured on fake tensors
     (``inputs`` give shapes and dtypes only). ``checkpointing``: as with gradient checkpointing
-    (the blocks' activations are measured without it, their inputs with it)."""
-    key = _signature(model, inputs, checkpointing, autocast_dtype)
+    (the blocks' activations are measured without it, their inputs with it). ``device``: where
+    the step runs (None: where the model's weights are); the fake weights and inputs are made
+    there, so the pass takes that device's autocast rules and attention kernels."""
+    if device is None:
+        device = next(model.parameters()).device
+    key = _signature(model, inputs, checkpointing, autocast_dtype, device)
     if key not in _MEASURED:
-        _MEASURED[key] = _measure(model, inputs, checkpointing, autocast_dtype)
+        _MEASURED[key] = _measure(model, inputs, checkpointing, autocast_dtype, device)
     return _MEASURED[key]
 
 
@@ -106,11 +111,13 @@ def _signature(
     inputs: dict[str, torch.Tensor],
     checkpointing: bool,
     autocast_dtype: torch.dtype | None,
+    device: torch.device,
 ) -> str:
     """Everything a measurement depends on: the class, every parameter's name, shape, dtype
     and whether it trains (adapters included), the attention processors, the inputs' shapes,
-    checkpointing and autocast."""
-    digest = hashlib.sha256(f"{type(model).__qualname__}|{checkpointing}|{autocast_dtype}".encode())
+    checkpointing, autocast and the device's type."""
+    head = f"{type(model).__qualname__}|{checkpointing}|{autocast_dtype}|{device.type}"
+    digest = hashlib.sha256(head.encode())
     for name, t in model.named_parameters():
         digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.requires_grad};".encode())
     processors = getattr(model, "attn_processors", {})  # diffusers: the attention code
@@ -125,27 +132,26 @@ def _measure(
     inputs: dict[str, torch.Tensor],
     checkpointing: bool,
     autocast_dtype: torch.dtype | None,
+    device: torch.device,
 ) -> Activations:
     mode = FakeTensorMode()
-    with mode:  # fake tensors of the same shape, strides, dtype and device; no data
+    with mode:  # fake tensors of the same shape, strides and dtype on ``device``; no data
         tensors = {
-            name: _empty_like(t).requires_grad_(t.requires_grad)
+            name: _empty_like(t, device).requires_grad_(t.requires_grad)
             for name, t in model.named_parameters()
         }
-        tensors |= {name: _empty_like(t) for name, t in model.named_buffers()}
-    plain = _count(model, tensors, inputs, mode, autocast_dtype, checkpoint=False)
+        tensors |= {name: _empty_like(t, device) for name, t in model.named_buffers()}
+    plain = _count(model, tensors, inputs, mode, autocast_dtype, device, checkpoint=False)
     if not checkpointing:
         return Activations(plain.total, 0)
-    checkpointed = _count(model, tensors, inputs, mode, autocast_dtype, checkpoint=True)
+    checkpointed = _count(model, tensors, inputs, mode, autocast_dtype, device, checkpoint=True)
     return Activations(checkpointed.total, plain.largest_block)
 
 
-def _empty_like(tensor: torch.Tensor) -> torch.Tensor:
+def _empty_like(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Under a `FakeTensorMode`: about twice as fast as ``mode.from_tensor``, which describes
     the real tensor's storage and views."""
-    return torch.empty_strided(
-        tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device
-    )
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
 
 
 def _count(
@@ -154,20 +160,20 @@ def _count(
     inputs: dict[str, torch.Tensor],
     mode: FakeTensorMode,
     autocast_dtype: torch.dtype | None,
+    device: torch.device,
     checkpoint: bool,
 ) -> _Counter:
     counter = _Counter({id(t) for t in tensors.values()})
-    device_type = next(model.parameters()).device.type  # fake tensors keep the real device
     autocast = (
         contextlib.nullcontext()
         if autocast_dtype is None
-        else torch.autocast(device_type, dtype=autocast_dtype)
+        else torch.autocast(device.type, dtype=autocast_dtype)
     )
     was_training = model.training
     model.train()
     with _checkpointing(model, checkpoint), _block_hooks(model, counter), mode, autocast:
         fake_inputs = {
-            k: torch.empty(v.shape, dtype=v.dtype).requires_grad_(v.requires_grad)
+            k: torch.empty(v.shape, dtype=v.dtype, device=device).requires_grad_(v.requires_grad)
             for k, v in inputs.items()
         }
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
@@ -210,17 +216,23 @@ def step_activations(
     bucket: tuple[int, int],
     checkpointing: bool,
     autocast_dtype: torch.dtype | None,
+    device: torch.device | None = None,
 ) -> dict[str, Activations]:
     """The activations of one step for a batch of ``batch_size`` images of ``bucket`` (width,
-    height) pixels: the UNet's (None: nothing trains) and the trained text encoders' (none:
-    they do not train, so they run without gradients; SDXL's two run one after the other, so
-    their saved tensors add up). A frozen UNet still keeps activations when the text encoder
-    trains: its gradient flows back through them."""
+    height) pixels on ``device`` (None: where the weights are): the UNet's (None: nothing
+    trains) and the trained text encoders' (none: they do not train, so they run without
+    gradients; SDXL's two run one after the other, so their saved tensors add up). A frozen
+    UNet still keeps activations when the text encoder trains: its gradient flows back through
+    them."""
     out: dict[str, Activations] = {}
     if text_encoders:
         parts = [
             forward_activations(
-                encoder, {"input_ids": _ids(encoder, batch_size)}, checkpointing, autocast_dtype
+                encoder,
+                {"input_ids": _ids(encoder, batch_size)},
+                checkpointing,
+                autocast_dtype,
+                device,
             )
             for encoder in text_encoders
         ]
@@ -229,7 +241,7 @@ def step_activations(
         )
     if unet is not None:
         inputs = _unet_inputs(unet, batch_size, bucket, text_trains=bool(text_encoders))
-        out["unet"] = forward_activations(unet, inputs, checkpointing, autocast_dtype)
+        out["unet"] = forward_activations(unet, inputs, checkpointing, autocast_dtype, device)
     return out
 
 

@@ -260,7 +260,7 @@ def _fit_budget(
     ema_bytes = ema_memory(ema, models, trained)["total_bytes"] if on_device else 0
     dtype = choose_precision(device, c.mixed_precision, c.disable_amp).dtype
     bucket = max(p.dataset.buckets, key=lambda size: size[0] * size[1])
-    train, optim = fit_budget(p.train, optim, models, bucket, world_size, ema_bytes, dtype)
+    train, optim = fit_budget(p.train, optim, models, bucket, device, world_size, ema_bytes, dtype)
     new = train.config
     if (new.batch_size, new.grad_accum) == (c.batch_size, c.grad_accum):
         return dataclasses.replace(p, train=train), optim

@@ -61,6 +61,7 @@ class Setting:
 
     models: ModelBundle
     bucket: tuple[int, int]
+    device: torch.device  # where the step runs
     autocast_dtype: torch.dtype | None
     slice_p: dict[str, int]
     ema_bytes: int  # an EMA kept on the training device (0: elsewhere or none)
@@ -79,6 +80,7 @@ class Setting:
                 self.bucket,
                 checkpointing,
                 self.autocast_dtype,
+                self.device,
             )
             self.measured[key] = sum(part.total_bytes for part in parts.values())
         return self.measured[key]
@@ -188,6 +190,7 @@ def fit_budget(
     optim: OptimizerConfig,
     models: ModelBundle,
     bucket: tuple[int, int],
+    device: torch.device,
     world_size: int,
     ema_bytes: int,
     autocast_dtype: torch.dtype | None,
@@ -204,6 +207,7 @@ def fit_budget(
     setting = Setting(
         models=models,
         bucket=bucket,
+        device=device,
         autocast_dtype=autocast_dtype,
         slice_p={name: settings.value("slice_p") for name, settings in by_model.items()},
         ema_bytes=ema_bytes,

@@ -100,6 +100,7 @@ def activation_report(run: Run) -> dict[str, Any]:
         bucket,
         c.gradient_checkpointing,
         precision.dtype,
+        run.device,
     )
     out: dict[str, Any] = {
         "batch_size": c.batch_size,
