@@ -16,6 +16,10 @@ How a value is read:
 5. anything else (a missing path, a name with no ``/`` that is not built in) → `UserError`.
 
 The prediction type of any of them can be overridden (train.json's ``prediction_type``).
+
+Without weights (``load_models(..., weights=False)``, what ``--dry_run`` asks for), a built-in
+model is built on the meta device and a single file's tensors come from its header: the models
+have every parameter's shape and dtype and no data. A folder or a hub model loads whole.
 """
 
 from __future__ import annotations
@@ -233,14 +237,17 @@ def _from_pretrained(source: str, options: dict[str, bool]) -> ModelBundle:
     )
 
 
-def load_models(resume_ckpt: str, prediction_type: str | None = None) -> ModelBundle:
+def load_models(
+    resume_ckpt: str, prediction_type: str | None = None, weights: bool = True
+) -> ModelBundle:
     """Load (or build) the model named by ``resume_ckpt``; see the module docstring.
 
     The training noise scheduler is always a ``DDPMScheduler`` made from the source's scheduler
     configuration (betas, ``prediction_type``), whatever scheduler class the folder names.
     ``prediction_type`` ("epsilon" or "v_prediction"), when given, replaces the model's own.
+    ``weights`` False: shapes without data where the source allows it (module docstring).
     """
-    bundle = _load(resume_ckpt)
+    bundle = _load(resume_ckpt, weights)
     if prediction_type is not None:
         assert prediction_type in PREDICTION_TYPES, prediction_type
         if prediction_type != bundle.prediction_type:
@@ -255,13 +262,13 @@ def load_models(resume_ckpt: str, prediction_type: str | None = None) -> ModelBu
     return bundle
 
 
-def _load(resume_ckpt: str) -> ModelBundle:
+def _load(resume_ckpt: str, weights: bool) -> ModelBundle:
     kind = classify_resume_ckpt(resume_ckpt)
     if kind is SourceKind.BUILTIN:
-        return build_builtin(resume_ckpt)
+        return build_builtin(resume_ckpt) if weights else _builtin_shapes(resume_ckpt)
     if kind is SourceKind.SINGLE_FILE:
         logger.info("loading single-file checkpoint %s", resume_ckpt)
-        bundle = load_single_file(Path(resume_ckpt).expanduser())
+        bundle = load_single_file(Path(resume_ckpt).expanduser(), weights)
         bundle.source = resume_ckpt
         return bundle
     if kind is SourceKind.LOCAL:
@@ -274,6 +281,14 @@ def _load(resume_ckpt: str) -> ModelBundle:
         bundle.source = resume_ckpt
         return bundle
     return _load_from_hub(resume_ckpt)
+
+
+def _builtin_shapes(name: str) -> ModelBundle:
+    """A built-in model on the meta device; its noise schedule, made outside it, is real."""
+    with torch.device("meta"):
+        bundle = build_builtin(name)
+    bundle.noise_scheduler = DDPMScheduler.from_config(bundle.noise_scheduler.config)
+    return bundle
 
 
 def _load_from_hub(repo_id: str) -> ModelBundle:

@@ -127,8 +127,9 @@ def is_single_file(path: Path) -> bool:
     return Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def read_single_file(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a ``.safetensors`` or ``.ckpt`` file, on the CPU.
+def read_single_file(path: Path, weights: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` or ``.ckpt`` file, on the CPU; without ``weights``,
+    on the meta device (shapes and dtypes: of a ``.safetensors`` file only the header is read).
 
     A ``.ckpt`` may wrap its weights in ``state_dict`` (Lightning checkpoints, several levels
     deep); other entries that are not tensors (epoch, global_step) are dropped.
@@ -136,12 +137,58 @@ def read_single_file(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix.lower() == SAFETENSORS:
         try:
+            if not weights:
+                return _header_tensors(path)
             return safetensors.torch.load_file(str(path), device="cpu")
         except (OSError, SafetensorError) as error:
             raise UserError(
                 f"resume_ckpt: {path} cannot be read as safetensors: {error}"
             ) from error
-    return _read_ckpt(path)
+    tensors = _read_ckpt(path)
+    return tensors if weights else {k: v.to("meta") for k, v in tensors.items()}
+
+
+# safetensors' dtype names (the header's "dtype") and torch's dtypes of the same name.
+_DTYPES = {
+    name: getattr(torch, dtype)
+    for name, dtype in {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
+        "U8": "uint8",
+        "BOOL": "bool",
+    }.items()
+    if hasattr(torch, dtype)
+}
+
+
+def _header_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors as meta tensors, from its header (which safetensors checks against
+    the file's size)."""
+    out: dict[str, torch.Tensor] = {}
+    with safetensors.safe_open(str(path), framework="pt") as file:
+        names = file.keys()  # a safe_open handle is not iterable
+        for key in names:
+            entry = file.get_slice(key)
+            dtype = _DTYPES.get(entry.get_dtype())
+            if dtype is None:
+                raise UserError(
+                    f"resume_ckpt: {path}: tensor {key} is of dtype {entry.get_dtype()}, which "
+                    f"torch {torch.__version__} does not have"
+                )
+            out[key] = torch.empty(entry.get_shape(), dtype=dtype, device="meta")
+    return out
 
 
 def _read_ckpt(path: Path) -> dict[str, torch.Tensor]:

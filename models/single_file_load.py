@@ -337,10 +337,11 @@ def _noise_scheduler(config: dict[str, Any], prediction: str, keys: Iterable[str
     return DDPMScheduler.from_config(config["scheduler"], **overrides)
 
 
-def load_single_file(path: Path) -> ModelBundle:
-    """The model in single file ``path`` (``.safetensors`` or ``.ckpt``), in float32."""
+def load_single_file(path: Path, weights: bool = True) -> ModelBundle:
+    """The model in single file ``path`` (``.safetensors`` or ``.ckpt``), in float32; without
+    ``weights``, on the meta device (`read_single_file`)."""
     path = Path(path)
-    checkpoint = read_single_file(path)
+    checkpoint = read_single_file(path, weights)
     shapes = {k: tuple(v.shape) for k, v in checkpoint.items()}
     name = match_layout(path, shapes)
     config = BUILTIN_CONFIGS[name]

@@ -6,11 +6,19 @@ import json
 import logging
 
 import pytest
+import safetensors.torch
+import torch
 
 import models
+import models.single_file
 import training.build
+from config.cli import parse_command_line
+from config.load import load_train_config
+from models.single_file import write_single_file
+from optimizer.config import load_optimizer_config
 from tests.e2e import REPO, run, run_subprocess, write_config
 from tests.group import run_forked
+from training.report import dry_run_report
 
 PRESETS = ["optimizer.json", "optimizerSD21.json", "optimizer_dadapt.json"]
 MODEL_KEYS = {
@@ -179,3 +187,43 @@ def test_dry_run_reports_memory_per_model(capsys, tmp_path):
     assert memory["total_bytes"] == sum(
         memory[m]["total_bytes"] for m in ("unet", "text_encoder", "vae")
     )
+
+
+def shipped_run(config, weights: bool) -> training.build.Run:
+    """The run train.py builds from ``config``, with or without the models' weights."""
+    train = load_train_config(parse_command_line(["--config", str(config)]))
+    return training.build.build_run(
+        train, load_optimizer_config(train), torch.device("cpu"), weights=weights
+    )
+
+
+@pytest.mark.parametrize("source", ["built-in", "single file"])
+def test_a_dry_run_reads_no_weights_and_reports_what_a_loaded_run_would(
+    capsys, tmp_path, monkeypatch, source
+):
+    resume = "tiny-sd15"
+    if source == "single file":
+        file = tmp_path / "model.safetensors"
+        resume = str(write_single_file(file, models.load_models("tiny-sd15"), False))
+    config = write_config(tmp_path, resume_ckpt=resume, lora_rank=4)
+    loaded = dry_run_report(shipped_run(config, weights=True))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run read tensor data")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    shapes = shipped_run(config, weights=False)
+    bundle = shapes.models
+    assert all(
+        p.is_meta for m in (bundle.unet, bundle.text_encoder, bundle.vae) for p in m.parameters()
+    )
+    report = dry_run(capsys, config)
+    assert report["lora"]["rank"] == 4
+    assert report == json.loads(json.dumps(loaded))
+
+
+def test_a_single_file_of_a_dtype_torch_lacks_is_one_message(tmp_path, monkeypatch, caplog):
+    file = write_single_file(tmp_path / "model.safetensors", models.load_models("tiny-sd15"), False)
+    monkeypatch.setattr(models.single_file, "_DTYPES", {})
+    assert run(write_config(tmp_path, resume_ckpt=str(file)), "--dry_run") == 2
+    assert f"is of dtype F16, which torch {torch.__version__} does not have" in caplog.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,22 +187,28 @@ def load_trainable_models(
     resume_state: TrainingState | None,
     device: torch.device,
     seed: int,
+    weights: bool = True,
 ) -> tuple[ModelBundle, tuple[FreezeReport, ...], LoraSettings | None]:
     """The models, exactly as a resumed checkpoint left them, frozen as configured, with the
-    run's LoRA adapters if it trains some (and their settings), on device."""
+    run's LoRA adapters if it trains some (and their settings), on device. ``weights`` False
+    (a dry run): shapes without data where the source allows it (`load_models`), left where
+    they were loaded."""
     c = train.config
     assert c.resume_ckpt is not None
     source = weights_source(c.resume_ckpt)
-    models = load_models(source.model, c.prediction_type)
-    if resume_state is not None:
+    models = load_models(source.model, c.prediction_type, weights)
+    if resume_state is not None and weights:
         restore_full_precision_weights(Path(c.resume_ckpt).expanduser(), models)
     models.vae.requires_grad_(False)
     models.unet.requires_grad_(not c.disable_unet_training)
     freezing = freeze_text_encoders(optim, models, not c.disable_textenc_training, c.clip_skip)
-    lora = add_run_adapters(train, models, freezing, source, seed)
+    with warnings.catch_warnings():  # saved adapters fit meta weights (shapes are checked)
+        warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter")
+        lora = add_run_adapters(train, models, freezing, source, seed)
     store_base_weights(train, models, device)
-    for module in (models.unet, *models.text_encoders, models.vae):
-        module.to(device)
+    if weights:
+        for module in (models.unet, *models.text_encoders, models.vae):
+            module.to(device)
     return models, freezing, lora
 
 
@@ -306,15 +313,19 @@ def build_run(
     rank: int = 0,
     world_size: int = 1,
     fsdp: FsdpOptions | None = None,
+    weights: bool = True,
 ) -> Run:
     """Validate what needs the model's shape, scan the data, load models, build optimizers
-    (what can be checked without the models is checked before they load)."""
+    (what can be checked without the models is checked before they load). ``weights`` False:
+    a run to report, not to train (`load_trainable_models`)."""
     p = _prepare(train, optim, device, rank, world_size)
     c = p.train.config
     assert c.resume_ckpt is not None
     resumed_ema = p.resume_state is not None and "ema" in p.resume_state.components
     ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
-    models, freezing, lora = load_trainable_models(p.train, optim, p.resume_state, device, p.seed)
+    models, freezing, lora = load_trainable_models(
+        p.train, optim, p.resume_state, device, p.seed, weights
+    )
     if c.vram_budget_gb is not None:
         p, optim = _fit_budget(p, optim, models, device, world_size, ema)
         c = p.train.config
@@ -384,5 +395,5 @@ def build_from_command_line(command_line: CommandLine) -> tuple[Run, Accelerator
     accelerator, fsdp = make_accelerator()
     device = training_device(accelerator, train.config.gpuid)
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    run = build_run(train, optim, device, rank, world_size, fsdp)
+    run = build_run(train, optim, device, rank, world_size, fsdp, not command_line.dry_run)
     return run, accelerator
