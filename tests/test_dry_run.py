@@ -18,6 +18,7 @@ from models.single_file import write_single_file
 from optimizer.config import load_optimizer_config
 from tests.e2e import REPO, run, run_subprocess, write_config
 from tests.group import run_forked
+from training.build import load_trainable_models
 from training.report import dry_run_report
 
 PRESETS = ["optimizer.json", "optimizerSD21.json", "optimizer_dadapt.json"]
@@ -189,12 +190,10 @@ def test_dry_run_reports_memory_per_model(capsys, tmp_path):
     )
 
 
-def shipped_run(config, weights: bool) -> training.build.Run:
-    """The run train.py builds from ``config``, with or without the models' weights."""
+def loaded_run(config) -> training.build.Run:
+    """The run train.py builds from ``config`` to train it."""
     train = load_train_config(parse_command_line(["--config", str(config)]))
-    return training.build.build_run(
-        train, load_optimizer_config(train), torch.device("cpu"), weights=weights
-    )
+    return training.build.build_run(train, load_optimizer_config(train), torch.device("cpu"))
 
 
 @pytest.mark.parametrize("source", ["built-in", "single file"])
@@ -206,18 +205,24 @@ def test_a_dry_run_reads_no_weights_and_reports_what_a_loaded_run_would(
         file = tmp_path / "model.safetensors"
         resume = str(write_single_file(file, models.load_models("tiny-sd15"), False))
     config = write_config(tmp_path, resume_ckpt=resume, lora_rank=4)
-    loaded = dry_run_report(shipped_run(config, weights=True))
+    loaded = dry_run_report(loaded_run(config))
 
     def refuse(*args, **kwargs):
         raise AssertionError("a dry run read tensor data")
 
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
-    shapes = shipped_run(config, weights=False)
-    bundle = shapes.models
+    built = []
+
+    def load(*args):
+        built.append(load_trainable_models(*args))
+        return built[-1]
+
+    monkeypatch.setattr(training.build, "load_trainable_models", load)
+    report = dry_run(capsys, config)
+    bundle = built[0][0]
     assert all(
         p.is_meta for m in (bundle.unet, bundle.text_encoder, bundle.vae) for p in m.parameters()
     )
-    report = dry_run(capsys, config)
     assert report["lora"]["rank"] == 4
     assert report == json.loads(json.dumps(loaded))
 
