@@ -18,11 +18,7 @@ from config.load import LoadedTrainConfig, find_input_file, load_train_config
 from config.train_config import TrainConfig
 from data import DataSettings, TrainDataset, load_dataset
 from lora.settings import LoraSettings
-from models import (
-    ModelBundle,
-    classify_resume_ckpt,
-    load_models,
-)
+from models import ModelBundle, classify_resume_ckpt, load_models
 from models.loading import SourceKind
 from optimizer.build import (
     FreezeReport,
@@ -306,6 +302,11 @@ def _check_fsdp(
     check_fsdp(c, optim, trained, scaler)
 
 
+def _ema_settings(p: _Prepared, device: torch.device) -> EmaSettings | None:
+    resumed_ema = p.resume_state is not None and "ema" in p.resume_state.components
+    return ema_settings(p.train.config, p.length.planned_steps, device, resumed_ema)
+
+
 def build_run(
     train: LoadedTrainConfig,
     optim: OptimizerConfig,
@@ -315,21 +316,18 @@ def build_run(
     fsdp: FsdpOptions | None = None,
     weights: bool = True,
 ) -> Run:
-    """Validate what needs the model's shape, scan the data, load models, build optimizers
-    (what can be checked without the models is checked before they load). ``weights`` False:
-    a run to report, not to train (`load_trainable_models`)."""
+    """Check, scan the data, load the models (``weights`` False: to report), build optimizers."""
     p = _prepare(train, optim, device, rank, world_size)
     c = p.train.config
     assert c.resume_ckpt is not None
-    resumed_ema = p.resume_state is not None and "ema" in p.resume_state.components
-    ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
+    ema = _ema_settings(p, device)
     models, freezing, lora = load_trainable_models(
         p.train, optim, p.resume_state, device, p.seed, weights
     )
     if c.vram_budget_gb is not None:
         p, optim = _fit_budget(p, optim, models, device, world_size, ema)
         c = p.train.config
-        ema = ema_settings(c, p.length.planned_steps, device, resumed_ema)
+        ema = _ema_settings(p, device)
     _check_placement(c, world_size, trains(models.component("text_encoder")))
     if fsdp is not None:
         _check_fsdp(c, optim, models, device)

@@ -220,6 +220,14 @@ def fit_budget(
     chosen, lines = plan(c.vram_budget_gb, given, setting)
     for line in lines:
         logger.info("%s", line)
+    return _applied(chosen, train, optim)
+
+
+def _applied(
+    chosen: Settings, train: LoadedTrainConfig, optim: OptimizerConfig
+) -> tuple[LoadedTrainConfig, OptimizerConfig]:
+    """train.json and optimizer settings with the planner's choices, their source recorded."""
+    c = train.config
     changes = {
         key: value
         for key, value in dataclasses.asdict(chosen).items()
@@ -227,8 +235,8 @@ def fit_budget(
     }
     sources = train.sources | dict.fromkeys(changes, BUDGET_SOURCE)
     train = dataclasses.replace(train, config=dataclasses.replace(c, **changes), sources=sources)
-    for name, settings in by_model.items():
-        new = chosen.optimizers[name]
+    for name in ("unet", "text_encoder"):
+        settings, new = getattr(optim, name), chosen.optimizers[name]
         if new is not None and new != settings.name:
             renamed = dataclasses.replace(
                 settings,
