@@ -49,8 +49,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.cuda_args import FSDP_PROCESSES, VARIANT_FLAGS, fsdp_launch_flags, parse_args
 from bench.cuda_matrix import CUDA_SCENARIO, DRY_SCENARIO, Config
 from bench.cuda_table import print_table
+from bench.cuda_window import PROFILED_STEPS, StepProfile, Window
 from bench.trainer_harness import (
-    BenchmarkFinished,
     build_run_from_flags,
     train_with_hook,
     write_optimizer_json,
 )
 from models import add_time_ids, added_cond_kwargs
 from training.build import Run
-from training.context import TrainingContext
-from training.latent_cache import LatentCache
 from training.report import memory_report
 from training.step import CaptionTokenizer, PromptEncoder
 
@@ -133,34 +129,6 @@ def count_forward_flops(run: Run) -> dict[str, int]:
     return flops
 
 
-@dataclass
-class Window:
-    """The step hook: time optimizer steps warmup+1 .. warmup+steps, then stop training."""
-
-    warmup: int
-    steps: int
-    cuda: bool
-    count: int = 0
-    started: float = 0.0
-    seconds: float = 0.0
-    cache_active: bool = False
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def __call__(self, ctx: TrainingContext) -> None:
-        self.count += 1
-        if self.count == 1:
-            self.cache_active = isinstance(ctx.env.source, LatentCache)
-        if self.count == self.warmup:
-            self.started = self._now()
-        elif self.count == self.warmup + self.steps:
-            self.seconds = self._now() - self.started
-            raise BenchmarkFinished
-
-
 def child_flags(config: Config, data_root: Path, folder: Path, extra: list[str]) -> list[str]:
     return [
         "--resume_ckpt",
@@ -201,7 +169,8 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        window = Window(spec["warmup"], spec["steps"], cuda)
+        profile = None if spec["profile"] is None else StepProfile(Path(spec["profile"]), cuda)
+        window = Window(spec["warmup"], spec["steps"], cuda, profile)
         try:
             train_with_hook(run, accelerator, window)
         except torch.OutOfMemoryError:
@@ -333,7 +302,7 @@ def measure_all(args: argparse.Namespace, configs: list[Config]) -> list[dict[st
                 continue
             if config.resolution not in folders:
                 largest = max(c.batch_size for c in configs if c.resolution == config.resolution)
-                count = max(args.images, largest * (args.warmup + args.steps + 1))
+                count = max(args.images, largest * (args.warmup + args.steps + PROFILED_STEPS + 1))
                 folders[config.resolution] = Path(tmp) / f"data-{config.resolution}"
                 make_images(folders[config.resolution], config.resolution, count)
             print(f"[{n}/{len(configs)}] {config}", file=sys.stderr, flush=True)
@@ -344,6 +313,7 @@ def measure_all(args: argparse.Namespace, configs: list[Config]) -> list[dict[st
                 "steps": args.steps,
                 "trainer_flags": args.trainer_flag,
                 "verbose": args.verbose,
+                "profile": None if args.profile is None else str(args.profile / config.name()),
             }
             row = launch(spec, args.dry_run_cpu, args.config_timeout, args.verbose)
             row |= {

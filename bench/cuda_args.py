@@ -117,6 +117,13 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FLAG",
         help="extra train.py flag for every run, repeatable (e.g. --trainer-flag=--compile_unet)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="after each row's timed steps, profile 3 more and write DIR/<row>.txt: the GPU's "
+        "busy share and the operators that took the most device and CPU time",
+    )
     parser.add_argument("--verbose", action="store_true", help="the children's logs and bars")
 
 

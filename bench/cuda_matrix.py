@@ -40,6 +40,13 @@ class Config:
     def key(self) -> tuple[Any, ...]:
         return dataclasses.astuple(self)
 
+    def name(self) -> str:
+        """A file name for the row, e.g. ``sd15-random-512-b8-ckpt-adamw8bit-cached-full.txt``."""
+        ckpt = "ckpt" if self.gradient_checkpointing else "nockpt"
+        cached = "cached" if self.cache_latents else "vae"
+        parts = (self.model, self.resolution, f"b{self.batch_size}", ckpt, self.optimizer, cached)
+        return "-".join(str(part) for part in (*parts, self.variant)) + ".txt"
+
 
 @dataclass(frozen=True)
 class Scenario:
