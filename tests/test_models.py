@@ -538,8 +538,9 @@ def test_hub_answering_that_the_repo_is_missing(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
 
-    import httpx2  # huggingface_hub 2's HTTP client: here, not at the top, so that an older
-    # hub (as on a GPU image) fails this test alone, not the whole module's collection
+    # huggingface_hub 2's HTTP client, imported here: an older hub (a GPU image's) then fails
+    # this test alone, not the collection of the whole module.
+    import httpx2
 
     def missing(self: huggingface_hub.HfApi, repo_id: str, **kwargs: object) -> None:
         request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
