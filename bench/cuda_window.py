@@ -28,7 +28,8 @@ ROWS = 30
 
 
 class StepProfile:
-    """The profiler over `PROFILED_STEPS` optimizer steps; `write` summarises them in ``path``."""
+    """The profiler over `PROFILED_STEPS` optimizer steps; `stop_and_write` summarises them in
+    ``path``."""
 
     def __init__(self, path: Path, cuda: bool) -> None:
         self.path = path

@@ -118,6 +118,23 @@ def checkpoints(folder: Path, prefix: str = "") -> list[Path]:
     return found
 
 
+def own(folder: Path, prefix: str) -> Path:
+    """The one resumable checkpoint under ``folder`` named ``prefix...`` (not the ``_ema`` one
+    beside it)."""
+    (found,) = [c for c in checkpoints(folder, prefix) if not c.name.endswith("_ema")]
+    return found
+
+
+def training_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's training state (fp32 weights, adapters, EMA), by
+    ``<file stem>.<key>``."""
+    return {
+        f"{file.stem}.{key}": value
+        for file in sorted((checkpoint / "training_state").glob("*.safetensors"))
+        for key, value in load_file(file).items()
+    }
+
+
 def trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights of UNet and text encoder as saved (fp32 copies when files are fp16).
 

@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.e2e import checkpoints, manual_validation, quick_prompts, run, run_folders, scalars
+from tests.e2e import (
+    manual_validation,
+    own,
+    quick_prompts,
+    run,
+    run_folders,
+    scalars,
+    training_state,
+)
 from tests.e2e import write_config as write_train_json
 
 ADAMW8BIT = {"base": {"optimizer": "adamw8bit", "lr": 1e-4}}
@@ -54,21 +61,6 @@ def write_config(folder: Path, case: str, **keys) -> Path:
     return write_train_json(folder, optimizer, **(common | own | keys))
 
 
-def own(folder: Path, prefix: str) -> Path:
-    """The one resumable checkpoint of ``folder`` named ``prefix...`` (not its EMA copy)."""
-    (found,) = [c for c in checkpoints(folder, prefix) if not c.name.endswith("_ema")]
-    return found
-
-
-def saved_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint's training state (weights, adapters, EMA)."""
-    return {
-        f"{file.stem}.{key}": value
-        for file in sorted((checkpoint / "training_state").glob("*.safetensors"))
-        for key, value in load_file(file).items()
-    }
-
-
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """|a - b| / |a| over every tensor."""
     assert a.keys() == b.keys()
@@ -94,4 +86,4 @@ def test_each_cuda_path_dry_runs_trains_and_resumes(tmp_path, caplog, case):
     assert run(resumed) == 0
     last, again = own(tmp_path / "straight", "last-"), own(tmp_path / "resumed", "last-")
     assert again.name == last.name
-    assert distance(saved_state(last), saved_state(again)) <= RESUME_TOLERANCE
+    assert distance(training_state(last), training_state(again)) <= RESUME_TOLERANCE

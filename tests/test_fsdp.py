@@ -13,8 +13,8 @@ from models import load_models
 from tests.e2e import (
     ADAMW,
     REPO,
-    checkpoints,
     manual_validation,
+    own,
     quick_prompts,
     run,
     run_folders,
@@ -33,11 +33,6 @@ def launched(script: Path, *args: str) -> Outcome:
     result = launch_group(script, 2, *args, flags=FSDP)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
-
-
-def own(folder: Path, prefix: str) -> Path:
-    (found,) = checkpoints(folder, prefix)
-    return found
 
 
 @pytest.mark.slow

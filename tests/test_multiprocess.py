@@ -19,10 +19,12 @@ from tests.e2e import (
     checkpoints,
     free_port,
     manual_validation,
+    own,
     run,
     run_folders,
     scalars,
     trained_weights,
+    training_state,
     write_config,
 )
 from tests.group import FSDP, Outcome, launch_alone, launch_group
@@ -44,12 +46,6 @@ def relative_difference(a: dict, b: dict) -> float:
     difference = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
     change = sum((a[k] - w0[k]).norm() ** 2 for k in a) ** 0.5
     return float(difference / change)
-
-
-def own(folder: Path, prefix: str) -> Path:
-    """The run's checkpoint named ``prefix...`` (not the ``_ema`` one beside it)."""
-    (found,) = [c for c in checkpoints(folder, prefix) if not c.name.endswith("_ema")]
-    return found
 
 
 def ema_of(checkpoint: Path) -> Path:
@@ -262,16 +258,6 @@ def test_a_launch_that_formed_no_group_is_refused(processes, env, refused):
         check_process_group(processes, env)
 
 
-def sdxl_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 trained weights a checkpoint keeps for resuming (both text encoders)."""
-    state = checkpoint / "training_state"
-    return {
-        f"{file.stem}.{key}": value
-        for file in sorted(state.glob("*.safetensors"))
-        for key, value in load_file(file).items()
-    }
-
-
 SDXL_KEYS = {"resume_ckpt": "tiny-sdxl", "max_epochs": 1}
 
 
@@ -280,7 +266,7 @@ def sdxl_one_process(tmp_path_factory) -> dict[str, torch.Tensor]:
     """SDXL trained by one process of batch 2: what 2 processes of batch 1 must match."""
     folder = tmp_path_factory.mktemp("sdxl_one")
     assert run(write_config(folder, ADAMW, batch_size=4, **SDXL_KEYS)) == 0
-    return sdxl_state(own(folder, "last-"))
+    return training_state(own(folder, "last-"))
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
@@ -296,7 +282,7 @@ def test_two_processes_train_sdxl_like_one_with_the_whole_batch(tmp_path, engine
         result = launch_group(REPO / "train.py", 2, "--config", str(two), flags=FSDP)
         assert "FSDP: text_encoder_2 sharded" in result.stderr
     assert result.returncode == 0, result.stderr[-4000:]
-    a, b = sdxl_state(own(tmp_path / "two", "last-")), sdxl_one_process
+    a, b = training_state(own(tmp_path / "two", "last-")), sdxl_one_process
     start = load_models("tiny-sdxl")
     w0 = {
         f"{name}.{key}": value
