@@ -1,9 +1,11 @@
 """Test-wide settings: CPU threads per test worker, fewer full garbage collections, test outputs
 in memory, and `gpu` tests skipped without CUDA.
 
-The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml), one test file per worker at
-a time. Each worker, and every process a test starts, gets an equal share of the CPU's cores as
-its torch threads: two workers of two OpenMP threads each on a 2-core machine stall each other.
+The suite runs in two pytest-xdist workers (``-n 2`` in pyproject.toml), one test file per
+worker at a time; the files that fork from `tests.group`'s forkserver are one unit of work, run
+by one worker (`pytest_xdist_make_scheduler`). Each worker, and every process a test starts,
+gets an equal share of the CPU's cores as its torch threads: two workers of two OpenMP threads
+each on a 2-core machine stall each other.
 
 The tests write checkpoints (2 GB for the full-size single-file test, 6 GB in all): on a
 machine with a RAM disk (``/dev/shm`` with room to spare) their temporary folders live there,
@@ -23,6 +25,7 @@ garbage waits longer, and the suite's peak memory stays far from this machine's.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import os
@@ -81,3 +84,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The scope of every test file that forks processes from `tests.group`'s forkserver.
+FORKING_SCOPE = "files that fork from tests.group"
+
+
+@functools.cache
+def _forks(test_file: Path) -> bool:
+    return test_file.is_file() and "tests.group" in test_file.read_text(encoding="utf-8")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadfile``, except that the test files that fork from `tests.group`'s
+    forkserver are one unit of work: they run in one worker, so one forkserver imports the
+    libraries instead of one per worker, and two multi-process tests never run at once."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneForkserver(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return FORKING_SCOPE if _forks(config.rootpath / scope) else scope
+
+    return OneForkserver(config, log)

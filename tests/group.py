@@ -2,7 +2,8 @@
 
 A fresh Python costs each test about 6 seconds on 2 cores before train.py's first line (torch,
 diffusers and transformers import), and ``accelerate launch`` three of them. Here a forkserver
-imports them once per test worker, and each test forks its processes from it: ``run_forked`` is
+imports them once (the test files that use it share one worker: `tests/conftest.py`), and
+each test forks its processes from it: ``run_forked`` is
 ``python train.py`` (its own stdout, stderr, exit status and signals), ``launch_group`` is
 ``accelerate launch``, whose processes get what a real launch gives them: accelerate's own
 parser and checks turn the same flags (``--multi_gpu``, ``--config_file``, ``--use_fsdp``) into
