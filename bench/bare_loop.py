@@ -14,6 +14,8 @@ from models import load_models
 from training.build import Run
 
 BARE_SEED = 1234
+# The parts of a step that bench_phases.py times on both sides, in order.
+PHASES = ("latents", "forward", "backward", "optimizer")
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,17 @@ class BareLoop:
         self.generator = torch.Generator().manual_seed(BARE_SEED)
         self.position = 0
 
-    def step(self) -> None:
+    def step(self, phases: dict[str, float] | None = None) -> None:
+        """One training step; ``phases`` (when given) gets the seconds of its parts, under the
+        names `bench_phases.py` gives the trainer's: latents, forward, backward, optimizer."""
+        marks = [time.perf_counter()]
         batch = self.batches[self.position % len(self.batches)]
         self.position += 1
         scheduler = self.noise_scheduler
         with torch.no_grad():
             posterior = self.vae.encode(batch.pixels).latent_dist
             latents = posterior.sample(self.generator) * self.vae.config.scaling_factor
+        marks.append(time.perf_counter())
         noise = torch.randn(latents.shape, generator=self.generator)
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.generator
@@ -76,13 +82,19 @@ class BareLoop:
         embeddings = self.text_encoder(batch.input_ids)[0]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
         loss = F.mse_loss(prediction.float(), target.float())
+        marks.append(time.perf_counter())
         loss.backward()
+        marks.append(time.perf_counter())
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.clip_grad_norm)
             torch.nn.utils.clip_grad_norm_(self.text_encoder.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if phases is not None:
+            for name, start, end in zip(PHASES, marks, marks[1:], strict=False):
+                phases[name] = end - start
 
     def run_steps(self, count: int) -> float:
         """Seconds for ``count`` steps."""

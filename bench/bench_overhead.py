@@ -296,19 +296,13 @@ def print_table(
         )
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that shape both sides' work (shared with `bench_phases.py`)."""
     parser.add_argument("--model", default="tiny-sd15", help="built-in model (default tiny-sd15)")
     parser.add_argument("--data-root", type=Path, default=REPO / "examples" / "data")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument(
-        "--steps", type=int, default=7, help="steps per block, rounded up to whole epochs"
-    )
     parser.add_argument("--warmup", type=int, default=14, help="untimed steps before the blocks")
-    parser.add_argument("--repeats", type=int, default=21, help="trainer/bare block pairs")
     parser.add_argument(
         "--threads",
         type=int,
@@ -316,7 +310,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch.set_num_threads (1: a busy 2-core machine makes 2 OpenMP threads stall)",
     )
     parser.add_argument("--log-step", type=int, default=25, help="train.json log_step")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument(
         "--trainer-flag",
         action="append",
@@ -325,6 +318,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra train.py flag for the trainer side, repeatable (e.g. --trainer-flag=--seed "
         "--trainer-flag=7); it must not change the work the bare loop does",
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_trainer_arguments(parser)
+    parser.add_argument(
+        "--steps", type=int, default=7, help="steps per block, rounded up to whole epochs"
+    )
+    parser.add_argument("--repeats", type=int, default=21, help="trainer/bare block pairs")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--verbose", action="store_true", help="the trainer's INFO logs")
     return parser.parse_args(argv)
 
