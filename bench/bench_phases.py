@@ -101,8 +101,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, float]], list[dict
     """(trainer parts, bare parts) of ``args.steps`` steps each, one of each in turn."""
     clock = TrainerClock()
     with tempfile.TemporaryDirectory(prefix="bench_phases_") as tmp:
-        per_epoch_guess = 7  # rounded up below: the run must outlast the steps
-        epochs = (args.warmup + args.steps) // per_epoch_guess + 4
+        epochs = args.warmup + args.steps + 1  # an epoch has a batch at least: enough to outlast
         run, accelerator = build_run_from_flags(trainer_flags(args, Path(tmp), "phases", epochs))
         bare = BareLoop(run, bare_batches(run, decode_epochs(run, 4)), None)
         bare.run_steps(args.warmup)
