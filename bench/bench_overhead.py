@@ -302,7 +302,7 @@ def add_trainer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", type=Path, default=REPO / "examples" / "data")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=14, help="untimed steps before the blocks")
+    parser.add_argument("--warmup", type=int, default=14, help="untimed steps first")
     parser.add_argument(
         "--threads",
         type=int,
