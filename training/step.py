@@ -36,6 +36,8 @@ class Shard:
     world_size: int = 1
 
     def take(self, global_tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return global_tensor
         size = global_tensor.shape[0] // self.world_size
         return global_tensor[self.rank * size : (self.rank + 1) * size]
 
@@ -286,5 +288,7 @@ def batch_loss(
         weights=_mask_weights(latents_dist.mask, config),
         normalize_weights=config.normalize_masked_area_loss,
     )
+    if all(scale == 1.0 for scale in batch.loss_scales):
+        return losses.mean()  # the same value as scaled by ones, without the tensor and product
     scales = torch.tensor(batch.loss_scales, dtype=losses.dtype, device=losses.device)
     return (losses * scales).mean()

@@ -13,6 +13,7 @@ WIDTH = 80
 # step counter, then [elapsed<remaining, epoch, loss, LR, speed]; the bar fills the rest
 BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 SMOOTHING = 0.1  # weight of the newest step in the images/s average
+REDRAW_SECONDS = 0.5  # at most two redraws a second (tqdm's default is ten)
 
 
 def rate_text(images_per_second: float) -> str:
@@ -58,6 +59,7 @@ class ProgressBar(Component):
             ncols=WIDTH,
             bar_format=BAR_FORMAT,
             dynamic_ncols=False,
+            mininterval=REDRAW_SECONDS,
         )
         self._since = time.perf_counter()
 
