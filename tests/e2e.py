@@ -38,7 +38,8 @@ CHECKPOINT_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors")
 ADAMW = {"base": {"optimizer": "adamw", "lr": 1e-4}}
 # The optimizer.json of a test that names none: the built-in defaults with torch's AdamW instead
 # of adamw8bit, whose bitsandbytes step on the CPU takes 3 times as long on tiny-sd15 (49 ms
-# against 15) and would be a fifth of the suite's time. The tests of adamw8bit name it.
+# against 15): an eighth of the suite's CPU time (docs/development.md). The tests of adamw8bit
+# name it.
 TEST_OPTIMIZER = {"base": {"optimizer": "adamw"}}
 
 
