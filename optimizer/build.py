@@ -119,7 +119,6 @@ def build_model_training(
     model: torch.nn.Module,
     settings: ModelOptimizer,
     total_optimizer_steps: int,
-    on_cuda: bool,
     fused: bool = False,
     second: tuple[torch.nn.Module, dict[str, Any]] | None = None,
 ) -> ModelTraining | None:
@@ -129,7 +128,7 @@ def build_model_training(
     `GROUP_KEYS` (SDXL's second text encoder)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     values = _values(settings)
-    groups = _second_group(settings, values, second, on_cuda)
+    groups = _second_group(settings, values, second)
     if not parameters and not groups:
         logger.info("%s: no trainable parameters, no optimizer", model_name)
         return None
@@ -141,11 +140,11 @@ def build_model_training(
                 "turn fused_backward_pass off"
             )
         parameters += [p for group in groups for p in group["params"]]
-        optimizer, kwargs = _fused(settings, parameters, values, on_cuda)
+        optimizer, kwargs = _fused(settings, parameters, values)
     else:
         first = [{"params": parameters}] if parameters else []
         params: list[Any] = [*first, *groups] if groups else parameters
-        optimizer, kwargs = build_optimizer(settings.name, params, values, on_cuda=on_cuda)
+        optimizer, kwargs = build_optimizer(settings.name, params, values)
     if has_eval_mode(optimizer):
         optimizer.train()  # schedule-free: steps need train mode
     length = schedule_length(
@@ -169,7 +168,6 @@ def _second_group(
     settings: ModelOptimizer,
     values: dict[str, Any],
     second: tuple[torch.nn.Module, dict[str, Any]] | None,
-    on_cuda: bool,
 ) -> list[dict[str, Any]]:
     """The second module's parameter group (none without trainable parameters): its keyword
     arguments where they differ from the first group's."""
@@ -185,8 +183,8 @@ def _second_group(
             f"text_encoder_2_overrides: {', '.join(unused)}: not used by {settings.name}, the "
             f"text encoders' optimizer; remove {'them' if len(unused) > 1 else 'it'}"
         )
-    first = constructor_kwargs(settings.name, values, on_cuda)
-    mine = constructor_kwargs(settings.name, values | own, on_cuda)
+    first = constructor_kwargs(settings.name, values)
+    mine = constructor_kwargs(settings.name, values | own)
     return [{"params": parameters, **{k: v for k, v in mine.items() if first.get(k) != v}}]
 
 
@@ -194,15 +192,13 @@ def _fused(
     settings: ModelOptimizer,
     parameters: list[torch.nn.Parameter],
     values: dict[str, Any],
-    on_cuda: bool,
 ) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
     if settings.name not in FUSABLE:
         raise UserError(
             f"fused_backward_pass: optimizer '{settings.name}' reads every parameter in its step; "
             f"fused backward works with {', '.join(FUSABLE)}"
         )
-    kwargs = constructor_kwargs(settings.name, values, on_cuda)
-    kwargs.pop("fused", None)  # one small tensor per optimizer: torch's fused kernel gains nothing
+    kwargs = constructor_kwargs(settings.name, values)
     cls = optimizer_class(settings.name)
     fused = FusedBackward(parameters, lambda ps: cls(ps, **kwargs), lr=values["lr"])
     return fused, kwargs

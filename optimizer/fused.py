@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from optimizer.registry import keeping_implementation
+
 # Optimizers whose step treats each parameter on its own: per-parameter instances do the same.
 FUSABLE = ("adamw", "adamw8bit", "lion", "lion8bit", "adafactor", "came")
 
@@ -78,6 +80,7 @@ class FusedBackward(torch.optim.Optimizer):
         if len(inner) != len(self.inner):
             raise ValueError(f"{len(inner)} saved parameter optimizers, {len(self.inner)} here")
         for optimizer, saved in zip(self.inner, inner, strict=True):
-            optimizer.load_state_dict(saved)
+            with keeping_implementation(optimizer):
+                optimizer.load_state_dict(saved)
         for group, saved in zip(self.param_groups, state_dict["groups"], strict=True):
             group.update(saved)

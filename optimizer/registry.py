@@ -7,8 +7,9 @@ those keys, under the class's own keyword names.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,8 @@ _ADAM = ("lr", "betas", "epsilon", "weight_decay")
 _LION = ("lr", "betas", "weight_decay")
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("torch.optim", "AdamW", "torch", _ADAM),
+    # fused: one kernel for all tensors, on the CPU (~6x faster) as on CUDA
+    "adamw": OptimizerSpec("torch.optim", "AdamW", "torch", _ADAM, fixed=(("fused", True),)),
     "adamw8bit": OptimizerSpec(
         "bitsandbytes.optim", "AdamW8bit", "bitsandbytes", _ADAM, shardable=False
     ),
@@ -103,6 +105,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
 }
 
+# Constructor keywords that choose how torch steps, not what the step computes.
+IMPLEMENTATION_KEYS = ("fused", "foreach")
+
 # optimizer.json key → constructor keyword, where they differ.
 _KEYWORD = {"epsilon": "eps"}
 
@@ -125,7 +130,7 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return getattr(module, spec.class_name)
 
 
-def constructor_kwargs(name: str, values: dict[str, Any], on_cuda: bool) -> dict[str, Any]:
+def constructor_kwargs(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments the optimizer is built with, from resolved optimizer.json values."""
     spec = OPTIMIZERS[name]
     kwargs: dict[str, Any] = {}
@@ -135,14 +140,24 @@ def constructor_kwargs(name: str, values: dict[str, Any], on_cuda: bool) -> dict
     if spec.betas_extra:
         kwargs["betas"] = (*kwargs["betas"], *spec.betas_extra)
     kwargs |= dict(spec.fixed)
-    if name == "adamw" and on_cuda:
-        kwargs["fused"] = True
     return kwargs
 
 
 def build_optimizer(
-    name: str, parameters: Iterable[torch.nn.Parameter], values: dict[str, Any], on_cuda: bool
+    name: str, parameters: Iterable[torch.nn.Parameter], values: dict[str, Any]
 ) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
     """Build one optimizer; returns it and the keywords it was built with."""
-    kwargs = constructor_kwargs(name, values, on_cuda)
+    kwargs = constructor_kwargs(name, values)
     return optimizer_class(name)(list(parameters), **kwargs), kwargs
+
+
+@contextlib.contextmanager
+def keeping_implementation(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Around loading a saved state into ``optimizer``: its parameter groups keep the
+    `IMPLEMENTATION_KEYS` it was built with, which a saved state would replace with its own (a
+    checkpoint of an unfused AdamW resumes fused; unfused, torch's fp16 grad scaler would hand
+    a fused optimizer's scale to a step that refuses it)."""
+    built = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    yield
+    for group, keys in zip(optimizer.param_groups, built, strict=True):
+        group.update(keys)

@@ -107,7 +107,7 @@ def trained(shard):
     model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 4))
     if shard:
         _shard_model(model, mesh, True)
-    optimizer, _ = build_optimizer(name, model.parameters(), values, on_cuda=False)
+    optimizer, _ = build_optimizer(name, model.parameters(), values)
     if hasattr(optimizer, "train"):
         optimizer.train()
     for step in range(3):

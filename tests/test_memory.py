@@ -35,7 +35,7 @@ CASES = [(name, 1) for name in sorted(OPTIMIZERS)] + [("prodigy", 11)]
 def test_state_estimate_matches_a_real_step(unet, name, slice_p):
     model = copy.deepcopy(unet)
     values = {k: getattr(BUILTIN, k) for k in SECTION_KEYS} | {"lr": 1e-4, "slice_p": slice_p}
-    optimizer, _ = build_optimizer(name, model.parameters(), values, on_cuda=False)
+    optimizer, _ = build_optimizer(name, model.parameters(), values)
     if has_eval_mode(optimizer):
         optimizer.train()
     torch.manual_seed(0)

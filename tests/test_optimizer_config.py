@@ -289,7 +289,7 @@ def test_lion_default_betas_are_used_by_the_class(tmp_path):
 
     config = resolve(tmp_path, {"base": {"optimizer": "lion"}})
     values = {key: config.unet.value(key) for key in ("lr", "betas", "weight_decay")}
-    assert constructor_kwargs("lion", values, on_cuda=False)["betas"] == (0.9, 0.99)
+    assert constructor_kwargs("lion", values)["betas"] == (0.9, 0.99)
 
 
 def test_explicit_betas_are_kept_for_lion(tmp_path):

@@ -93,7 +93,7 @@ def test_text_encoder_2_overrides_make_the_second_encoders_group(tmp_path):
     assert freezing[0].plan.frozen_layers == (11,)
     assert freezing[0].plan.final_layer_norm_frozen
     assert not freezing[1].plan.final_layer_norm_frozen  # the pooled embedding goes through it
-    _, text = build_trainings(bundle, optim, 10, torch.device("cpu"))
+    _, text = build_trainings(bundle, optim, 10)
     assert text is not None
     first, second = text.optimizer.param_groups
     assert (first["lr"], first["betas"]) == (1e-4, (0.9, 0.999))
@@ -112,7 +112,7 @@ def test_text_encoder_2_overrides_take_only_group_values(tmp_path):
     bundle = load_models("tiny-sdxl")
     freeze_text_encoders(optim, bundle, True, 0)
     with pytest.raises(UserError, match="betas: not used by adafactor"):
-        build_trainings(bundle, optim, 10, torch.device("cpu"))
+        build_trainings(bundle, optim, 10)
 
 
 BF16_LORA = {"lora_rank": 4, "lora_base_dtype": "bf16", "mixed_precision": "bf16"}

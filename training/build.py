@@ -332,7 +332,7 @@ def build_run(
     if fsdp is not None:
         _check_fsdp(c, optim, models, device)
     steps = p.length.planned_steps
-    unet, text_encoder = build_trainings(models, optim, steps, device, c.fused_backward_pass)
+    unet, text_encoder = build_trainings(models, optim, steps, c.fused_backward_pass)
     base_model = base_model_of(c.resume_ckpt, p.resume_state)
     run = Run(
         train=p.train,
@@ -363,23 +363,20 @@ def build_trainings(
     models: ModelBundle,
     optim: OptimizerConfig,
     planned_steps: int,
-    device: torch.device,
     fused: bool = False,
 ) -> tuple[ModelTraining | None, ModelTraining | None]:
     """The UNet's and the text encoder's optimizer and LR scheduler (None: not trained);
     ``fused``: stepped in backward (``fused_backward_pass``)."""
-    on_cuda = device.type == "cuda"
     te2 = models.text_encoder_2
     own = optim.text_encoder_2_own()
     second = None if te2 is None else (te2, own)
     return (
-        build_model_training("unet", models.unet, optim.unet, planned_steps, on_cuda, fused),
+        build_model_training("unet", models.unet, optim.unet, planned_steps, fused),
         build_model_training(
             "text_encoder",
             models.text_encoder,
             optim.text_encoder,
             planned_steps,
-            on_cuda,
             fused,
             second,
         ),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from config.live import LiveSettings
+from optimizer.registry import keeping_implementation
 from optimizer.schedule_free import evaluation_weights
 from training.checkpointing.names import checkpoint_name, claim_path, claimed_by
 from training.checkpointing.options import SaveOptions
@@ -120,10 +121,11 @@ class Checkpointer:
         sharding = self.env.sharding
         for training in self.run.trainings:
             saved = state.optimizers[training.model_name]
-            if sharding is None:
-                training.optimizer.load_state_dict(saved)
-            else:
-                sharding.load_optimizer_state(training, saved)
+            with keeping_implementation(training.optimizer):
+                if sharding is None:
+                    training.optimizer.load_state_dict(saved)
+                else:
+                    sharding.load_optimizer_state(training, saved)
             training.scheduler.load_state_dict(state.schedulers[training.model_name])
         scaler = self.resumables.scaler
         if state.grad_scaler is not None and scaler.is_enabled():
