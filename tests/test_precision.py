@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,6 +18,7 @@ from tests.e2e import (
     trained_weights,
     write_config,
 )
+from training.checkpointing.state import STATE_DIR, STATE_TENSORS
 from training.precision import choose_precision, make_grad_scaler
 
 CUDA = torch.device("cuda", 0)
@@ -92,8 +96,29 @@ def test_every_mixed_precision_path_trains_saves_and_resumes_exactly(tmp_path, m
     a, b = trained_weights(full), trained_weights(continued)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    if mixed_precision == "fp16":
+        older = unfused_copy(middle, tmp_path / "older" / middle.name)
+        again = write_config(tmp_path / "again", OPTIMIZER, **keys, resume_ckpt=str(older))
+        assert run(again) == 0  # resumed unfused, the grad scaler's step would fail
+        (other,) = checkpoints(tmp_path / "again", "last-")
+        c = trained_weights(other)  # the saved flag chose nothing: the straight run's weights
+        assert all(torch.equal(a[k], c[k]) for k in a)
 
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(full)
     assert all(torch.isfinite(p).all() for p in pipeline.unet.parameters())
+
+
+def unfused_copy(checkpoint: Path, copy: Path) -> Path:
+    """``checkpoint`` as a checkpoint of a run with unfused AdamW states holds it (one written
+    before AdamW was fused on the CPU)."""
+    shutil.copytree(checkpoint, copy)
+    state_file = copy / STATE_DIR / STATE_TENSORS
+    tensors = torch.load(state_file, weights_only=True)
+    for optimizer in tensors["optimizers"].values():
+        for group in optimizer["param_groups"]:
+            assert group["fused"] is True
+            group["fused"] = None
+    torch.save(tensors, state_file)
+    return copy
