@@ -79,4 +79,3 @@ class TrainingScalars(Component):
         metrics.scalar("performance/minutes per epoch", minutes, step)
         if self._epoch_losses:
             metrics.scalar("loss/epoch", sum(self._epoch_losses) / len(self._epoch_losses), step)
-        metrics.flush()
