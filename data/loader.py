@@ -152,11 +152,26 @@ class BatchDecoder(TorchDataset):
             return LoadFailure(error)
 
 
-class BatchLoader:
-    """The batches of a `DataLoader` over a `BatchDecoder`; a `LoadFailure` from a worker is
-    raised here, in the training process, as the error it carries."""
+class InProcessItems:
+    """Items 0, 1, ... of a decoder, made in this process when they are asked for: what a
+    `DataLoader` without workers or pinning does, without its per-item machinery."""
 
-    def __init__(self, loader: DataLoader) -> None:
+    def __init__(self, decoder: TorchDataset) -> None:
+        self.decoder = decoder
+
+    def __len__(self) -> int:
+        return len(self.decoder)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Batch | LoadFailure]:
+        return (self.decoder[index] for index in range(len(self)))
+
+
+class BatchLoader:
+    """The batches of a `DataLoader` over a `BatchDecoder` (or of `InProcessItems`); a
+    `LoadFailure` from a worker is raised here, in the training process, as the error it
+    carries."""
+
+    def __init__(self, loader: DataLoader | InProcessItems) -> None:
         self.loader = loader
 
     def __len__(self) -> int:
@@ -205,7 +220,10 @@ def make_loader(
 
 
 def batch_loader(decoder: TorchDataset, workers: int, pin_memory: bool) -> BatchLoader:
-    """A loader of the batches ``decoder`` makes (item i = batch i), in ``workers`` processes."""
+    """A loader of the batches ``decoder`` makes (item i = batch i), in ``workers`` processes
+    (0: in this one)."""
+    if workers == 0 and not pin_memory:
+        return BatchLoader(InProcessItems(decoder))
     loader = DataLoader(
         decoder,
         batch_size=None,
