@@ -15,6 +15,7 @@ from models.builtin import BUILTIN_CONFIGS
 from training.loss import (
     LOSS_TYPES,
     debiased_weights,
+    mean_loss,
     min_snr_weights,
     per_sample_loss,
     perturb_embeddings,
@@ -30,11 +31,6 @@ from training.noise import (
     training_target,
 )
 from training.step import LatentDistribution, Shard, noise_latents
-
-
-def mean_loss(*args, **kwargs) -> torch.Tensor:
-    """The batch's loss as the step takes it: the mean of `per_sample_loss`."""
-    return per_sample_loss(*args, **kwargs).mean()
 
 
 def _scheduler(model: str = "tiny-sd15", **overrides: object) -> DDPMScheduler:
@@ -305,6 +301,29 @@ def test_huber_is_linear_for_large_residuals(eps: DDPMScheduler) -> None:
         pytest.approx(2.0 * (10.0 - 1.0))
     )
     assert mean_loss(pred, target, t, eps, "mse", None).item() == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_mean_loss_is_the_mean_of_the_per_sample_losses(eps: DDPMScheduler, loss_type: str) -> None:
+    """One reduction when every sample weighs the same; the per-sample path otherwise."""
+    pred, target = _pair(3.0)
+    t = torch.tensor([0, 250, 500, 999])
+    args = (pred, target, t, eps, loss_type)
+    plain = per_sample_loss(*args, None)
+    torch.testing.assert_close(mean_loss(*args, None), plain.mean())
+    torch.testing.assert_close(mean_loss(*args, None, sample_scales=(1.0,) * 4), plain.mean())
+    scales = (1.0, 2.0, 0.5, 1.0)
+    torch.testing.assert_close(
+        mean_loss(*args, None, sample_scales=scales), (plain * torch.tensor(scales)).mean()
+    )
+    for kwargs in ({"debiased": True}, {"weights": torch.rand(4, 1, 8, 8, generator=_gen(3))}):
+        torch.testing.assert_close(
+            mean_loss(*args, None, **kwargs), per_sample_loss(*args, None, **kwargs).mean()
+        )
+        assert not torch.allclose(mean_loss(*args, None, **kwargs), plain.mean())
+    snr_weighted = per_sample_loss(*args, 5.0)
+    torch.testing.assert_close(mean_loss(*args, 5.0), snr_weighted.mean())
+    assert not torch.allclose(snr_weighted.mean(), plain.mean())
 
 
 def test_mse_huber_blend(eps: DDPMScheduler) -> None:

@@ -224,7 +224,9 @@ class Trainer:
             return None
         self._consecutive_nonfinite = 0
         self.state.last_captions = batch.captions
-        self.scaler.scale(loss / window_length).backward()
+        if window_length > 1:  # (dividing by 1 would only add a node to the graph)
+            loss = loss / window_length
+        self.scaler.scale(loss).backward()
         self._window.losses.append(value)
         self._window.images += len(batch) * env.shard.world_size
         return value

@@ -6,6 +6,7 @@ Losses are computed in float32 whatever the dtype of the prediction (bf16/fp16 u
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -17,6 +18,7 @@ from config.train_config import LOSS_TYPES
 __all__ = [
     "LOSS_TYPES",
     "debiased_weights",
+    "mean_loss",
     "min_snr_weights",
     "per_sample_loss",
     "perturb_embeddings",
@@ -165,6 +167,55 @@ def per_sample_loss(
     if debiased:
         loss = loss * debiased_weights(scheduler, timesteps).to(loss.device)
     return loss
+
+
+def mean_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler: DDPMScheduler,
+    loss_type: str,
+    min_snr_gamma: float | None,
+    *,
+    huber_delta: float = 1.0,
+    debiased: bool = False,
+    weights: torch.Tensor | None = None,
+    normalize_weights: bool = False,
+    sample_scales: Sequence[float] = (),
+) -> torch.Tensor:
+    """The loss of a batch, float32: the mean over its samples of `per_sample_loss`, each times
+    its ``sample_scales`` entry (none given: 1).
+
+    When every sample weighs the same (no ``weights``, Min-SNR or debiasing, every scale 1) this
+    is the mean over every element, which one reduction computes (the samples of a batch have
+    the same shape).
+    """
+    if (
+        weights is None
+        and min_snr_gamma is None
+        and not debiased
+        and all(scale == 1.0 for scale in sample_scales)
+    ):
+        elementwise = _elementwise_loss(
+            prediction, target, timesteps, scheduler, loss_type, huber_delta
+        )
+        return elementwise.mean()
+    losses = per_sample_loss(
+        prediction,
+        target,
+        timesteps,
+        scheduler,
+        loss_type,
+        min_snr_gamma,
+        huber_delta,
+        debiased=debiased,
+        weights=weights,
+        normalize_weights=normalize_weights,
+    )
+    if all(scale == 1.0 for scale in sample_scales):
+        return losses.mean()
+    scales = torch.tensor(sample_scales, dtype=losses.dtype, device=losses.device)
+    return (losses * scales).mean()
 
 
 def perturb_embeddings(

@@ -23,7 +23,7 @@ from data.masks import MaskLoader
 from models import add_time_ids, added_cond_kwargs, encode_prompts, encode_prompts_sdxl, tokenize
 from models.bundle import ModelBundle
 from training.conditioning import Conditioning
-from training.loss import per_sample_loss, perturb_embeddings
+from training.loss import mean_loss, perturb_embeddings
 from training.noise import sample_noise, sample_timesteps, training_target
 from training.precision import Precision
 
@@ -277,9 +277,9 @@ def batch_loss(
             encoder_hidden_states=embeddings,
             added_cond_kwargs=added,
         ).sample
-    losses = per_sample_loss(
-        prediction.float(),
-        noised.target.float(),
+    return mean_loss(
+        prediction,
+        noised.target,
         noised.timesteps,
         scheduler,
         config.loss_type,
@@ -287,8 +287,5 @@ def batch_loss(
         debiased=config.debiased_estimation,
         weights=_mask_weights(latents_dist.mask, config),
         normalize_weights=config.normalize_masked_area_loss,
+        sample_scales=batch.loss_scales,
     )
-    if all(scale == 1.0 for scale in batch.loss_scales):
-        return losses.mean()  # the same value as scaled by ones, without the tensor and product
-    scales = torch.tensor(batch.loss_scales, dtype=losses.dtype, device=losses.device)
-    return (losses * scales).mean()
