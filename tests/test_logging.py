@@ -4,10 +4,13 @@ file, and Weights & Biases offline (issues 8, 9, 12)."""
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 from tqdm import tqdm
 
+import training.components.progress as progress
+from tests.contexts import make_context, optimizer_step
 from tests.e2e import ADAMW, quick_prompts, run, run_folders, scalars, write_config
 from tests.group import run_forked
 from training.components.progress import BAR_FORMAT, WIDTH, postfix_text, rate_text
@@ -35,6 +38,23 @@ def test_images_per_second_is_never_shown_as_zero():
     assert rate_text(78.94) == "78.9"
     assert rate_text(1234.5) == "1234"
     assert "img/s" not in postfix_text(0, 1, None, None, 0.0)  # nothing measured yet: not shown
+
+
+def test_the_bar_text_is_composed_when_it_can_be_shown_and_at_the_last_step(monkeypatch):
+    """The bar redraws at most every REDRAW_SECONDS: its text is composed no more often, and
+    once more at the run's last step, so that the final line is the last step's."""
+    clock = [100.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    ctx = make_context()  # 10 optimizer steps
+    bar = progress.ProgressBar()
+    bar.on_training_start(ctx)
+    shown = []
+    for step in range(1, 11):
+        clock[0] += 0.1 if step != 6 else progress.REDRAW_SECONDS
+        bar.on_optimizer_step(ctx, optimizer_step(step, epoch=step - 1))
+        shown.append(int(bar._bar.postfix.split()[1].split("/")[0]))  # "ep 6/300 ..." -> 6
+    bar.close()
+    assert shown == [1] * 5 + [6] * 4 + [10]
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ class ProgressBar(Component):
         self._bar: tqdm | None = None
         self._since = 0.0
         self._rate: float | None = None
+        self._postfix_due = 0.0  # when the bar's text is next worth composing
 
     def on_training_start(self, ctx: TrainingContext) -> None:
         if not ctx.env.is_main_process:
@@ -71,9 +72,12 @@ class ProgressBar(Component):
         rate = step.images / max(now - self._since, 1e-9)
         self._since = now
         self._rate = rate if self._rate is None else SMOOTHING * rate + (1 - SMOOTHING) * self._rate
-        lr = next(iter(step.lrs.values()), None)
-        text = postfix_text(step.epoch, ctx.config.max_epochs, step.loss, lr, self._rate)
-        self._bar.set_postfix_str(text, refresh=False)
+        last = step.global_step >= ctx.total_optimizer_steps
+        if now >= self._postfix_due or last:  # the bar redraws at most this often
+            self._postfix_due = now + REDRAW_SECONDS
+            lr = next(iter(step.lrs.values()), None)
+            text = postfix_text(step.epoch, ctx.config.max_epochs, step.loss, lr, self._rate)
+            self._bar.set_postfix_str(text, refresh=False)
         self._bar.update(1)
 
     def close(self) -> None:
