@@ -10,7 +10,6 @@ import torch.nn.functional as F  # noqa: N812
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 
-from models import load_models
 from training.build import Run
 
 BARE_SEED = 1234
@@ -25,7 +24,14 @@ class BareBatch:
 
 
 class BareLoop:
-    """A hand-written diffusers training loop over a fixed list of batches (cycled)."""
+    """A hand-written diffusers training loop over a fixed list of batches (cycled).
+
+    It trains the trainer's own modules (the very objects, with its own AdamW): the same
+    weights in the same memory, so that only the code around the models differs. (A copy built
+    at another point of the process runs about 1% faster or slower on the CPU: the first model a
+    process builds is the slowest, see `bench_overhead.py`.) The trainer must not hook them
+    (``fused_backward_pass`` steps parameters inside any backward pass: refused).
+    """
 
     def __init__(self, run: Run, batches: list[BareBatch], clip_grad_norm: float | None) -> None:
         unet, text_encoder = run.unet_training, run.text_encoder_training
@@ -36,7 +42,9 @@ class BareLoop:
                     f"the bare loop uses torch AdamW; the trainer's {model.model_name} uses "
                     f"{model.settings.name}"
                 )
-        bundle = load_models(run.train.config.resume_ckpt)  # same built-in weights as the trainer
+        if run.train.config.fused_backward_pass:
+            raise SystemExit("the bare loop shares the trainer's modules: no fused_backward_pass")
+        bundle = run.models
         self.vae, self.unet, self.text_encoder = bundle.vae, bundle.unet, bundle.text_encoder
         self.vae.requires_grad_(False).eval()
         self.unet.train()

@@ -12,13 +12,18 @@ optimizers and schedulers, gradient-norm logging, TensorBoard and the progress b
 with ``adamw`` instead of adamw8bit (bitsandbytes' 8-bit step is ~7x slower on the CPU and would
 hide the overhead).
 
-The baseline is a bare hand-written diffusers loop doing the same work on its own copy of the
-same model (same weights, same AdamW settings as two parameter groups, the same diffusers LR
-schedule): VAE encode (no grad) → sample × scaling factor → noise and random timesteps →
-DDPMScheduler.add_noise → CLIP text encoder (trained) → UNet → MSE against the target →
+The baseline is a bare hand-written diffusers loop doing the same work on the trainer's own
+modules (with its own torch AdamW, the trainer's settings as two parameter groups, and the
+same diffusers LR schedule): VAE encode (no grad) → sample × scaling factor → noise and random
+timesteps → DDPMScheduler.add_noise → CLIP text encoder (trained) → UNet → MSE against the target →
 backward → [clip] → optimizer.step → scheduler.step → zero_grad. It is fed the same batches
 (same buckets, in the same order), decoded and tokenized beforehand: everything the trainer does
-besides that work, image decoding included, counts as the trainer's overhead.
+besides that work, image decoding included, counts as the trainer's overhead. Sharing the
+modules keeps their memory out of the comparison: on the CPU the same model runs about 1% slower
+when a process builds it early than when it builds it later (two bare loops, one on a model built
+first thing, one on a model built after the trainer's: +0.9% and +1.3% in two runs of 48 blocks
+each, the bare loop on the trainer's modules +0.3% and +0.9%, a second late build 0.0% and
+-0.1%), and a copy of its own, built after the trainer's, gave the bare side that head start.
 
 Both run in this process. After a warm-up, blocks of ``--steps`` optimizer steps alternate:
 trainer block, bare block, trainer block, ... (``--repeats`` of each, to cancel drift on a

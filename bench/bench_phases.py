@@ -4,7 +4,7 @@
 
 `bench_overhead.py` says how much slower the trainer's step is than a bare diffusers loop; this
 script says where. It builds the same two sides (train.py's flags → the real run on tiny-sd15
-and the bundled images; `bench.bare_loop.BareLoop` on its own copy of the model), then runs one
+and the bundled images; `bench.bare_loop.BareLoop` on the trainer's own modules), then runs one
 trainer step and one bare step in turn and times the parts of each:
 
 - ``latents``: the VAE posterior of the batch (the trainer's batch source; the bare VAE encode);
