@@ -27,10 +27,10 @@ class BareLoop:
     """A hand-written diffusers training loop over a fixed list of batches (cycled).
 
     It trains the trainer's own modules (the very objects, with its own AdamW): the same
-    weights in the same memory, so that only the code around the models differs. (A copy built
-    at another point of the process runs about 1% faster or slower on the CPU: the first model a
-    process builds is the slowest, see `bench_overhead.py`.) The trainer must not hook them
-    (``fused_backward_pass`` steps parameters inside any backward pass: refused).
+    weights in the same memory, so that only the code around the models differs. (On the CPU a
+    model built early in a process runs about 1% slower than the same model built later: see
+    `bench_overhead.py`.) The trainer must not hook them (``fused_backward_pass`` steps
+    parameters inside any backward pass: refused).
     """
 
     def __init__(self, run: Run, batches: list[BareBatch], clip_grad_norm: float | None) -> None:
