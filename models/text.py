@@ -24,8 +24,16 @@ def text_encoder_parts(text_encoder: CLIPTextModel) -> tuple[nn.Module, nn.Modul
     Works for ``CLIPTextModelWithProjection`` too: its ``text_projection`` (after the final
     layer norm, used only for SDXL's pooled embedding) is not among the parts.
     """
-    inner = getattr(text_encoder, "text_model", text_encoder)
+    # (not getattr with a default: a module raises and catches AttributeError for it, which
+    # costs a step several microseconds each time)
+    inner = text_encoder._modules.get("text_model", text_encoder)
     return inner.embeddings, inner.encoder.layers, inner.final_layer_norm
+
+
+def text_encoder_device(text_encoder: CLIPTextModel) -> torch.device:
+    """Where the encoder's weights are (its token embedding's): what its input ids must be on.
+    (transformers' ``device`` walks the modules for the first parameter each time.)"""
+    return text_encoder_parts(text_encoder)[0].token_embedding.weight.device
 
 
 def text_encoder_num_layers(text_encoder: CLIPTextModel) -> int:
@@ -44,17 +52,17 @@ def encode_prompts(
     penultimate) through the final layer norm. Computed from ``output_hidden_states``
     (diffusers' own ``clip_skip`` does not work with transformers 5).
     """
-    num_layers = text_encoder_num_layers(text_encoder)
+    embeddings, layers, final_layer_norm = text_encoder_parts(text_encoder)
+    num_layers = len(layers)
     if not 0 <= clip_skip <= num_layers:
         raise UserError(
             f"clip_skip: {clip_skip} is out of range; allowed 0 to {num_layers} for this "
             f"{num_layers}-layer text encoder (0 or 1: last layer, 2: penultimate layer)"
         )
-    input_ids = input_ids.to(text_encoder.device)
+    input_ids = input_ids.to(embeddings.token_embedding.weight.device)
     if clip_skip <= 1:
         return text_encoder(input_ids).last_hidden_state
     outputs = text_encoder(input_ids, output_hidden_states=True)
-    final_layer_norm = text_encoder_parts(text_encoder)[2]
     return final_layer_norm(outputs.hidden_states[-clip_skip])
 
 
@@ -106,8 +114,10 @@ def encode_prompts_sdxl(
     """
     num_layers = min(text_encoder_num_layers(text_encoder), text_encoder_num_layers(text_encoder_2))
     index = sdxl_hidden_state_index(clip_skip, num_layers)
-    first = text_encoder(input_ids.to(text_encoder.device), output_hidden_states=True)
-    second = text_encoder_2(input_ids_2.to(text_encoder_2.device), output_hidden_states=True)
+    first = text_encoder(input_ids.to(text_encoder_device(text_encoder)), output_hidden_states=True)
+    second = text_encoder_2(
+        input_ids_2.to(text_encoder_device(text_encoder_2)), output_hidden_states=True
+    )
     prompt_embeds = torch.cat([first.hidden_states[index], second.hidden_states[index]], dim=-1)
     return prompt_embeds, second.text_embeds
 
