@@ -13,6 +13,7 @@ from config.live import LIVE_KEYS, LiveSettings
 from config.train_config import TrainConfig
 from tests.contexts import make_context, optimizer_step
 from training.checkpointing.periodic import PeriodicCheckpoints
+from training.components.base import Component, Hooks
 from training.context import Commands, Counters
 from training.live import LiveUpdates
 
@@ -174,3 +175,35 @@ def _run_like(config: TrainConfig):
         dataset=data,
         length=RunLength.plan(data, config.max_epochs, config.grad_accum),
     )
+
+
+def test_hooks_call_every_component_that_overrides_a_hook_in_order():
+    calls: list[tuple[str, str]] = []
+
+    class Steps(Component):
+        def on_step_start(self, ctx, batch):
+            calls.append(("start", type(self).__name__))
+
+        def on_optimizer_step(self, ctx, step):
+            calls.append(("step", type(self).__name__))
+
+    class Inherits(Steps):  # its overrides come from its base class
+        pass
+
+    class Ends(Component):
+        def on_step_end(self, ctx, batch, loss):
+            calls.append(("end", type(self).__name__))
+
+    hooks = Hooks([Ends(), Steps(), Component(), Inherits()])
+    ctx = make_context()
+    hooks.step_start(ctx, None)  # type: ignore[arg-type]
+    hooks.optimizer_step(ctx, optimizer_step(1))
+    hooks.step_end(ctx, None, 1.0)  # type: ignore[arg-type]
+    hooks.epoch_end(ctx, 0)
+    assert calls == [
+        ("start", "Steps"),
+        ("start", "Inherits"),
+        ("step", "Steps"),
+        ("step", "Inherits"),
+        ("end", "Ends"),
+    ]

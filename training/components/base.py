@@ -28,7 +28,7 @@ the trainer. The hooks, in the order the trainer calls them:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -106,42 +106,51 @@ class Component:
 
 
 class Hooks:
-    """The components of a run, called in order at each hook."""
+    """The components of a run, called in order at each hook (each hook calls only the
+    components that override it: a step then skips the do-nothing defaults)."""
 
     def __init__(self, components: Sequence[Component]) -> None:
         self.components = list(components)
+        self._training_start = _overriding(self.components, "on_training_start")
+        self._epoch_start = _overriding(self.components, "on_epoch_start")
+        self._step_start = _overriding(self.components, "on_step_start")
+        self._step_end = _overriding(self.components, "on_step_end")
+        self._optimizer_step = _overriding(self.components, "on_optimizer_step")
+        self._epoch_end = _overriding(self.components, "on_epoch_end")
+        self._checkpoint = _overriding(self.components, "on_checkpoint")
+        self._training_end = _overriding(self.components, "on_training_end")
 
     def training_start(self, ctx: TrainingContext) -> None:
-        for component in self.components:
-            component.on_training_start(ctx)
+        for hook in self._training_start:
+            hook(ctx)
 
     def epoch_start(self, ctx: TrainingContext, epoch: int) -> None:
-        for component in self.components:
-            component.on_epoch_start(ctx, epoch)
+        for hook in self._epoch_start:
+            hook(ctx, epoch)
 
     def step_start(self, ctx: TrainingContext, batch: Batch) -> None:
-        for component in self.components:
-            component.on_step_start(ctx, batch)
+        for hook in self._step_start:
+            hook(ctx, batch)
 
     def step_end(self, ctx: TrainingContext, batch: Batch, loss: float | None) -> None:
-        for component in self.components:
-            component.on_step_end(ctx, batch, loss)
+        for hook in self._step_end:
+            hook(ctx, batch, loss)
 
     def optimizer_step(self, ctx: TrainingContext, step: OptimizerStep) -> None:
-        for component in self.components:
-            component.on_optimizer_step(ctx, step)
+        for hook in self._optimizer_step:
+            hook(ctx, step)
 
     def epoch_end(self, ctx: TrainingContext, epoch: int) -> None:
-        for component in self.components:
-            component.on_epoch_end(ctx, epoch)
+        for hook in self._epoch_end:
+            hook(ctx, epoch)
 
     def checkpoint(self, ctx: TrainingContext, checkpoint: SavedCheckpoint) -> None:
-        for component in self.components:
-            component.on_checkpoint(ctx, checkpoint)
+        for hook in self._checkpoint:
+            hook(ctx, checkpoint)
 
     def training_end(self, ctx: TrainingContext, outcome: str) -> None:
-        for component in self.components:
-            component.on_training_end(ctx, outcome)
+        for hook in self._training_end:
+            hook(ctx, outcome)
 
     def close(self) -> None:
         for component in self.components:
@@ -159,3 +168,9 @@ class Hooks:
         for component in self.components:
             if component.name and component.name in states:
                 component.load_state_dict(states[component.name])
+
+
+def _overriding(components: Sequence[Component], name: str) -> list[Callable[..., None]]:
+    """The bound hook ``name`` of each component whose class overrides `Component`'s, in order."""
+    default = getattr(Component, name)
+    return [getattr(c, name) for c in components if getattr(type(c), name) is not default]
