@@ -71,6 +71,7 @@ class Trainer:
         self.models = models
         self.env = env
         self.hooks = Hooks(components)
+        self.trainings = tuple(run.trainings)  # the optimizers that step (fixed for the run)
         self.scaler = make_grad_scaler(env.precision)
         self.generator = torch.Generator(device=env.device).manual_seed(run.seed)
         self.commands = Commands()
@@ -81,7 +82,7 @@ class Trainer:
             env=env,
             models=models,
             dataset=run.dataset,
-            optimizers={t.model_name: t.optimizer for t in run.trainings},
+            optimizers={t.model_name: t.optimizer for t in self.trainings},
             state=self.state,
             commands=self.commands,
         )
@@ -194,7 +195,7 @@ class Trainer:
         backward pass steps the parameters in that batch's backward."""
         stack = contextlib.ExitStack()
         if last_in_window:
-            for training in self.run.trainings:
+            for training in self.trainings:
                 if isinstance(training.optimizer, FusedBackward):
                     stack.enter_context(training.optimizer.armed())
         else:
@@ -259,7 +260,7 @@ class Trainer:
         )
         self._stepping = True
         norms = self._step_optimizers(measure) if stepped else {}
-        for training in self.run.trainings:
+        for training in self.trainings:
             training.optimizer.zero_grad(set_to_none=True)
             training.scheduler.step()
         self._stepping = False
@@ -280,7 +281,7 @@ class Trainer:
             loss=sum(window.losses) / len(window.losses) if window.losses else None,
             images=window.images,
             stepped=stepped,
-            lrs={t.model_name: t.scheduler.get_last_lr()[0] for t in self.run.trainings},
+            lrs={t.model_name: t.scheduler.get_last_lr()[0] for t in self.trainings},
             grad_norms=norms,
             grad_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
         )
@@ -288,12 +289,12 @@ class Trainer:
     def _step_optimizers(self, measure: bool) -> dict[str, float]:
         """Unscale, clip (and measure) each model's gradients, step; the norms measured."""
         norms: dict[str, float] = {}
-        for training in self.run.trainings:
+        for training in self.trainings:
             self.scaler.unscale_(training.optimizer)
             norm = self._clip(training, measure)
             if norm is not None:
                 norms[training.model_name] = norm
-        for training in self.run.trainings:
+        for training in self.trainings:
             self.scaler.step(training.optimizer)
         self.scaler.update()
         return norms
