@@ -14,6 +14,7 @@ from tests.contexts import make_context, optimizer_step
 from tests.e2e import ADAMW, quick_prompts, run, run_folders, scalars, write_config
 from tests.group import run_forked
 from training.components.progress import BAR_FORMAT, WIDTH, postfix_text, rate_text
+from training.metrics import TensorBoardSink
 
 
 @pytest.mark.parametrize(
@@ -55,6 +56,19 @@ def test_the_bar_text_is_composed_when_it_can_be_shown_and_at_the_last_step(monk
         shown.append(int(bar._bar.postfix.split()[1].split("/")[0]))  # "ep 6/300 ..." -> 6
     bar.close()
     assert shown == [1] * 5 + [6] * 4 + [10]
+
+
+def test_tensorboard_gets_each_steps_scalars_in_one_event_read_per_tag(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = TensorBoardSink(tmp_path)
+    sink.scalars({"loss/train": 0.5, "lr/unet": 1e-6}, 3)
+    sink.scalars({"loss/train": 0.25}, 5)
+    sink.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss/train")] == [(3, 0.5), (5, 0.25)]
+    assert [(e.step, e.value) for e in events.Scalars("lr/unet")] == [(3, pytest.approx(1e-6))]
 
 
 @pytest.fixture(scope="module")

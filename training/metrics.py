@@ -22,7 +22,7 @@ TENSORBOARD_FLUSH_SECONDS = 10
 class Sink(Protocol):
     """One destination of metrics."""
 
-    def scalar(self, tag: str, value: float, step: int) -> None: ...
+    def scalars(self, values: dict[str, float], step: int) -> None: ...
 
     def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None: ...
 
@@ -40,8 +40,15 @@ class TensorBoardSink:
 
         self.writer = SummaryWriter(log_dir=str(folder), flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, value, step)
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """One event holding every value: what ``add_scalar`` writes for each, without an event
+        (and a trip through the writer's queue) per tag."""
+        from torch.utils.tensorboard.summary import scalar
+
+        summary = scalar(*next(iter(values.items())))
+        for tag, value in list(values.items())[1:]:
+            summary.value.extend(scalar(tag, value).value)
+        self.writer.file_writer.add_summary(summary, step)
 
     def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
         self.writer.add_image(tag, image, step, dataformats="HWC")
@@ -80,8 +87,8 @@ class WandbSink:
                 "log in with `wandb login` or set WANDB_API_KEY, or set WANDB_MODE=offline"
             ) from error
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        self.run.log({tag: value}, step=step)
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        self.run.log(dict(values), step=step)
 
     def image(self, tag: str, image: np.ndarray, step: int, caption: str) -> None:
         self.run.log({tag: self.wandb.Image(image, caption=caption or None)}, step=step)
@@ -99,13 +106,13 @@ class Metrics:
     def __init__(self, sinks: list[Sink]) -> None:
         self.sinks = sinks
 
-    def scalar(self, tag: str, value: float, step: int) -> None:
-        for sink in self.sinks:
-            sink.scalar(tag, float(value), step)
-
     def scalars(self, values: dict[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.scalar(tag, value, step)
+        """Every value at ``step``, in one write per sink (none when ``values`` is empty)."""
+        if not values:
+            return
+        as_floats = {tag: float(value) for tag, value in values.items()}
+        for sink in self.sinks:
+            sink.scalars(as_floats, step)
 
     def image(self, tag: str, image: Any, step: int, caption: str = "") -> None:
         """An image (PIL or an H×W×3 uint8 array)."""

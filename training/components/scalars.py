@@ -76,6 +76,7 @@ class TrainingScalars(Component):
             return
         step = ctx.progress.global_step
         minutes = (time.perf_counter() - self._epoch_started) / 60
-        metrics.scalar("performance/minutes per epoch", minutes, step)
+        values = {"performance/minutes per epoch": minutes}
         if self._epoch_losses:
-            metrics.scalar("loss/epoch", sum(self._epoch_losses) / len(self._epoch_losses), step)
+            values["loss/epoch"] = sum(self._epoch_losses) / len(self._epoch_losses)
+        metrics.scalars(values, step)
