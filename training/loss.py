@@ -69,13 +69,16 @@ def _elementwise_loss(
     scheduler: DDPMScheduler,
     loss_type: str,
     huber_delta: float,
+    reduction: str = "none",
 ) -> torch.Tensor:
+    """The loss of each element (``reduction`` "mean": their mean, in the same operation where
+    the loss type allows)."""
     pred = prediction.float()
     tgt = target.float()
     if loss_type == "mse":
-        return F.mse_loss(pred, tgt, reduction="none")
+        return F.mse_loss(pred, tgt, reduction=reduction)
     if loss_type == "huber":
-        return F.huber_loss(pred, tgt, reduction="none", delta=huber_delta)
+        return F.huber_loss(pred, tgt, reduction=reduction, delta=huber_delta)
     if loss_type in ("mse_huber", "huber_mse"):
         mse = F.mse_loss(pred, tgt, reduction="none")
         huber = F.huber_loss(pred, tgt, reduction="none", delta=huber_delta)
@@ -84,7 +87,8 @@ def _elementwise_loss(
         fraction = fraction.view(-1, *([1] * (pred.dim() - 1)))
         if loss_type == "huber_mse":
             mse, huber = huber, mse
-        return fraction * mse + (1.0 - fraction) * huber
+        blend = fraction * mse + (1.0 - fraction) * huber
+        return blend.mean() if reduction == "mean" else blend
     raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
 
 
@@ -196,10 +200,9 @@ def mean_loss(
         and not debiased
         and all(scale == 1.0 for scale in sample_scales)
     ):
-        elementwise = _elementwise_loss(
-            prediction, target, timesteps, scheduler, loss_type, huber_delta
+        return _elementwise_loss(
+            prediction, target, timesteps, scheduler, loss_type, huber_delta, reduction="mean"
         )
-        return elementwise.mean()
     losses = per_sample_loss(
         prediction,
         target,
