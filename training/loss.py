@@ -194,12 +194,8 @@ def mean_loss(
     is the mean over every element, which one reduction computes (the samples of a batch have
     the same shape).
     """
-    if (
-        weights is None
-        and min_snr_gamma is None
-        and not debiased
-        and all(scale == 1.0 for scale in sample_scales)
-    ):
+    unscaled = all(scale == 1.0 for scale in sample_scales)
+    if unscaled and weights is None and min_snr_gamma is None and not debiased:
         return _elementwise_loss(
             prediction, target, timesteps, scheduler, loss_type, huber_delta, reduction="mean"
         )
@@ -215,7 +211,7 @@ def mean_loss(
         weights=weights,
         normalize_weights=normalize_weights,
     )
-    if all(scale == 1.0 for scale in sample_scales):
+    if unscaled:
         return losses.mean()
     scales = torch.tensor(sample_scales, dtype=losses.dtype, device=losses.device)
     return (losses * scales).mean()

@@ -45,8 +45,9 @@ class TensorBoardSink:
         (and a trip through the writer's queue) per tag."""
         from torch.utils.tensorboard.summary import scalar
 
-        summary = scalar(*next(iter(values.items())))
-        for tag, value in list(values.items())[1:]:
+        items = iter(values.items())
+        summary = scalar(*next(items))
+        for tag, value in items:
             summary.value.extend(scalar(tag, value).value)
         self.writer.file_writer.add_summary(summary, step)
 
